@@ -1,0 +1,213 @@
+//! `detoxfuse generate`: one prompt, or a JSONL file of prompts, to JSONL continuations.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use detoxfuse::generate::{generate, GenerationConfig, PlainDecoder};
+use detoxfuse::sample::SamplingParams;
+use detoxfuse::text::{ChatMessage, Tokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// The prompt text (or use --input).
+    #[arg(long, short, conflicts_with = "input")]
+    prompt: Option<String>,
+    /// JSONL file, one object per line with "prompt": "text" (or {"text": ...}, RealToxicityPrompts style).
+    #[arg(long, short)]
+    input: Option<PathBuf>,
+    /// Where to write JSONL results (default: stdout).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Continue an interrupted run: keep the records already in --output and skip their prompts.
+    #[arg(long, requires = "output")]
+    resume: bool,
+    /// Wrap each prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Continuations per prompt (decoded together as one batch).
+    #[arg(long, short = 'n', default_value_t = 1)]
+    samples: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable); it is not included in the text.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Stop at the first invalid input line instead of reporting it and going on.
+    #[arg(long)]
+    fail_fast: bool,
+}
+
+/// One prompt of the input, with the line it came from (1-based).
+struct Job {
+    line: usize,
+    id: Option<serde_json::Value>,
+    prompt: String,
+}
+
+fn parse_line(line: &str) -> std::result::Result<(Option<serde_json::Value>, String), String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let p = &v["prompt"];
+    let text = p
+        .as_str()
+        .or_else(|| p["text"].as_str())
+        .ok_or("no \"prompt\" string (or \"prompt\": {\"text\": ...}) field")?;
+    Ok((v.get("id").cloned(), text.to_string()))
+}
+
+pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
+    let mut jobs = Vec::new();
+    let mut bad_lines = 0;
+    match (&a.prompt, &a.input) {
+        (Some(p), None) => jobs.push(Job {
+            line: 1,
+            id: None,
+            prompt: p.clone(),
+        }),
+        (None, Some(path)) => {
+            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let line = line.with_context(|| {
+                    format!("{}: line {} is not valid UTF-8 text", path.display(), i + 1)
+                })?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match parse_line(&line) {
+                    Ok((id, prompt)) => jobs.push(Job {
+                        line: i + 1,
+                        id,
+                        prompt,
+                    }),
+                    Err(e) if a.fail_fast => bail!("{}:{}: {e}", path.display(), i + 1),
+                    Err(e) => {
+                        eprintln!("{}:{}: {e}; line skipped", path.display(), i + 1);
+                        bad_lines += 1;
+                    }
+                }
+            }
+        }
+        _ => bail!("give a prompt with --prompt TEXT or a JSONL file with --input FILE"),
+    }
+
+    let path = a.model.resolve(cache)?;
+    let model = detoxfuse::lm::load(&path)?;
+    let tok = Tokenizer::for_model(&path)?;
+    let cfg = GenerationConfig {
+        max_tokens: a.max_tokens,
+        n: a.samples,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+        stop_tokens: vec![],
+    };
+    cfg.sampling.validate()?;
+
+    let done = match (&a.output, a.resume) {
+        (Some(out), true) if out.exists() => completed_lines(out)?,
+        _ => Default::default(),
+    };
+    let mut sink: Box<dyn Write> = match &a.output {
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(a.resume)
+                .write(true)
+                .truncate(!a.resume)
+                .open(p)
+                .with_context(|| format!("opening {} for writing", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let bar = if jobs.len() > 1 {
+        ProgressBar::new(jobs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let mut failed = 0;
+    let mut dec = PlainDecoder::new(model.as_ref());
+    for job in jobs {
+        bar.inc(1);
+        if done.contains(&job.line) {
+            continue;
+        }
+        let text = if a.chat {
+            tok.apply_chat(&[ChatMessage::user(&job.prompt)])?
+        } else {
+            job.prompt.clone()
+        };
+        let result = tok
+            .encode(&text, a.chat)
+            .and_then(|ids| generate(&mut dec, &tok, &ids, &cfg).map(|g| (ids.len(), g)));
+        let record = match result {
+            Ok((prompt_tokens, gens)) => serde_json::json!({
+                "line": job.line, "id": job.id, "prompt": job.prompt, "prompt_tokens": prompt_tokens,
+                "generations": gens, "model": path.file_name().map(|n| n.to_string_lossy()),
+                "sampling": cfg.sampling, "max_tokens": cfg.max_tokens,
+            }),
+            Err(e) if a.fail_fast || a.input.is_none() => bail!("prompt on line {}: {e}", job.line),
+            Err(e) => {
+                bar.suspend(|| eprintln!("line {}: {e}; prompt skipped", job.line));
+                failed += 1;
+                continue;
+            }
+        };
+        // one whole line per write, flushed: an interrupted run leaves complete records only
+        // (a torn last line is dropped by --resume)
+        sink.write_all(format!("{record}\n").as_bytes())?;
+        sink.flush()?;
+    }
+    bar.finish_and_clear();
+    if bad_lines + failed > 0 {
+        bail!("{bad_lines} invalid input line(s) and {failed} failed prompt(s); the other prompts were written");
+    }
+    Ok(())
+}
+
+/// Line numbers already written to `out`; truncates a torn last record.
+fn completed_lines(out: &Path) -> Result<std::collections::HashSet<usize>> {
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+    let mut done = std::collections::HashSet::new();
+    let mut good_len = 0;
+    for line in text.split_inclusive('\n') {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            break;
+        };
+        if !line.ends_with('\n') {
+            break;
+        }
+        if let Some(n) = v["line"].as_u64() {
+            done.insert(n as usize);
+        }
+        good_len += line.len();
+    }
+    if good_len < text.len() {
+        let f = OpenOptions::new().write(true).open(out)?;
+        f.set_len(good_len as u64)?;
+    }
+    Ok(done)
+}

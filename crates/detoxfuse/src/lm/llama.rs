@@ -1,0 +1,358 @@
+//! Llama-family decoder (SmolLM2 and friends): config, weights, block, model.
+//!
+//! Loads from GGUF (quantized weights kept quantized; slow block formats requantized to Q8_0,
+//! see [`crate::gguf::requantize_for_speed`]) or from a Hugging Face directory
+//! (config.json + *.safetensors, f32/f16/bf16).
+
+use std::path::Path;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
+use super::{CausalLm, ModelInfo};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+}
+
+impl LlamaConfig {
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// A linear layer that is either quantized or plain.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear(QMatMul);
+
+impl Linear {
+    pub(crate) fn quantized(t: QTensor) -> Result<Self> {
+        Ok(Self(QMatMul::from_qtensor(t)?))
+    }
+    /// `w`: `(out, in)`.
+    pub(crate) fn dense(w: Tensor) -> Self {
+        Self(QMatMul::Tensor(w))
+    }
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(x)?)
+    }
+}
+
+/// Token embedding table, quantized or plain.
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    Quantized(std::sync::Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(w) => {
+                let (b, t) = ids.dims2()?;
+                w.index_select(&ids.flatten_all()?, 0)?
+                    .reshape((b, t, w.dim(1)?))?
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+pub struct Llama {
+    info: ModelInfo,
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    head: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn from_gguf(f: &mut GgufFile) -> Result<Self> {
+        let n_head = f.u32("llama.attention.head_count")? as usize;
+        let hidden = f.u32("llama.embedding_length")? as usize;
+        let n_layers = f.u32("llama.block_count")? as usize;
+        let vocab = match f.u32("llama.vocab_size") {
+            Ok(v) => v as usize,
+            Err(_) => f.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let cfg = LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: f.u32("llama.feed_forward_length")? as usize,
+            num_hidden_layers: n_layers,
+            num_attention_heads: n_head,
+            num_key_value_heads: f
+                .u32("llama.attention.head_count_kv")
+                .unwrap_or(n_head as u32) as usize,
+            vocab_size: vocab,
+            rms_norm_eps: f.f32("llama.attention.layer_norm_rms_epsilon")? as f64,
+            rope_theta: f.f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64,
+            max_position_embeddings: f.u32("llama.context_length")? as usize,
+            tie_word_embeddings: !f.has_tensor("output.weight"),
+            head_dim: f.u32("llama.rope.dimension_count").ok().map(|d| d as usize),
+        };
+        let embed_q = f.tensor("token_embd.weight")?;
+        let head = if f.has_tensor("output.weight") {
+            Linear::quantized(f.matmul_weight("output.weight")?)?
+        } else {
+            Linear::quantized(crate::gguf::requantize_for_speed(
+                f.tensor("token_embd.weight")?,
+            )?)?
+        };
+        let mut blocks = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let p = format!("blk.{i}");
+            let mut mm = |n: &str| -> Result<Linear> {
+                Linear::quantized(f.matmul_weight(&format!("{p}.{n}.weight"))?)
+            };
+            let (wq, wk, wv, wo) = (
+                mm("attn_q")?,
+                mm("attn_k")?,
+                mm("attn_v")?,
+                mm("attn_output")?,
+            );
+            let (w_gate, w_up, w_down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            blocks.push(Block {
+                attn_norm: f
+                    .tensor(&format!("{p}.attn_norm.weight"))?
+                    .dequantize(&Device::Cpu)?,
+                ffn_norm: f
+                    .tensor(&format!("{p}.ffn_norm.weight"))?
+                    .dequantize(&Device::Cpu)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        let norm = f.tensor("output_norm.weight")?.dequantize(&Device::Cpu)?;
+        let name = f.string("general.name").unwrap_or_else(|_| "llama".into());
+        Self::assemble(
+            cfg,
+            name,
+            Embedding::Quantized(std::sync::Arc::new(embed_q)),
+            blocks,
+            norm,
+            head,
+            RopeStyle::Interleaved,
+        )
+    }
+
+    /// Loads a Hugging Face Llama checkpoint directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::BadModelDir {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg_text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| bad(format!("cannot read config.json: {e}")))?;
+        let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| bad(format!("config.json is not valid JSON: {e}")))?;
+        let model_type = cfg_json["model_type"].as_str().unwrap_or("");
+        if model_type != "llama" {
+            return Err(Error::UnsupportedArch {
+                path: cfg_path,
+                arch: model_type.to_string(),
+                supported: "llama (Hugging Face directories)",
+            });
+        }
+        let cfg: LlamaConfig = serde_json::from_value(cfg_json)
+            .map_err(|e| bad(format!("config.json lacks a Llama field: {e}")))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| bad(e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(bad("no *.safetensors file".into()));
+        }
+        let mut weights = std::collections::HashMap::new();
+        for file in &files {
+            let ts = candle_core::safetensors::load(file, &Device::Cpu)
+                .map_err(|e| bad(format!("{}: {e}", file.display())))?;
+            weights.extend(ts);
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            let t = weights
+                .remove(name)
+                .ok_or_else(|| bad(format!("tensor {name} is missing")))?;
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let embed_w = take("model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |n: &str| -> Result<Linear> {
+                Ok(Linear::dense(take(&format!("{p}.{n}.weight"))?))
+            };
+            let (wq, wk, wv, wo) = (
+                lin("self_attn.q_proj")?,
+                lin("self_attn.k_proj")?,
+                lin("self_attn.v_proj")?,
+                lin("self_attn.o_proj")?,
+            );
+            let (w_gate, w_up, w_down) = (
+                lin("mlp.gate_proj")?,
+                lin("mlp.up_proj")?,
+                lin("mlp.down_proj")?,
+            );
+            blocks.push(Block {
+                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let head = match take("lm_head.weight") {
+            Ok(w) => Linear::dense(w),
+            Err(_) if cfg.tie_word_embeddings => Linear::dense(embed_w.clone()),
+            Err(e) => return Err(e),
+        };
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "llama".into());
+        Self::assemble(
+            cfg,
+            name,
+            Embedding::Dense(embed_w),
+            blocks,
+            norm,
+            head,
+            RopeStyle::Halves,
+        )
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        name: String,
+        embed: Embedding,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        head: Linear,
+        style: RopeStyle,
+    ) -> Result<Self> {
+        let rope = Rope::new(
+            cfg.head_dim(),
+            cfg.rope_theta as f32,
+            cfg.max_position_embeddings,
+            style,
+        )?;
+        let info = ModelInfo {
+            arch: "llama".into(),
+            name,
+            hidden_size: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            n_layers: cfg.num_hidden_layers,
+            context_length: cfg.max_position_embeddings,
+        };
+        Ok(Self {
+            info,
+            cfg,
+            embed,
+            blocks,
+            norm,
+            head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+}
+
+impl CausalLm for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.len();
+        if offset + t > self.info.context_length {
+            return Err(Error::ContextOverflow {
+                tokens: offset + t,
+                requested: 0,
+                context: self.info.context_length,
+            });
+        }
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim(),
+        );
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.forward(ids)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, &blk.attn_norm, eps)?;
+            let q = self
+                .rope
+                .apply(&split_heads(&blk.wq.forward(&h)?, nh, hd)?, offset)?;
+            let k = self
+                .rope
+                .apply(&split_heads(&blk.wk.forward(&h)?, nkv, hd)?, offset)?;
+            let v = split_heads(&blk.wv.forward(&h)?, nkv, hd)?.contiguous()?;
+            let (k, v) = cache.append(i, k, v)?;
+            let a = attend(&q, &k, &v, scale, None)?;
+            x = (x + blk.wo.forward(&a)?)?;
+            let h = rms_norm(&x, &blk.ffn_norm, eps)?;
+            let gate = candle_nn::ops::silu(&blk.w_gate.forward(&h)?)?;
+            let m = (gate * blk.w_up.forward(&h)?)?;
+            x = (x + blk.w_down.forward(&m)?)?;
+        }
+        cache.advance(t);
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head.forward(hidden)
+    }
+}

@@ -1,0 +1,93 @@
+//! Causal language models behind one trait.
+//!
+//! The method needs the target's *final post-norm hidden state* separately from its LM head
+//! (fusion happens between the two), so every model exposes [`CausalLm::forward_hidden`] and
+//! [`CausalLm::lm_head`]. Caches live outside the model ([`KvCache`]), so one loaded model can
+//! serve many sequences, be rolled back (cross-tokenizer fusion) and be batched (k samples of
+//! one prompt share its prefix: [`KvCache::repeat_batch`]).
+
+mod attention;
+pub mod gemma3;
+pub mod llama;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use attention::KvCache;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// A token id in some model's vocabulary.
+pub type TokenId = u32;
+
+/// What a caller needs to know about a loaded model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// Architecture family, e.g. `llama`, `gemma3`.
+    pub arch: String,
+    /// Human name from the file's metadata.
+    pub name: String,
+    /// Width of the hidden state that `forward_hidden` returns.
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub n_layers: usize,
+    /// Longest sequence (prompt + generation) the model accepts.
+    pub context_length: usize,
+}
+
+/// A causal LM split at the point where output-layer fusion happens.
+pub trait CausalLm: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// An empty cache for this model.
+    fn new_cache(&self) -> KvCache;
+
+    /// Runs `ids` (shape `(batch, seq)`, u32) after what `cache` already holds and returns the
+    /// final normalised hidden states `(batch, seq, hidden_size)`; appends to the cache.
+    fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// Maps hidden states `(.., hidden_size)` to logits `(.., vocab_size)`.
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// Convenience: logits of the last position of each sequence, `(batch, vocab)`.
+    fn forward_last_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.lm_head(&last)
+    }
+}
+
+/// Loads a model from a `.gguf` file or a Hugging Face directory (config.json +
+/// *.safetensors), choosing the implementation from the architecture it declares.
+pub fn load(path: &Path) -> Result<Box<dyn CausalLm>> {
+    if path.is_dir() {
+        return Ok(Box::new(llama::Llama::from_hf_dir(path)?));
+    }
+    let mut file = GgufFile::open(path)?;
+    let arch = file.architecture()?;
+    match arch.as_str() {
+        "llama" => Ok(Box::new(llama::Llama::from_gguf(&mut file)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&mut file)?)),
+        other => Err(Error::UnsupportedArch {
+            path: path.to_path_buf(),
+            arch: other.to_string(),
+            supported: "llama, gemma3",
+        }),
+    }
+}
+
+/// Puts token ids on the CPU as a `(batch, seq)` tensor.
+pub fn ids_tensor(rows: &[Vec<TokenId>]) -> Result<Tensor> {
+    let b = rows.len();
+    let t = rows.first().map_or(0, |r| r.len());
+    if rows.iter().any(|r| r.len() != t) || t == 0 {
+        return Err(Error::Input(
+            "every sequence of a batch step must have the same, non-zero length".into(),
+        ));
+    }
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (b, t), &Device::Cpu)?)
+}

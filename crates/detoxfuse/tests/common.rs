@@ -1,0 +1,35 @@
+//! Shared helpers for the integration tests: the real models from the cache, fixtures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use detoxfuse::fetch;
+
+/// Path of a fetched model; panics with the fix when it is missing (a missing model is a
+/// failed test, never a skipped one).
+pub fn model(name: &str) -> PathBuf {
+    let spec = fetch::spec(name).unwrap();
+    let p = fetch::model_path(&fetch::default_cache_dir(), &spec);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo run --release -- fetch` (or scripts/test.sh, which does) first",
+        p.display()
+    );
+    p
+}
+
+pub fn fixture(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name);
+    let s = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&s).unwrap()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
