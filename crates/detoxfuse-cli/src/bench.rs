@@ -70,14 +70,13 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
         let mut dec = PlainDecoder::new(model.as_ref());
         let s = measure(&mut dec, &prompt, a.decode_tokens, a.batch, a.runs)?;
         let reference = match &py {
-            Some(py) => Some(llama_cpp(
-                py,
-                &path,
-                threads,
-                a.decode_tokens,
-                a.runs,
-                &prompt,
-            )?),
+            Some(py) => match llama_cpp(py, &path, threads, a.decode_tokens, a.runs, &prompt) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("llama.cpp comparison skipped for {name}: {e:#}");
+                    None
+                }
+            },
             None => None,
         };
         let (rpp, rtg) = reference

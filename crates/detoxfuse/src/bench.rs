@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::generate::Decoder;
 use crate::lm::TokenId;
-use crate::sample::{Sampler, SamplingParams};
+use crate::sample::{sample_rows, Sampler, SamplingParams};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Speed {
@@ -75,11 +75,7 @@ pub fn measure(
         dec.fork(batch)?;
         let mut rows = vec![first; batch];
         for _ in 0..decode_tokens {
-            let toks: Vec<TokenId> = samplers
-                .iter_mut()
-                .zip(&rows)
-                .map(|(s, l)| s.sample(l))
-                .collect();
+            let toks = sample_rows(&mut samplers.iter_mut().collect::<Vec<_>>(), &rows);
             rows = dec.step(&toks)?;
         }
         batched_t.push((batch * decode_tokens) as f64 / t0.elapsed().as_secs_f64());

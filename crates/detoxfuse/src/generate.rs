@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::lm::{ids_tensor, CausalLm, KvCache, TokenId};
-use crate::sample::{Sampler, SamplingParams};
+use crate::sample::{sample_rows, Sampler, SamplingParams};
 use crate::text::Tokenizer;
 
 /// Something that turns token ids into next-token logits, keeping its own state.
@@ -167,8 +167,16 @@ pub fn generate(
     for step in 0..cfg.max_tokens {
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
-        for (row, &s) in active.iter().enumerate() {
-            let t = samplers[s].sample(&logits[row]);
+        let drawn = {
+            let mut rows: Vec<&mut Sampler> = samplers
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| active.contains(i))
+                .map(|(_, s)| s)
+                .collect();
+            sample_rows(&mut rows, &logits)
+        };
+        for ((row, &s), &t) in active.iter().enumerate().zip(&drawn) {
             let g = &mut out[s];
             if stop_ids.contains(&t) {
                 g.finish_reason = FinishReason::Stop;

@@ -159,16 +159,11 @@ impl GgufFile {
                 reason: format!("cannot read tensor `{name}`: {e}"),
             })
     }
-
-    /// Reads a weight matrix for matmul, converting block formats whose CPU dot product is slow
-    /// in candle (Q4_1, Q5_0, Q5_1 and others without a SIMD path) to Q8_0, which has one.
-    /// Q8_0 holds every value of a 4/5-bit block to within 0.4 % of the block's range.
-    pub fn matmul_weight(&mut self, name: &str) -> Result<QTensor> {
-        let t = self.tensor(name)?;
-        Ok(requantize_for_speed(t)?)
-    }
 }
 
+/// Converts block formats whose CPU dot product is a scalar loop in candle (Q4_1, Q5_0, Q5_1)
+/// to Q8_0, which has SIMD kernels. Q8_0 holds every value of a 4/5-bit block to within 0.4 %
+/// of the block's range.
 pub fn requantize_for_speed(t: QTensor) -> candle_core::Result<QTensor> {
     use GgmlDType::*;
     if std::env::var("DETOXFUSE_NO_REQUANT").is_ok() {

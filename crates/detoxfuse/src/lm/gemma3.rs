@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
 use super::llama::{Embedding, Linear};
-use super::{CausalLm, ModelInfo};
+use super::{CausalLm, LoadOptions, ModelInfo};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
@@ -62,7 +62,7 @@ pub struct Gemma3 {
 }
 
 impl Gemma3 {
-    pub fn from_gguf(f: &mut GgufFile) -> Result<Self> {
+    pub fn from_gguf(f: &mut GgufFile, opts: LoadOptions) -> Result<Self> {
         let n_head = f.u32("gemma3.attention.head_count")? as usize;
         let cfg = Gemma3Config {
             hidden_size: f.u32("gemma3.embedding_length")? as usize,
@@ -92,18 +92,19 @@ impl Gemma3 {
             Ok(f.tensor(n)?.dequantize(&Device::Cpu)?)
         };
         let embed_q = f.tensor("token_embd.weight")?;
-        let head = if f.has_tensor("output.weight") {
-            Linear::quantized(f.matmul_weight("output.weight")?)?
-        } else {
-            Linear::quantized(crate::gguf::requantize_for_speed(
-                f.tensor("token_embd.weight")?,
-            )?)?
-        };
+        let head = Linear::load(
+            opts,
+            if f.has_tensor("output.weight") {
+                f.tensor("output.weight")?
+            } else {
+                f.tensor("token_embd.weight")? // tied
+            },
+        )?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
             let mut mm = |n: &str| -> Result<Linear> {
-                Linear::quantized(f.matmul_weight(&format!("{p}.{n}.weight"))?)
+                Linear::load(opts, f.tensor(&format!("{p}.{n}.weight"))?)
             };
             let (wq, wk, wv, wo) = (
                 mm("attn_q")?,
@@ -154,7 +155,7 @@ impl Gemma3 {
         Ok(Self {
             info,
             cfg,
-            embed: Embedding::Quantized(std::sync::Arc::new(embed_q)),
+            embed: Embedding::load(opts, embed_q)?,
             blocks,
             norm,
             head,

@@ -60,17 +60,31 @@ pub trait CausalLm: Send + Sync {
     }
 }
 
+/// How to hold the weights in memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Dequantize every weight to f32: slower, but free of the 8-bit activation quantization
+    /// that quantized kernels apply, whose rounding makes logits depend slightly (up to ~1 on
+    /// this repo's models) on how the same positions are batched. Tests of exact equalities
+    /// use it.
+    pub dequantize: bool,
+}
+
 /// Loads a model from a `.gguf` file or a Hugging Face directory (config.json +
 /// *.safetensors), choosing the implementation from the architecture it declares.
 pub fn load(path: &Path) -> Result<Box<dyn CausalLm>> {
+    load_with(path, LoadOptions::default())
+}
+
+pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Box<dyn CausalLm>> {
     if path.is_dir() {
         return Ok(Box::new(llama::Llama::from_hf_dir(path)?));
     }
     let mut file = GgufFile::open(path)?;
     let arch = file.architecture()?;
     match arch.as_str() {
-        "llama" => Ok(Box::new(llama::Llama::from_gguf(&mut file)?)),
-        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&mut file)?)),
+        "llama" => Ok(Box::new(llama::Llama::from_gguf(&mut file, opts)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&mut file, opts)?)),
         other => Err(Error::UnsupportedArch {
             path: path.to_path_buf(),
             arch: other.to_string(),
