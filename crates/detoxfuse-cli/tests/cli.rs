@@ -1,0 +1,108 @@
+//! The `detoxfuse` binary end to end on the real default model: JSONL in and out, resuming,
+//! and errors that are messages with exit codes, never panics.
+
+use std::process::{Command, Output};
+
+fn detoxfuse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_detoxfuse")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output) {
+    assert!(!o.status.success());
+    assert!(!stderr(o).contains("panicked"), "panic: {}", stderr(o));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["fetch", "generate", "tokenize", "info", "bench"] {
+        let o = detoxfuse(&[sub, "--help"]);
+        assert!(o.status.success(), "{sub} --help failed");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));
+    }
+}
+
+#[test]
+fn jsonl_with_a_bad_line_reports_its_number_and_processes_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Hello\"}\n{not json\n{\"id\": 7, \"prompt\": {\"text\": \"The sky is\"}}\n{\"text\": \"no prompt field\"}\n",
+    )
+    .unwrap();
+    let o = detoxfuse(&[
+        "generate", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        "--max-tokens", "4", "--temperature", "0",
+    ]);
+    assert_clean_failure(&o);
+    let err = stderr(&o);
+    assert!(err.contains("in.jsonl:2: invalid JSON"), "{err}");
+    assert!(err.contains("in.jsonl:4: no \"prompt\""), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["line"], 1);
+    assert_eq!(lines[1]["id"], 7);
+    assert_eq!(lines[1]["generations"][0]["token_ids"].as_array().unwrap().len(), 4);
+
+    // --fail-fast stops at the first bad line instead
+    let o = detoxfuse(&["generate", "--input", input.to_str().unwrap(), "--fail-fast", "--max-tokens", "2"]);
+    assert_clean_failure(&o);
+    assert!(stderr(&o).contains("in.jsonl:2"));
+}
+
+#[test]
+fn resume_keeps_finished_records_and_drops_a_torn_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"One\"}\n{\"prompt\": \"Two\"}\n{\"prompt\": \"Three\"}\n").unwrap();
+    let args = |resume: bool| {
+        let mut a = vec![
+            "generate".to_string(), "--input".into(), input.to_str().unwrap().into(), "--output".into(),
+            output.to_str().unwrap().into(), "--max-tokens".into(), "3".into(), "--temperature".into(), "0".into(),
+        ];
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let run = |resume| Command::new(env!("CARGO_BIN_EXE_detoxfuse")).args(args(resume)).output().unwrap();
+    assert!(run(false).status.success());
+    let full = std::fs::read_to_string(&output).unwrap();
+    // simulate a crash: keep the first record and half of the second
+    let first_len = full.find('\n').unwrap() + 1;
+    std::fs::write(&output, &full[..first_len + 20]).unwrap();
+    assert!(run(true).status.success());
+    let resumed = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<i64> = resumed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["line"].as_i64().unwrap())
+        .collect();
+    assert_eq!(lines, vec![1, 2, 3]);
+    assert_eq!(resumed, full, "greedy resume should reproduce the uninterrupted output");
+}
+
+#[test]
+fn bad_model_and_overlong_prompt_are_messages_not_panics() {
+    let o = detoxfuse(&["generate", "--model", "/nonexistent.gguf", "--prompt", "hi"]);
+    assert_clean_failure(&o);
+    assert!(stderr(&o).contains("detoxfuse fetch"), "{}", stderr(&o));
+
+    let long = "word ".repeat(9000);
+    let o = detoxfuse(&["generate", "--prompt", &long, "--max-tokens", "5"]);
+    assert_clean_failure(&o);
+    assert!(stderr(&o).contains("context is 8192 tokens"), "{}", stderr(&o));
+
+    let o = detoxfuse(&["generate", "--prompt", "hi", "--top-p", "1.5"]);
+    assert_clean_failure(&o);
+    assert!(stderr(&o).contains("top_p"), "{}", stderr(&o));
+}
