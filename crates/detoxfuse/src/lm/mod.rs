@@ -7,6 +7,7 @@
 //! one prompt share its prefix: [`KvCache::repeat_batch`]).
 
 mod attention;
+pub mod export;
 pub mod gemma3;
 pub mod llama;
 

@@ -114,6 +114,19 @@ impl ByteLevelBpe {
         }
     }
 
+    /// Serialises as tokenizer.json with the given added tokens (text, special) and a
+    /// byte-level decoder.
+    pub fn to_json(&self, added: &[(String, bool)]) -> Result<String> {
+        let mut t = self.inner.clone();
+        t.with_decoder(Some(ByteLevel::default()));
+        let tokens: Vec<tokenizers::AddedToken> = added
+            .iter()
+            .map(|(s, special)| tokenizers::AddedToken::from(s.clone(), *special))
+            .collect();
+        t.add_tokens(&tokens);
+        t.to_string(true).map_err(tk_err)
+    }
+
     pub fn encode(&self, text: &str, out: &mut Vec<TokenId>) -> Result<()> {
         let enc = self.inner.encode_fast(text, false).map_err(tk_err)?;
         out.extend_from_slice(enc.get_ids());

@@ -184,6 +184,20 @@ impl Tokenizer {
         }
     }
 
+    /// A Hugging Face tokenizer.json equivalent to this tokenizer (byte-level BPE only), with
+    /// control tokens as special added tokens and user-defined ones as plain added tokens.
+    pub fn to_tokenizer_json(&self) -> Result<String> {
+        let Model::Bpe(m) = &self.model else {
+            return Err(Error::Tokenizer("only byte-level BPE vocabularies can be written as tokenizer.json here".into()));
+        };
+        let added: Vec<(String, bool)> = self
+            .specials
+            .iter()
+            .map(|(s, _, always)| (s.clone(), !*always))
+            .collect();
+        m.to_json(&added)
+    }
+
     pub fn kind(&self) -> VocabKind {
         self.kind
     }
