@@ -4,7 +4,10 @@
 use std::process::{Command, Output};
 
 fn detoxfuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_detoxfuse")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -36,8 +39,15 @@ fn jsonl_with_a_bad_line_reports_its_number_and_processes_the_others() {
     )
     .unwrap();
     let o = detoxfuse(&[
-        "generate", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(),
-        "--max-tokens", "4", "--temperature", "0",
+        "generate",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
     ]);
     assert_clean_failure(&o);
     let err = stderr(&o);
@@ -51,10 +61,23 @@ fn jsonl_with_a_bad_line_reports_its_number_and_processes_the_others() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["line"], 1);
     assert_eq!(lines[1]["id"], 7);
-    assert_eq!(lines[1]["generations"][0]["token_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        lines[1]["generations"][0]["token_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
 
     // --fail-fast stops at the first bad line instead
-    let o = detoxfuse(&["generate", "--input", input.to_str().unwrap(), "--fail-fast", "--max-tokens", "2"]);
+    let o = detoxfuse(&[
+        "generate",
+        "--input",
+        input.to_str().unwrap(),
+        "--fail-fast",
+        "--max-tokens",
+        "2",
+    ]);
     assert_clean_failure(&o);
     assert!(stderr(&o).contains("in.jsonl:2"));
 }
@@ -64,18 +87,34 @@ fn resume_keeps_finished_records_and_drops_a_torn_one() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
-    std::fs::write(&input, "{\"prompt\": \"One\"}\n{\"prompt\": \"Two\"}\n{\"prompt\": \"Three\"}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"One\"}\n{\"prompt\": \"Two\"}\n{\"prompt\": \"Three\"}\n",
+    )
+    .unwrap();
     let args = |resume: bool| {
         let mut a = vec![
-            "generate".to_string(), "--input".into(), input.to_str().unwrap().into(), "--output".into(),
-            output.to_str().unwrap().into(), "--max-tokens".into(), "3".into(), "--temperature".into(), "0".into(),
+            "generate".to_string(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            output.to_str().unwrap().into(),
+            "--max-tokens".into(),
+            "3".into(),
+            "--temperature".into(),
+            "0".into(),
         ];
         if resume {
             a.push("--resume".into());
         }
         a
     };
-    let run = |resume| Command::new(env!("CARGO_BIN_EXE_detoxfuse")).args(args(resume)).output().unwrap();
+    let run = |resume| {
+        Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
+            .args(args(resume))
+            .output()
+            .unwrap()
+    };
     assert!(run(false).status.success());
     let full = std::fs::read_to_string(&output).unwrap();
     // simulate a crash: keep the first record and half of the second
@@ -85,10 +124,17 @@ fn resume_keeps_finished_records_and_drops_a_torn_one() {
     let resumed = std::fs::read_to_string(&output).unwrap();
     let lines: Vec<i64> = resumed
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["line"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["line"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(lines, vec![1, 2, 3]);
-    assert_eq!(resumed, full, "greedy resume should reproduce the uninterrupted output");
+    assert_eq!(
+        resumed, full,
+        "greedy resume should reproduce the uninterrupted output"
+    );
 }
 
 #[test]
@@ -100,7 +146,11 @@ fn bad_model_and_overlong_prompt_are_messages_not_panics() {
     let long = "word ".repeat(9000);
     let o = detoxfuse(&["generate", "--prompt", &long, "--max-tokens", "5"]);
     assert_clean_failure(&o);
-    assert!(stderr(&o).contains("context is 8192 tokens"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("context is 8192 tokens"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = detoxfuse(&["generate", "--prompt", "hi", "--top-p", "1.5"]);
     assert_clean_failure(&o);

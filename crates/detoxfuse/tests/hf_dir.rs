@@ -22,18 +22,45 @@ fn exported_hf_llama_matches_the_gguf() {
     let b = lm::load(dir.path()).unwrap();
     assert_eq!(a.info().hidden_size, b.info().hidden_size);
     let prompt = ids_tensor(&[vec![504, 3575, 282, 4649, 314, 7042, 30]]).unwrap();
-    let la: Vec<f32> = a.forward_last_logits(&prompt, &mut a.new_cache()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    let lb: Vec<f32> = b.forward_last_logits(&prompt, &mut b.new_cache()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    let worst = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let la: Vec<f32> = a
+        .forward_last_logits(&prompt, &mut a.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lb: Vec<f32> = b
+        .forward_last_logits(&prompt, &mut b.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = la
+        .iter()
+        .zip(&lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     eprintln!("gguf vs exported HF dir: max |logit diff| = {worst:e}");
     assert!(worst < 1e-3, "{worst}");
 
     // tokenizer.json reproduces the GGUF tokenizer on the whole reference fixture
     let tok = Tokenizer::for_model(dir.path()).unwrap();
-    for c in fixture("tokenizer_smollm2.json")["cases"].as_array().unwrap() {
-        assert_eq!(tok.encode(c["text"].as_str().unwrap(), true).unwrap(), ids(&c["ids"]), "{:?}", c["text"]);
+    for c in fixture("tokenizer_smollm2.json")["cases"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(
+            tok.encode(c["text"].as_str().unwrap(), true).unwrap(),
+            ids(&c["ids"]),
+            "{:?}",
+            c["text"]
+        );
     }
-    assert_eq!(tok.decode(&tok.encode("héllo wörld 🔥", false).unwrap(), false), "héllo wörld 🔥");
+    assert_eq!(
+        tok.decode(&tok.encode("héllo wörld 🔥", false).unwrap(), false),
+        "héllo wörld 🔥"
+    );
 }
 
 #[test]

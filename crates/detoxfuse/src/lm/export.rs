@@ -35,13 +35,18 @@ pub fn export_hf_llama(gguf: &Path, out_dir: &Path) -> Result<()> {
     }
     let tok = Tokenizer::from_gguf(&f)?;
     let n_head = f.u32("llama.attention.head_count")? as usize;
-    let n_kv = f.u32("llama.attention.head_count_kv").unwrap_or(n_head as u32) as usize;
+    let n_kv = f
+        .u32("llama.attention.head_count_kv")
+        .unwrap_or(n_head as u32) as usize;
     let n_layers = f.u32("llama.block_count")? as usize;
     let hidden = f.u32("llama.embedding_length")? as usize;
     let tied = !f.has_tensor("output.weight");
     let mut get = |name: &str| -> Result<Tensor> { Ok(f.tensor(name)?.dequantize(&Device::Cpu)?) };
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), get("token_embd.weight")?);
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        get("token_embd.weight")?,
+    );
     t.insert("model.norm.weight".into(), get("output_norm.weight")?);
     if !tied {
         t.insert("lm_head.weight".into(), get("output.weight")?);
@@ -60,8 +65,14 @@ pub fn export_hf_llama(gguf: &Path, out_dir: &Path) -> Result<()> {
         for (a, b) in names {
             t.insert(format!("{h}.{b}.weight"), get(&format!("{g}.{a}.weight"))?);
         }
-        t.insert(format!("{h}.self_attn.q_proj.weight"), unpermute(&get(&format!("{g}.attn_q.weight"))?, n_head)?);
-        t.insert(format!("{h}.self_attn.k_proj.weight"), unpermute(&get(&format!("{g}.attn_k.weight"))?, n_kv)?);
+        t.insert(
+            format!("{h}.self_attn.q_proj.weight"),
+            unpermute(&get(&format!("{g}.attn_q.weight"))?, n_head)?,
+        );
+        t.insert(
+            format!("{h}.self_attn.k_proj.weight"),
+            unpermute(&get(&format!("{g}.attn_k.weight"))?, n_kv)?,
+        );
     }
     let vocab = t["model.embed_tokens.weight"].dim(0)?;
     let config = serde_json::json!({

@@ -188,7 +188,9 @@ impl Tokenizer {
     /// control tokens as special added tokens and user-defined ones as plain added tokens.
     pub fn to_tokenizer_json(&self) -> Result<String> {
         let Model::Bpe(m) = &self.model else {
-            return Err(Error::Tokenizer("only byte-level BPE vocabularies can be written as tokenizer.json here".into()));
+            return Err(Error::Tokenizer(
+                "only byte-level BPE vocabularies can be written as tokenizer.json here".into(),
+            ));
         };
         let added: Vec<(String, bool)> = self
             .specials
