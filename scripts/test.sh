@@ -3,6 +3,5 @@
 # test against them. Works on a fresh machine with the Rust toolchain and python3 + pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked
-./target/release/detoxfuse fetch
+cargo run --release --locked -- fetch
 cargo test --release --locked --workspace
