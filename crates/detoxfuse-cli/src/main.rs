@@ -95,6 +95,12 @@ struct InfoArgs {
 /// A terminal progress bar behind the library's progress hooks.
 pub struct Bar(ProgressBar);
 
+impl Default for Bar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Bar {
     pub fn new() -> Self {
         let pb = ProgressBar::new(0);

@@ -143,6 +143,15 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The LM head: `output.weight`, or the token embeddings when the head is tied to them.
+    pub fn lm_head_tensor(&mut self) -> Result<QTensor> {
+        if self.has_tensor("output.weight") {
+            self.tensor("output.weight")
+        } else {
+            self.tensor("token_embd.weight")
+        }
+    }
+
     /// Reads a tensor as stored.
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.has_tensor(name) {

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::model;
+use common::{last_logits, model, step_logits};
 use detoxfuse::generate::{generate, GenerationConfig, PlainDecoder};
-use detoxfuse::lm::{self, ids_tensor, CausalLm, LoadOptions};
+use detoxfuse::lm::{self, ids_tensor, LoadOptions};
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::Tokenizer;
 use detoxfuse::Error;
@@ -15,16 +15,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-fn full_logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache();
-    m.forward_last_logits(&ids_tensor(&[ids.to_vec()]).unwrap(), &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// Feeds a prompt, then one token at a time with the cache; at every step the logits must
@@ -42,26 +32,14 @@ fn cached_equals_full(name: &str, opts: LoadOptions, tolerance: f32) {
         .encode("The quick brown fox jumps over the lazy dog because", true)
         .unwrap();
     let mut cache = m.new_cache();
-    let mut logits: Vec<f32> = m
-        .forward_last_logits(&ids_tensor(&[seq.clone()]).unwrap(), &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mut logits: Vec<f32> = step_logits(m.as_ref(), &seq, &mut cache);
     let mut worst = 0f32;
     for _ in 0..12 {
-        let full = full_logits(m.as_ref(), &seq);
+        let full = last_logits(m.as_ref(), &seq);
         worst = worst.max(max_abs_diff(&logits, &full));
         let next = detoxfuse::sample::argmax(&logits);
         seq.push(next);
-        logits = m
-            .forward_last_logits(&ids_tensor(&[vec![next]]).unwrap(), &mut cache)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        logits = step_logits(m.as_ref(), &[next], &mut cache);
     }
     eprintln!("{name} {opts:?}: cached vs full recompute, max |diff| = {worst:e}");
     assert!(
@@ -94,21 +72,15 @@ fn truncated_cache_resumes_like_a_fresh_one() {
     let m = lm::load_with(&model("smollm2"), F32).unwrap();
     let a: Vec<u32> = vec![504, 3575, 282, 4649, 314];
     let mut cache = m.new_cache();
-    m.forward_hidden(&ids_tensor(&[a.clone()]).unwrap(), &mut cache)
+    m.forward_hidden(&ids_tensor(std::slice::from_ref(&a)).unwrap(), &mut cache)
         .unwrap();
     // go down a wrong path, roll back to 3 tokens, then continue with the right ones
     m.forward_hidden(&ids_tensor(&[vec![11, 12]]).unwrap(), &mut cache)
         .unwrap();
     cache.truncate(3).unwrap();
     assert_eq!(cache.len(), 3);
-    let rolled: Vec<f32> = m
-        .forward_last_logits(&ids_tensor(&[a[3..].to_vec()]).unwrap(), &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert!(max_abs_diff(&rolled, &full_logits(m.as_ref(), &a)) < 1e-4);
+    let rolled: Vec<f32> = step_logits(m.as_ref(), &a[3..], &mut cache);
+    assert!(max_abs_diff(&rolled, &last_logits(m.as_ref(), &a)) < 1e-4);
 }
 
 #[test]

@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{fixture, ids, model};
-use detoxfuse::lm::{self, export::export_hf_llama, ids_tensor, LoadOptions};
+use common::{fixture, ids, last_logits, model};
+use detoxfuse::lm::{self, export::export_hf_llama, LoadOptions};
 use detoxfuse::text::Tokenizer;
 
 #[test]
@@ -21,21 +21,9 @@ fn exported_hf_llama_matches_the_gguf() {
     let a = lm::load_with(&gguf, LoadOptions { dequantize: true }).unwrap();
     let b = lm::load(dir.path()).unwrap();
     assert_eq!(a.info().hidden_size, b.info().hidden_size);
-    let prompt = ids_tensor(&[vec![504, 3575, 282, 4649, 314, 7042, 30]]).unwrap();
-    let la: Vec<f32> = a
-        .forward_last_logits(&prompt, &mut a.new_cache())
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let lb: Vec<f32> = b
-        .forward_last_logits(&prompt, &mut b.new_cache())
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let prompt = vec![504, 3575, 282, 4649, 314, 7042, 30];
+    let la = last_logits(a.as_ref(), &prompt);
+    let lb = last_logits(b.as_ref(), &prompt);
     let worst = la
         .iter()
         .zip(&lb)

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{fixture, ids, model};
+use common::{fixture, ids, last_logits, model};
 use detoxfuse::generate::{generate, GenerationConfig, PlainDecoder};
-use detoxfuse::lm::{self, ids_tensor};
+use detoxfuse::lm;
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::Tokenizer;
 
@@ -64,14 +64,7 @@ fn logits_match(name: &str, tolerance: f32) {
             tok.encode(c["prompt"].as_str().unwrap(), true).unwrap(),
             prompt
         );
-        let mut cache = m.new_cache();
-        let logits: Vec<f32> = m
-            .forward_last_logits(&ids_tensor(&[prompt.clone()]).unwrap(), &mut cache)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = last_logits(m.as_ref(), &prompt);
         let top = ids(&c["top_ids"]);
         let want: Vec<f32> = c["top_logits"]
             .as_array()
@@ -151,13 +144,7 @@ fn f32_logits_match(name: &str) {
     let fx = fixture(&format!("logits_f32_{name}.json"));
     let mut worst = 0f32;
     for c in fx["cases"].as_array().unwrap() {
-        let logits: Vec<f32> = m
-            .forward_last_logits(&ids_tensor(&[ids(&c["ids"])]).unwrap(), &mut m.new_cache())
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = last_logits(m.as_ref(), &ids(&c["ids"]));
         let top = ids(&c["top_ids"]);
         for (&i, w) in top.iter().zip(c["top_logits"].as_array().unwrap()) {
             worst = worst.max((logits[i as usize] - w.as_f64().unwrap() as f32).abs());

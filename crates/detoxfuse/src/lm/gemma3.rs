@@ -78,7 +78,7 @@ impl Gemma3 {
             context_length: f.u32("gemma3.context_length")? as usize,
             vocab_size: f.strings("tokenizer.ggml.tokens")?.len(),
         };
-        if cfg.n_head % cfg.n_kv_head != 0 {
+        if !cfg.n_head.is_multiple_of(cfg.n_kv_head) {
             return Err(Error::Metadata {
                 path: f.path.clone(),
                 key: "gemma3.attention.head_count_kv".into(),
@@ -92,14 +92,7 @@ impl Gemma3 {
             Ok(f.tensor(n)?.dequantize(&Device::Cpu)?)
         };
         let embed_q = f.tensor("token_embd.weight")?;
-        let head = Linear::load(
-            opts,
-            if f.has_tensor("output.weight") {
-                f.tensor("output.weight")?
-            } else {
-                f.tensor("token_embd.weight")? // tied
-            },
-        )?;
+        let head = Linear::load(opts, f.lm_head_tensor()?)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");

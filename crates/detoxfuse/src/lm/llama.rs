@@ -192,14 +192,7 @@ impl Llama {
             head_dim: f.u32("llama.rope.dimension_count").ok().map(|d| d as usize),
         };
         let embed_q = f.tensor("token_embd.weight")?;
-        let head = Linear::load(
-            opts,
-            if f.has_tensor("output.weight") {
-                f.tensor("output.weight")?
-            } else {
-                f.tensor("token_embd.weight")? // tied
-            },
-        )?;
+        let head = Linear::load(opts, f.lm_head_tensor()?)?;
         let mut blocks = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = format!("blk.{i}");

@@ -35,8 +35,8 @@ pub enum VocabKind {
 }
 
 enum Model {
-    Bpe(bpe::ByteLevelBpe),
-    Spm(spm::Spm),
+    Bpe(Box<bpe::ByteLevelBpe>),
+    Spm(Box<spm::Spm>),
 }
 
 /// How a token is rendered back into bytes.
@@ -76,7 +76,7 @@ impl Tokenizer {
                 let pre = f.string("tokenizer.ggml.pre").unwrap_or_default();
                 let merges = f.strings("tokenizer.ggml.merges")?;
                 (
-                    Model::Bpe(bpe::ByteLevelBpe::from_vocab(&pieces, &merges, &pre)?),
+                    Model::Bpe(Box::new(bpe::ByteLevelBpe::from_vocab(&pieces, &merges, &pre)?)),
                     VocabKind::ByteLevelBpe,
                 )
             }
@@ -84,7 +84,7 @@ impl Tokenizer {
                 let scores = f
                     .f32s("tokenizer.ggml.scores")
                     .unwrap_or_else(|_| vec![0.0; pieces.len()]);
-                (Model::Spm(spm::Spm::new(&pieces, scores, unk)), VocabKind::SentencePiece)
+                (Model::Spm(Box::new(spm::Spm::new(&pieces, scores, unk))), VocabKind::SentencePiece)
             }
             other => {
                 return Err(Error::Tokenizer(format!(
@@ -136,7 +136,7 @@ impl Tokenizer {
         let bos = find(&["<|im_start|>", "<s>", "<|endoftext|>"]);
         let eos = find(&["<|im_end|>", "</s>", "<|endoftext|>"]);
         Ok(Self::assemble(
-            Model::Bpe(model),
+            Model::Bpe(Box::new(model)),
             VocabKind::ByteLevelBpe,
             pieces,
             render,
@@ -169,7 +169,7 @@ impl Tokenizer {
     ) -> Self {
         specials.retain(|(s, _, _)| !s.is_empty());
         // stable sort keeps id order among equal lengths, as llama.cpp's does in practice
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         let chat = ChatTemplate::detect(&pieces);
         Self {
             model,

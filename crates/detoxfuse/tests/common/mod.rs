@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use detoxfuse::fetch;
+use detoxfuse::lm::{ids_tensor, CausalLm, KvCache};
 
 /// Path of a fetched model; panics with the fix when it is missing (a missing model is a
 /// failed test, never a skipped one).
@@ -32,4 +33,19 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// Last-position logits of a fresh forward over `ids` (batch 1).
+pub fn last_logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<f32> {
+    step_logits(m, ids, &mut m.new_cache())
+}
+
+/// Runs `ids` (batch 1) after what `cache` holds; last-position logits.
+pub fn step_logits(m: &dyn CausalLm, ids: &[u32], cache: &mut KvCache) -> Vec<f32> {
+    m.forward_last_logits(&ids_tensor(&[ids.to_vec()]).unwrap(), cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
