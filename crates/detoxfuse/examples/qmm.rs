@@ -1,32 +1,57 @@
+//! Micro-benchmark of quantized matmuls on this CPU: candle's QMatMul (Q4_1, Q8_0, Q8_0 with
+//! the input width padded to 256 for its repacked kernel) and detoxfuse's tiled VNNI Q8_0
+//! kernel. `cargo run --release -p detoxfuse --example qmm`
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use detoxfuse::lm::q8::Q8Tiles;
 use std::time::Instant;
-fn main() -> candle_core::Result<()> {
-    for &(n, k) in &[
-        (1536usize, 576usize),
-        (1536, 768),
-        (49152, 576),
-        (49152, 768),
-    ] {
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    for &(n, k) in &[(1536usize, 576usize), (576, 1536), (49152, 576)] {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        for dt in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K] {
-            if dt == GgmlDType::Q4K && k % 256 != 0 {
-                continue;
-            }
-            let q = QMatMul::from_qtensor(QTensor::quantize(&w, dt)?)?;
-            for m in [1usize, 25] {
-                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-                let _ = q.forward(&x)?;
-                let reps = if n > 10000 { 20 } else { 200 };
-                let t = Instant::now();
-                for _ in 0..reps {
-                    let _ = q.forward(&x)?;
-                }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let ours = Q8Tiles::pack(&q8)?.expect("tileable shape");
+        let kp = k.next_multiple_of(256);
+        let padded = QMatMul::from_qtensor(QTensor::quantize(
+            &w.pad_with_zeros(1, 0, kp - k)?,
+            GgmlDType::Q8_0,
+        )?)?;
+        let candle = QMatMul::from_qtensor(q8)?;
+        let q41 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1)?)?;
+        for m in [1usize, 25] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let xp = x.pad_with_zeros(1, 0, kp - k)?;
+            let reps = if n > 10000 { 10 } else { 100 };
+            let macs = (m * n * k) as f64 / 1e9;
+            let rows = [
+                ("candle Q4_1", time(reps, || drop(q41.forward(&x).unwrap()))),
+                (
+                    "candle Q8_0",
+                    time(reps, || drop(candle.forward(&x).unwrap())),
+                ),
+                (
+                    "candle Q8_0 padded",
+                    time(reps, || drop(padded.forward(&xp).unwrap())),
+                ),
+                (
+                    "detoxfuse Q8_0 tiles",
+                    time(reps, || drop(ours.forward(&x).unwrap())),
+                ),
+            ];
+            for (name, s) in rows {
                 println!(
-                    "{dt:?} n={n} k={k} m={m}: {:.3} ms, {:.1} GMAC/s",
+                    "{n:>6}x{k:<5} m={m:<3} {name:<21} {:>8.3} ms {:>6.1} GMAC/s",
                     s * 1e3,
-                    (m * n * k) as f64 / s / 1e9
+                    macs / s
                 );
             }
         }

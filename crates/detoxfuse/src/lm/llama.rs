@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
+use super::q8::{self, Q8Tiles};
 use super::{CausalLm, LoadOptions, ModelInfo};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -40,42 +41,18 @@ impl LlamaConfig {
 
 /// A linear layer that is either quantized or plain.
 ///
-/// Quantized weights are stored in a format with a fast CPU kernel: slow 4/5-bit formats
-/// become Q8_0, and where the CPU has VNNI, Q8_0 matrices whose input width is not a multiple
-/// of 256 get zero columns appended (and inputs zero-padded to match) so that candle takes its
-/// repacked VNNI path. Measured on this machine (examples/qmm.rs): 1536×576 Q8_0 at 25 rows
-/// 13 → 69 GMAC/s, at 1 row 0.083 → 0.061 ms, despite the extra third of multiply-adds.
+/// Quantized weights are held in a format with a fast CPU kernel: Q4_1/Q5_0/Q5_1 (scalar dot
+/// products in candle 0.11) become Q8_0; Q8_0 matrices whose input width is not a multiple
+/// of 256 (where candle has only its AVX2 path) use our tiled VNNI kernel ([`super::q8`]) when
+/// the CPU has AVX-512 VNNI; everything else goes through candle's `QMatMul`.
 #[derive(Debug, Clone)]
-pub(crate) struct Linear {
-    mm: QMatMul,
-    pad: usize,
+pub(crate) enum Linear {
+    Candle(QMatMul),
+    Tiles(std::sync::Arc<Q8Tiles>),
 }
 
-/// Block width candle's repacked x86 kernels need along the input dimension.
+/// Input widths that candle's repacked x86 kernels handle themselves.
 const REPACK_K: usize = 256;
-/// Output rows per repacked tile.
-const REPACK_N: usize = 16;
-
-/// Opt-in (`DETOXFUSE_FAST_KERNELS=1`): the padded path quantizes activations per 256 values
-/// instead of per 32, which moved logits by up to 2.5 between prefill and cached decoding.
-fn fast_kernels() -> bool {
-    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FAST.get_or_init(|| {
-        std::env::var("DETOXFUSE_FAST_KERNELS").is_ok_and(|v| v == "1") && has_vnni()
-    })
-}
-
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
-            || is_x86_feature_detected!("avxvnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 impl Linear {
     pub(crate) fn load(opts: LoadOptions, t: QTensor) -> Result<Self> {
@@ -87,32 +64,25 @@ impl Linear {
 
     pub(crate) fn quantized(t: QTensor) -> Result<Self> {
         let t = crate::gguf::requantize_for_speed(t)?;
-        let (n, k) = t.shape().dims2()?;
-        if t.dtype() == GgmlDType::Q8_0 && k % REPACK_K != 0 && n % REPACK_N == 0 && fast_kernels()
-        {
-            let pad = k.next_multiple_of(REPACK_K) - k;
-            let w = t.dequantize(&Device::Cpu)?.pad_with_zeros(1, 0, pad)?;
-            let mm = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
-            return Ok(Self { mm, pad });
+        let (_, k) = t.shape().dims2()?;
+        if t.dtype() == GgmlDType::Q8_0 && k % REPACK_K != 0 && q8::available() {
+            if let Some(tiles) = Q8Tiles::pack(&t)? {
+                return Ok(Self::Tiles(std::sync::Arc::new(tiles)));
+            }
         }
-        Ok(Self {
-            mm: QMatMul::from_qtensor(t)?,
-            pad: 0,
-        })
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
     }
+
     /// `w`: `(out, in)`.
     pub(crate) fn dense(w: Tensor) -> Self {
-        Self {
-            mm: QMatMul::Tensor(w),
-            pad: 0,
-        }
+        Self::Candle(QMatMul::Tensor(w))
     }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.pad > 0 {
-            let x = x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?;
-            return Ok(self.mm.forward(&x)?);
+        match self {
+            Self::Candle(mm) => Ok(mm.forward(x)?),
+            Self::Tiles(t) => t.forward(x),
         }
-        Ok(self.mm.forward(x)?)
     }
 }
 

@@ -10,6 +10,7 @@ mod attention;
 pub mod export;
 pub mod gemma3;
 pub mod llama;
+pub mod q8;
 
 use std::path::Path;
 

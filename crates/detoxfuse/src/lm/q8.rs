@@ -1,0 +1,292 @@
+//! Q8_0 × Q8_0 matrix multiply for x86 CPUs with AVX-512 VNNI.
+//!
+//! candle 0.11 multiplies Q8_0 weights with an AVX2 dot product per (row, column) pair, which
+//! gains little from batching (21-27 GMAC/s here at 1 or 25 rows); its repacked VNNI kernel is
+//! 3-4× faster but only applies when the input width is a multiple of 256 and then rounds
+//! activations per 256 values, doubling the logit error (docs/ENGINE.md). This kernel keeps
+//! llama.cpp's numerics, activations rounded per 32 values like the weights, and borrows the
+//! repacked layout: 16 output columns are interleaved so that one `vpdpbusd` multiplies 4
+//! activation bytes, broadcast, with 4 bytes of each of 16 columns, accumulating in integers
+//! over a whole 32-block before one float scale per block. Each loaded weight block serves
+//! every activation row of the batch.
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes: activations are stored as `q + 128` and the
+//! excess `128 · Σw` of each block is precomputed per column and subtracted.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+const QK: usize = 32;
+/// Output columns per tile (one 512-bit register of i32/f32 lanes).
+const TILE: usize = 16;
+/// Bytes of one packed tile block: 32 values × 16 columns.
+const TILE_BLOCK: usize = QK * TILE;
+/// Activation rows per pass over a tile.
+const ROWS: usize = 4;
+
+#[derive(Debug)]
+pub struct Q8Tiles {
+    n: usize,
+    k: usize,
+    /// `[tile][block][group of 4 values][column][4]` bytes.
+    quants: Vec<i8>,
+    /// `[tile][block][column]` weight scales.
+    scales: Vec<f32>,
+    /// `[tile][block][column]`: `128 · Σ w` over the block.
+    excess: Vec<i32>,
+}
+
+/// Whether this CPU can run the kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Q8Tiles {
+    /// Packs a Q8_0 `(n, k)` weight; `None` when the shape does not tile.
+    pub fn pack(t: &QTensor) -> Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q8_0 {
+            return Ok(None);
+        }
+        let (n, k) = t.shape().dims2()?;
+        if n % TILE != 0 || k % QK != 0 {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let nb = k / QK;
+        if data.len() != n * nb * 34 {
+            return Err(Error::Input(format!(
+                "Q8_0 tensor holds {} bytes, expected {}",
+                data.len(),
+                n * nb * 34
+            )));
+        }
+        let mut quants = vec![0i8; n * k];
+        let mut scales = vec![0f32; n * nb];
+        let mut excess = vec![0i32; n * nb];
+        for col in 0..n {
+            let (tile, c) = (col / TILE, col % TILE);
+            for b in 0..nb {
+                let blk = &data[(col * nb + b) * 34..(col * nb + b + 1) * 34];
+                let at = (tile * nb + b) * TILE + c;
+                scales[at] = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                let qs = &blk[2..];
+                excess[at] = 128 * qs.iter().map(|&q| q as i8 as i32).sum::<i32>();
+                let base = (tile * nb + b) * TILE_BLOCK;
+                for g in 0..QK / 4 {
+                    for j in 0..4 {
+                        quants[base + g * TILE * 4 + c * 4 + j] = qs[g * 4 + j] as i8;
+                    }
+                }
+            }
+        }
+        Ok(Some(Self {
+            n,
+            k,
+            quants,
+            scales,
+            excess,
+        }))
+    }
+
+    /// `x`: `(.., k)` f32 → `(.., n)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.k {
+            return Err(Error::Input(format!(
+                "input width {k}, weights expect {}",
+                self.k
+            )));
+        }
+        let m = x.elem_count() / k.max(1);
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let out = self.matmul(m, &xs);
+        let mut shape = dims;
+        *shape.last_mut().expect("rank >= 1") = self.n;
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+    }
+
+    /// `x`: `m × k` row-major → `m × n` row-major.
+    pub fn matmul(&self, m: usize, x: &[f32]) -> Vec<f32> {
+        let nb = self.k / QK;
+        let (aq, ad) = quantize_rows_u8(x);
+        let tiles = self.n / TILE;
+        // Tiles are spread over candle's own worker pool: a second pool (rayon) would compete
+        // with candle's spinning workers for the same cores.
+        let mut tile_out = vec![0f32; tiles * m * TILE];
+        let dst_addr = tile_out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
+            for t in range {
+                // SAFETY: tile `t` owns elements [t·m·16, (t+1)·m·16) of tile_out; items are
+                // disjoint, and tile_out outlives this call.
+                let tdst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (dst_addr as *mut f32).add(t * m * TILE),
+                        m * TILE,
+                    )
+                };
+                let w = &self.quants[t * nb * TILE_BLOCK..(t + 1) * nb * TILE_BLOCK];
+                let s = &self.scales[t * nb * TILE..(t + 1) * nb * TILE];
+                let e = &self.excess[t * nb * TILE..(t + 1) * nb * TILE];
+                for r0 in (0..m).step_by(ROWS) {
+                    let rows = ROWS.min(m - r0);
+                    let a = &aq[r0 * self.k..];
+                    let d = &ad[r0 * nb..];
+                    let o = &mut tdst[r0 * TILE..(r0 + rows) * TILE];
+                    // SAFETY: the caller chose this kernel only where `available()` is true.
+                    unsafe {
+                        match rows {
+                            4 => tile_rows::<4>(w, s, e, a, d, nb, o),
+                            3 => tile_rows::<3>(w, s, e, a, d, nb, o),
+                            2 => tile_rows::<2>(w, s, e, a, d, nb, o),
+                            _ => tile_rows::<1>(w, s, e, a, d, nb, o),
+                        }
+                    }
+                }
+            }
+        });
+        let mut out = vec![0f32; m * self.n];
+        for t in 0..tiles {
+            for r in 0..m {
+                let src = &tile_out[(t * m + r) * TILE..(t * m + r + 1) * TILE];
+                out[r * self.n + t * TILE..r * self.n + (t + 1) * TILE].copy_from_slice(src);
+            }
+        }
+        out
+    }
+}
+
+/// llama.cpp's `quantize_row_q8_0` with f32 scales (`d = max|x| / 127`, `q = round(x / d)`),
+/// stored as `q + 128` for the unsigned operand of `vpdpbusd`.
+fn quantize_rows_u8(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mut q = vec![0u8; x.len()];
+    let mut d = Vec::with_capacity(x.len() / QK);
+    for (xb, qb) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        for (o, v) in qb.iter_mut().zip(xb) {
+            *o = ((v * inv).round() as i32 + 128) as u8;
+        }
+        d.push(s);
+    }
+    (q, d)
+}
+
+/// One tile (16 columns) against `R` activation rows; writes `R × 16` results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_rows<const R: usize>(
+    w: &[i8],
+    s: &[f32],
+    e: &[i32],
+    a: &[u8],
+    d: &[f32],
+    nb: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let k = nb * QK;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        // two accumulators per row (even / odd groups) halve the dependency chain of
+        // `vpdpbusd`, which is what bounds a single row
+        let mut dot = [_mm512_setzero_si512(); R];
+        let mut dot2 = [_mm512_setzero_si512(); R];
+        let wb = w.as_ptr().add(b * TILE_BLOCK);
+        for g in (0..QK / 4).step_by(2) {
+            let wv = _mm512_loadu_si512(wb.add(g * TILE * 4) as *const _);
+            let wv2 = _mm512_loadu_si512(wb.add((g + 1) * TILE * 4) as *const _);
+            for r in 0..R {
+                let ap = a.as_ptr().add(r * k + b * QK + g * 4);
+                let a4 = std::ptr::read_unaligned(ap as *const i32);
+                let a4b = std::ptr::read_unaligned(ap.add(4) as *const i32);
+                dot[r] = _mm512_dpbusd_epi32(dot[r], _mm512_set1_epi32(a4), wv);
+                dot2[r] = _mm512_dpbusd_epi32(dot2[r], _mm512_set1_epi32(a4b), wv2);
+            }
+        }
+        for r in 0..R {
+            dot[r] = _mm512_add_epi32(dot[r], dot2[r]);
+        }
+        let ws = _mm512_loadu_ps(s.as_ptr().add(b * TILE));
+        let ex = _mm512_loadu_si512(e.as_ptr().add(b * TILE) as *const _);
+        for r in 0..R {
+            let scale = _mm512_mul_ps(ws, _mm512_set1_ps(*d.get_unchecked(r * nb + b)));
+            let exact = _mm512_sub_epi32(dot[r], ex);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
+        }
+    }
+    for (r, v) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(r * TILE), *v);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_rows<const R: usize>(
+    _: &[i8],
+    _: &[f32],
+    _: &[i32],
+    _: &[u8],
+    _: &[f32],
+    _: usize,
+    _: &mut [f32],
+) {
+    unreachable!("Q8Tiles is only used where available() is true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes and numerics only (random weights): the kernel equals a scalar evaluation of
+    /// the same quantized weights and activations.
+    #[test]
+    fn tiled_vnni_kernel_equals_scalar_q8_dot_products() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI on this CPU: kernel not exercised");
+            return;
+        }
+        let (n, k) = (48, 96);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let tiles = Q8Tiles::pack(&q).unwrap().unwrap();
+        let wq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for m in [1usize, 3, 4, 7] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1)
+                .collect();
+            let got = tiles.matmul(m, &x);
+            let (aq, ad) = quantize_rows_u8(&x);
+            for r in 0..m {
+                for c in 0..n {
+                    // dequantized weight × dequantized activation, block by block
+                    let want: f32 = (0..k)
+                        .map(|i| {
+                            wq[c][i]
+                                * (aq[r * k + i] as i32 - 128) as f32
+                                * ad[r * (k / QK) + i / QK]
+                        })
+                        .sum();
+                    let g = got[r * n + c];
+                    assert!(
+                        (g - want).abs() < 1e-3 * want.abs().max(1.0),
+                        "m={m} r={r} c={c}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
