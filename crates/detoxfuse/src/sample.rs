@@ -80,25 +80,21 @@ impl Sampler {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let cands = &mut self.scratch;
         cands.clear();
-        cands.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32)),
-        );
-        let total: f32 = cands.iter().map(|c| c.0).sum();
+        // Tokens more than 30 nats below the best have weight < e^-30 each: over even a 262k
+        // vocabulary that is < 3e-8 of the total, below f32 resolution of the sums here. Leaving
+        // them out spares their exp and shrinks the nucleus search to a few thousand entries.
+        const NEGLIGIBLE: f32 = -30.0;
+        cands.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
+            let z = (l - max) * inv_t;
+            (z > NEGLIGIBLE).then(|| (z.exp(), i as u32))
+        }));
         let by_prob = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        let mut keep = cands.len();
-        if self.params.top_k > 0 && self.params.top_k < keep {
-            keep = self.params.top_k;
+        if self.params.top_k > 0 && self.params.top_k < cands.len() {
+            let keep = self.params.top_k;
             cands.select_nth_unstable_by(keep - 1, by_prob);
             cands.truncate(keep);
         }
-        let kept_total: f32 = if keep == logits.len() {
-            total
-        } else {
-            cands.iter().map(|c| c.0).sum()
-        };
+        let kept_total: f32 = cands.iter().map(|c| c.0).sum();
         if self.params.top_p < 1.0 {
             // The nucleus is usually a few hundred tokens: sort a growing head of the
             // candidates instead of the whole vocabulary.

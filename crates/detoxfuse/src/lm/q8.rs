@@ -122,18 +122,11 @@ impl Q8Tiles {
         let tiles = self.n / TILE;
         // Tiles are spread over candle's own worker pool: a second pool (rayon) would compete
         // with candle's spinning workers for the same cores.
-        let mut tile_out = vec![0f32; tiles * m * TILE];
-        let dst_addr = tile_out.as_mut_ptr() as usize;
+        let mut out = vec![0f32; m * self.n];
+        let out_addr = out.as_mut_ptr() as usize;
+        let n = self.n;
         candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
             for t in range {
-                // SAFETY: tile `t` owns elements [t·m·16, (t+1)·m·16) of tile_out; items are
-                // disjoint, and tile_out outlives this call.
-                let tdst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (dst_addr as *mut f32).add(t * m * TILE),
-                        m * TILE,
-                    )
-                };
                 let w = &self.quants[t * nb * TILE_BLOCK..(t + 1) * nb * TILE_BLOCK];
                 let s = &self.scales[t * nb * TILE..(t + 1) * nb * TILE];
                 let e = &self.excess[t * nb * TILE..(t + 1) * nb * TILE];
@@ -141,26 +134,21 @@ impl Q8Tiles {
                     let rows = ROWS.min(m - r0);
                     let a = &aq[r0 * self.k..];
                     let d = &ad[r0 * nb..];
-                    let o = &mut tdst[r0 * TILE..(r0 + rows) * TILE];
-                    // SAFETY: the caller chose this kernel only where `available()` is true.
+                    // SAFETY: tile `t` writes only columns [16t, 16t+16) of each row of `out`,
+                    // disjoint from every other tile; `out` outlives this call. The caller
+                    // chose this kernel only where `available()` is true.
                     unsafe {
+                        let o = (out_addr as *mut f32).add(r0 * n + t * TILE);
                         match rows {
-                            4 => tile_rows::<4>(w, s, e, a, d, nb, o),
-                            3 => tile_rows::<3>(w, s, e, a, d, nb, o),
-                            2 => tile_rows::<2>(w, s, e, a, d, nb, o),
-                            _ => tile_rows::<1>(w, s, e, a, d, nb, o),
+                            4 => tile_rows::<4>(w, s, e, a, d, nb, o, n),
+                            3 => tile_rows::<3>(w, s, e, a, d, nb, o, n),
+                            2 => tile_rows::<2>(w, s, e, a, d, nb, o, n),
+                            _ => tile_rows::<1>(w, s, e, a, d, nb, o, n),
                         }
                     }
                 }
             }
         });
-        let mut out = vec![0f32; m * self.n];
-        for t in 0..tiles {
-            for r in 0..m {
-                let src = &tile_out[(t * m + r) * TILE..(t * m + r + 1) * TILE];
-                out[r * self.n + t * TILE..r * self.n + (t + 1) * TILE].copy_from_slice(src);
-            }
-        }
         out
     }
 }
@@ -182,9 +170,11 @@ fn quantize_rows_u8(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
     (q, d)
 }
 
-/// One tile (16 columns) against `R` activation rows; writes `R × 16` results.
+/// One tile (16 columns) against `R` activation rows; writes 16 results per row at `out`,
+/// rows `stride` floats apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows<const R: usize>(
     w: &[i8],
     s: &[f32],
@@ -192,7 +182,8 @@ unsafe fn tile_rows<const R: usize>(
     a: &[u8],
     d: &[f32],
     nb: usize,
-    out: &mut [f32],
+    out: *mut f32,
+    stride: usize,
 ) {
     use std::arch::x86_64::*;
     let k = nb * QK;
@@ -226,7 +217,7 @@ unsafe fn tile_rows<const R: usize>(
         }
     }
     for (r, v) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(r * TILE), *v);
+        _mm512_storeu_ps(out.add(r * stride), *v);
     }
 }
 
