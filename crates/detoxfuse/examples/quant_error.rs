@@ -1,7 +1,6 @@
 //! How far the quantized kernels move logits from exact arithmetic on the same weights:
 //! max |logit - float64 reference| over the top-64 logits of the f32 fixtures' prompts.
-//! `cargo run --release -p detoxfuse --example quant_error` (set DETOXFUSE_FAST_KERNELS=1 to
-//! measure the padded VNNI path).
+//! `cargo run --release -p detoxfuse --example quant_error`
 use detoxfuse::lm::{self, ids_tensor};
 
 fn main() -> anyhow::Result<()> {
