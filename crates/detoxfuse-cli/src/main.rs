@@ -39,6 +39,22 @@ enum Cmd {
     Info(InfoArgs),
     /// Measure prompt and decode speed (and compare with llama.cpp when installed).
     Bench(bench::BenchArgs),
+    /// Score texts for toxicity (alt-profanity-check 1.9.1 port; lexical, explicit toxicity only).
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// Texts to score (or use --input).
+    #[arg(conflicts_with = "input")]
+    texts: Vec<String>,
+    /// JSONL file: scores the string at --field of each line; `detoxfuse generate` output is
+    /// recognised and each of its generations is scored.
+    #[arg(long, short)]
+    input: Option<PathBuf>,
+    /// Field holding the text in --input lines.
+    #[arg(long, default_value = "text")]
+    field: String,
 }
 
 #[derive(clap::Args)]
@@ -178,6 +194,71 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Bench(a) => bench::run(&cli.cache, a)?,
+        Cmd::Score(a) => score(a)?,
+    }
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
+    use std::io::BufRead;
+    let scorer = ProfanityCheck::shared();
+    let Some(path) = a.input else {
+        if a.texts.is_empty() {
+            anyhow::bail!("give texts as arguments or a JSONL file with --input");
+        }
+        for t in &a.texts {
+            println!(
+                "{}",
+                serde_json::json!({"text": t, "toxicity": scorer.score(&[t])[0]})
+            );
+        }
+        return Ok(());
+    };
+    let f = std::fs::File::open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let mut bad = 0;
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!(
+                    "{}:{}: invalid JSON: {e}; line skipped",
+                    path.display(),
+                    i + 1
+                );
+                bad += 1;
+                continue;
+            }
+        };
+        let texts: Vec<String> = if let Some(gens) = v["generations"].as_array() {
+            gens.iter()
+                .filter_map(|g| g["text"].as_str().map(String::from))
+                .collect()
+        } else if let Some(t) = v[&a.field].as_str() {
+            vec![t.to_string()]
+        } else {
+            eprintln!(
+                "{}:{}: no \"{}\" string; line skipped",
+                path.display(),
+                i + 1,
+                a.field
+            );
+            bad += 1;
+            continue;
+        };
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+        println!(
+            "{}",
+            serde_json::json!({"line": i + 1, "toxicity": scorer.score(&refs), "scorer": scorer.name()})
+        );
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} invalid line(s); the others were scored");
     }
     Ok(())
 }

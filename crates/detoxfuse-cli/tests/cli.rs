@@ -21,7 +21,7 @@ fn assert_clean_failure(o: &Output) {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["fetch", "generate", "tokenize", "info", "bench"] {
+    for sub in ["fetch", "generate", "tokenize", "info", "bench", "score"] {
         let o = detoxfuse(&[sub, "--help"]);
         assert!(o.status.success(), "{sub} --help failed");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));
@@ -155,4 +155,19 @@ fn bad_model_and_overlong_prompt_are_messages_not_panics() {
     let o = detoxfuse(&["generate", "--prompt", "hi", "--top-p", "1.5"]);
     assert_clean_failure(&o);
     assert!(stderr(&o).contains("top_p"), "{}", stderr(&o));
+}
+
+#[test]
+fn score_rates_insults_above_greetings() {
+    let o = detoxfuse(&["score", "Have a lovely day", "shut up you stupid idiot"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (nice, rude) = (
+        v[0]["toxicity"].as_f64().unwrap(),
+        v[1]["toxicity"].as_f64().unwrap(),
+    );
+    assert!(nice < 0.5 && rude > 0.5, "{nice} {rude}");
 }

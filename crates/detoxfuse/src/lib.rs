@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
