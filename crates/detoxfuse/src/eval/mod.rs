@@ -1,3 +1,4 @@
-//! Evaluation: toxicity scorers (and, to come, the field's metrics, fluency and reports).
+//! Evaluation: toxicity scorers and the field's metrics (fluency, sweeps and reports to come).
 
+pub mod metrics;
 pub mod score;
