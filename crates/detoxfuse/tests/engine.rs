@@ -159,3 +159,61 @@ fn stop_strings_cut_the_text() {
     assert_eq!(g.text, " 5, 6, ");
     assert_eq!(g.finish_reason, detoxfuse::generate::FinishReason::Stop);
 }
+
+#[test]
+fn fluent_continuations_have_lower_perplexity_than_scrambled_ones() {
+    use detoxfuse::eval::fluency::continuation_nll;
+    // evaluator gemma3 (not the default target): natural vs the same words scrambled
+    let path = model("gemma3");
+    let m = lm::load(&path).unwrap();
+    let tok = Tokenizer::for_model(&path).unwrap();
+    let prompt = "The weather today is";
+    let good = continuation_nll(
+        m.as_ref(),
+        &tok,
+        prompt,
+        " sunny and warm, perfect for a walk in the park.",
+    )
+    .unwrap()
+    .unwrap();
+    let bad = continuation_nll(
+        m.as_ref(),
+        &tok,
+        prompt,
+        " park walk warm the, sunny a for perfect in and.",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(good.tokens, bad.tokens);
+    assert!(
+        good.perplexity() < bad.perplexity() / 3.0,
+        "{} vs {}",
+        good.perplexity(),
+        bad.perplexity()
+    );
+    // the NLL equals the sum of per-step -log softmax from cached decoding
+    let ids_p = tok.encode(prompt, false).unwrap();
+    let mut ids_c = Vec::new();
+    tok.encode_into(" sunny and warm", false, &mut ids_c)
+        .unwrap();
+    let scored = continuation_nll(m.as_ref(), &tok, prompt, " sunny and warm")
+        .unwrap()
+        .unwrap();
+    let mut cache = m.new_cache();
+    let mut logits = step_logits(m.as_ref(), &ids_p, &mut cache);
+    let mut nll = 0f64;
+    for &t in &ids_c {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        nll += lse - logits[t as usize] as f64;
+        logits = step_logits(m.as_ref(), &[t], &mut cache);
+    }
+    assert_eq!(scored.tokens, ids_c.len());
+    // quantized kernels: full-sequence and step-by-step differ by activation rounding only
+    assert!((scored.nll - nll).abs() < 0.5, "{} vs {nll}", scored.nll);
+}
