@@ -60,6 +60,7 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     scratch: Vec<(f32, u32)>,
+    bins: Vec<f32>,
 }
 
 impl Sampler {
@@ -69,6 +70,7 @@ impl Sampler {
             params: params.clone(),
             rng: StdRng::seed_from_u64(seed),
             scratch: Vec::new(),
+            bins: Vec::new(),
         }
     }
 
@@ -96,29 +98,7 @@ impl Sampler {
         }
         let kept_total: f32 = cands.iter().map(|c| c.0).sum();
         if self.params.top_p < 1.0 {
-            // The nucleus is usually a few hundred tokens: sort a growing head of the
-            // candidates instead of the whole vocabulary.
-            let target = self.params.top_p * kept_total;
-            let mut head = 256.min(cands.len());
-            loop {
-                if head < cands.len() {
-                    cands.select_nth_unstable_by(head - 1, by_prob);
-                }
-                cands[..head].sort_unstable_by(by_prob);
-                let mut acc = 0.0;
-                let cut = cands[..head].iter().position(|c| {
-                    acc += c.0;
-                    acc >= target
-                });
-                match cut {
-                    Some(i) => {
-                        cands.truncate(i + 1);
-                        break;
-                    }
-                    None if head == cands.len() => break,
-                    None => head = (head * 4).min(cands.len()),
-                }
-            }
+            nucleus(cands, self.params.top_p * kept_total, &mut self.bins);
         }
         let sum: f32 = cands.iter().map(|c| c.0).sum();
         let mut r = self.rng.random::<f32>() * sum;
@@ -129,6 +109,53 @@ impl Sampler {
             }
         }
         cands.last().map_or(0, |c| c.1)
+    }
+}
+
+/// Number of probability bins for the nucleus search (see [`nucleus`]).
+const BINS: usize = 1 << 14;
+
+/// Bin of a weight in (0, 1]: positive f32 bit patterns order like their values, so
+/// `(bits(1.0) - bits(w)) >> 15` is 0 for the largest weights and grows as they shrink, with
+/// 256 bins per power of two.
+fn bin_of(w: f32) -> usize {
+    ((0x3F80_0000u32.saturating_sub(w.to_bits()) >> 15) as usize).min(BINS - 1)
+}
+
+/// Keeps the nucleus: the smallest set of most probable candidates (ties: lower id first)
+/// whose weight reaches `target`. Bins by probability in one pass, finds the bin where the
+/// cumulative weight crosses `target`, and sorts only that bin; the result is the same set a
+/// full sort would give, in O(vocabulary).
+fn nucleus(cands: &mut Vec<(f32, u32)>, target: f32, mass: &mut Vec<f32>) {
+    mass.clear();
+    mass.resize(BINS, 0.0);
+    for c in cands.iter() {
+        mass[bin_of(c.0)] += c.0;
+    }
+    let mut acc = 0f32;
+    let mut cross = BINS - 1;
+    for (b, &m) in mass.iter().enumerate() {
+        if acc + m >= target {
+            cross = b;
+            break;
+        }
+        acc += m;
+    }
+    let mut edge: Vec<(f32, u32)> = Vec::new();
+    cands.retain(|c| {
+        let b = bin_of(c.0);
+        if b == cross {
+            edge.push(*c);
+        }
+        b < cross
+    });
+    edge.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for c in edge {
+        cands.push(c);
+        acc += c.0;
+        if acc >= target {
+            break;
+        }
     }
 }
 
@@ -204,6 +231,49 @@ mod tests {
         let mut s = Sampler::new(&p, 0);
         let draws: Vec<_> = (0..400).map(|_| s.sample(&logits)).collect();
         assert!(draws.contains(&0) && draws.contains(&1) && !draws.contains(&2));
+    }
+
+    #[test]
+    fn binned_nucleus_equals_the_sorted_prefix() {
+        let mut x: u64 = 99;
+        for trial in 0..50 {
+            let n = 5000;
+            let mut cands: Vec<(f32, u32)> = (0..n)
+                .map(|i| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let z = -((x >> 40) as f32 / (1u64 << 24) as f32) * 12.0; // weights e^0..e^-12
+                                                                              // some exact ties
+                    let z = if i % 7 == 0 { -3.0 } else { z };
+                    (z.exp(), i as u32)
+                })
+                .collect();
+            let total: f32 = cands.iter().map(|c| c.0).sum();
+            let p = 0.05 + 0.9 * (trial as f32 / 50.0);
+            let mut sorted = cands.clone();
+            sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut acc = 0.0;
+            let k = sorted
+                .iter()
+                .position(|c| {
+                    acc += c.0;
+                    acc >= p * total
+                })
+                .unwrap()
+                + 1;
+            let want: std::collections::HashSet<u32> = sorted[..k].iter().map(|c| c.1).collect();
+            nucleus(&mut cands, p * total, &mut Vec::new());
+            let got: std::collections::HashSet<u32> = cands.iter().map(|c| c.1).collect();
+            // f32 summation order may move the cut by the one token that straddles the target
+            let differ = got.symmetric_difference(&want).count();
+            assert!(
+                differ <= 1,
+                "p={p}: {differ} tokens differ ({} vs {})",
+                got.len(),
+                want.len()
+            );
+        }
     }
 
     #[test]
