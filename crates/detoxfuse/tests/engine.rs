@@ -162,7 +162,7 @@ fn stop_strings_cut_the_text() {
 
 #[test]
 fn fluent_continuations_have_lower_perplexity_than_scrambled_ones() {
-    use detoxfuse::eval::fluency::continuation_nll;
+    use detoxfuse::eval::fluency::{continuation_nll, token_nll};
     // evaluator gemma3 (not the default target): natural vs the same words scrambled
     let path = model("gemma3");
     let m = lm::load(&path).unwrap();
@@ -203,14 +203,7 @@ fn fluent_continuations_have_lower_perplexity_than_scrambled_ones() {
     let mut logits = step_logits(m.as_ref(), &ids_p, &mut cache);
     let mut nll = 0f64;
     for &t in &ids_c {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + logits
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        nll += lse - logits[t as usize] as f64;
+        nll += token_nll(&logits, t);
         logits = step_logits(m.as_ref(), &[t], &mut cache);
     }
     assert_eq!(scored.tokens, ids_c.len());

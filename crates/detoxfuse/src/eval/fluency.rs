@@ -60,18 +60,24 @@ pub fn continuation_nll(
         .lm_head(&h)?
         .to_dtype(candle_core::DType::F32)?
         .to_vec2::<f32>()?;
-    let mut nll = 0f64;
-    for (row, &target) in logits.iter().zip(&ids[start..]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        nll += lse - row[target as usize] as f64;
-    }
+    let nll = logits
+        .iter()
+        .zip(&ids[start..])
+        .map(|(row, &t)| token_nll(row, t))
+        .sum();
     Ok(Some(ContinuationNll { nll, tokens: n }))
+}
+
+/// `-log softmax(logits)[target]`, in f64.
+pub fn token_nll(logits: &[f32], target: TokenId) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    lse - logits[target as usize] as f64
 }
 
 /// The two perplexity summaries the report gives: the mean of per-continuation perplexities,
