@@ -58,6 +58,8 @@ pub struct Tokenizer {
     pub eos: Option<TokenId>,
     pub add_bos: bool,
     chat: Option<ChatTemplate>,
+    /// EOS and the chat template's end-of-turn token (looked up once: 262k pieces).
+    stop: Vec<TokenId>,
 }
 
 impl Tokenizer {
@@ -171,6 +173,13 @@ impl Tokenizer {
         // stable sort keeps id order among equal lengths, as llama.cpp's does in practice
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         let chat = ChatTemplate::detect(&pieces);
+        let mut stop: Vec<TokenId> = eos.into_iter().collect();
+        let end_of_turn = chat.and_then(|t| pieces.iter().position(|p| p == t.end_of_turn()));
+        if let Some(id) = end_of_turn.map(|i| i as TokenId) {
+            if !stop.contains(&id) {
+                stop.push(id);
+            }
+        }
         Self {
             model,
             kind,
@@ -181,6 +190,7 @@ impl Tokenizer {
             eos,
             add_bos,
             chat,
+            stop,
         }
     }
 
@@ -326,15 +336,7 @@ impl Tokenizer {
 
     /// Token ids that end a turn: EOS plus the template's end-of-turn token.
     pub fn stop_tokens(&self) -> Vec<TokenId> {
-        let mut v: Vec<TokenId> = self.eos.into_iter().collect();
-        if let Some(t) = &self.chat {
-            if let Some(id) = self.token_id(t.end_of_turn()) {
-                if !v.contains(&id) {
-                    v.push(id);
-                }
-            }
-        }
-        v
+        self.stop.clone()
     }
 }
 
