@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
-use super::llama::{Embedding, Linear};
+use super::llama::{Embedding, Linear, Projections};
 use super::{CausalLm, LoadOptions, ModelInfo};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -34,16 +34,15 @@ pub struct Gemma3Config {
 
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v
+    qkv: Projections,
     wo: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// gate, up
+    gate_up: Projections,
     w_down: Linear,
     post_ffn_norm: Tensor,
     /// `Some(w)` for local layers.
@@ -96,16 +95,12 @@ impl Gemma3 {
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
-            let mut mm = |n: &str| -> Result<Linear> {
-                Linear::load(opts, f.tensor(&format!("{p}.{n}.weight"))?)
-            };
-            let (wq, wk, wv, wo) = (
-                mm("attn_q")?,
-                mm("attn_k")?,
-                mm("attn_v")?,
-                mm("attn_output")?,
-            );
-            let (w_gate, w_up, w_down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let mut raw = |n: &str| f.tensor(&format!("{p}.{n}.weight"));
+            let qkv =
+                Projections::load(opts, vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?])?;
+            let gate_up = Projections::load(opts, vec![raw("ffn_gate")?, raw("ffn_up")?])?;
+            let wo = Linear::load(opts, raw("attn_output")?)?;
+            let w_down = Linear::load(opts, raw("ffn_down")?)?;
             let local = (i + 1) % SLIDING_PATTERN != 0;
             blocks.push(Block {
                 attn_norm: dense(f, &format!("{p}.attn_norm.weight"))?,
@@ -114,12 +109,9 @@ impl Gemma3 {
                 post_attn_norm: dense(f, &format!("{p}.post_attention_norm.weight"))?,
                 ffn_norm: dense(f, &format!("{p}.ffn_norm.weight"))?,
                 post_ffn_norm: dense(f, &format!("{p}.post_ffw_norm.weight"))?,
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
-                w_gate,
-                w_up,
+                gate_up,
                 w_down,
                 window: local.then_some(cfg.sliding_window),
             });
@@ -187,17 +179,11 @@ impl CausalLm for Gemma3 {
                 &self.rope_global
             };
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
-            let q = rms_norm(
-                &split_heads(&blk.wq.forward(&h)?, c.n_head, c.head_dim)?,
-                &blk.q_norm,
-                eps,
-            )?;
-            let k = rms_norm(
-                &split_heads(&blk.wk.forward(&h)?, c.n_kv_head, c.head_dim)?,
-                &blk.k_norm,
-                eps,
-            )?;
-            let v = split_heads(&blk.wv.forward(&h)?, c.n_kv_head, c.head_dim)?.contiguous()?;
+            let [q, k, v]: [Tensor; 3] =
+                blk.qkv.forward(&h)?.try_into().expect("three projections");
+            let q = rms_norm(&split_heads(&q, c.n_head, c.head_dim)?, &blk.q_norm, eps)?;
+            let k = rms_norm(&split_heads(&k, c.n_kv_head, c.head_dim)?, &blk.k_norm, eps)?;
+            let v = split_heads(&v, c.n_kv_head, c.head_dim)?.contiguous()?;
             let q = rope.apply(&q, offset)?;
             let k = rope.apply(&k, offset)?;
             let (k, v) = cache.append(i, k, v)?;
@@ -205,8 +191,12 @@ impl CausalLm for Gemma3 {
             let a = rms_norm(&blk.wo.forward(&a)?, &blk.post_attn_norm, eps)?;
             x = (x + a)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
-            let gate = blk.w_gate.forward(&h)?.gelu()?;
-            let m = blk.w_down.forward(&(gate * blk.w_up.forward(&h)?)?)?;
+            let [gate, up]: [Tensor; 2] = blk
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .expect("two projections");
+            let m = blk.w_down.forward(&(gate.gelu()? * up)?)?;
             x = (x + rms_norm(&m, &blk.post_ffn_norm, eps)?)?;
         }
         cache.advance(t);

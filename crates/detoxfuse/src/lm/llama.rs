@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
@@ -86,6 +86,71 @@ impl Linear {
     }
 }
 
+/// Several projections of the same input (q/k/v; gate/up) as one matmul when their weights
+/// tile together: one activation quantization and one dispatch instead of three or two.
+#[derive(Debug, Clone)]
+pub(crate) enum Projections {
+    Fused(std::sync::Arc<Q8Tiles>, Vec<usize>),
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    pub(crate) fn load(opts: LoadOptions, parts: Vec<QTensor>) -> Result<Self> {
+        if opts.dequantize || !q8::available() {
+            return Ok(Self::Separate(
+                parts
+                    .into_iter()
+                    .map(|p| Linear::load(opts, p))
+                    .collect::<Result<_>>()?,
+            ));
+        }
+        let parts = parts
+            .into_iter()
+            .map(crate::gguf::requantize_for_speed)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let k = parts[0].shape().dims2()?.1;
+        let same = parts.iter().all(|p| {
+            p.dtype() == GgmlDType::Q8_0 && p.shape().dims2().is_ok_and(|(_, pk)| pk == k)
+        });
+        if same && k % REPACK_K != 0 {
+            // Q8_0 rows are stored one after another: stacking matrices is concatenating bytes
+            let mut bytes = Vec::new();
+            let mut sizes = Vec::new();
+            for p in &parts {
+                bytes.extend_from_slice(&p.data()?);
+                sizes.push(p.shape().dims2()?.0);
+            }
+            let storage = QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &Device::Cpu,
+                GgmlDType::Q8_0,
+            )?;
+            let stacked = QTensor::new(storage, (sizes.iter().sum::<usize>(), k))?;
+            if let Some(t) = Q8Tiles::pack(&stacked)? {
+                return Ok(Self::Fused(std::sync::Arc::new(t), sizes));
+            }
+        }
+        Ok(Self::Separate(
+            parts
+                .into_iter()
+                .map(Linear::quantized)
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// `ws`: plain `(out, in)` matrices.
+    pub(crate) fn dense(ws: Vec<Tensor>) -> Self {
+        Self::Separate(ws.into_iter().map(Linear::dense).collect())
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused(t, sizes) => t.forward_split(x, sizes),
+            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}
+
 /// Token embedding table, quantized or plain.
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
@@ -117,13 +182,12 @@ impl Embedding {
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v
+    qkv: Projections,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// gate, up
+    gate_up: Projections,
     w_down: Linear,
 }
 
@@ -166,16 +230,12 @@ impl Llama {
         let mut blocks = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = format!("blk.{i}");
-            let mut mm = |n: &str| -> Result<Linear> {
-                Linear::load(opts, f.tensor(&format!("{p}.{n}.weight"))?)
-            };
-            let (wq, wk, wv, wo) = (
-                mm("attn_q")?,
-                mm("attn_k")?,
-                mm("attn_v")?,
-                mm("attn_output")?,
-            );
-            let (w_gate, w_up, w_down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let mut raw = |n: &str| f.tensor(&format!("{p}.{n}.weight"));
+            let qkv =
+                Projections::load(opts, vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?])?;
+            let gate_up = Projections::load(opts, vec![raw("ffn_gate")?, raw("ffn_up")?])?;
+            let wo = Linear::load(opts, raw("attn_output")?)?;
+            let w_down = Linear::load(opts, raw("ffn_down")?)?;
             blocks.push(Block {
                 attn_norm: f
                     .tensor(&format!("{p}.attn_norm.weight"))?
@@ -183,12 +243,9 @@ impl Llama {
                 ffn_norm: f
                     .tensor(&format!("{p}.ffn_norm.weight"))?
                     .dequantize(&Device::Cpu)?,
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
-                w_gate,
-                w_up,
+                gate_up,
                 w_down,
             });
         }
@@ -251,29 +308,21 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |n: &str| -> Result<Linear> {
-                Ok(Linear::dense(take(&format!("{p}.{n}.weight"))?))
-            };
-            let (wq, wk, wv, wo) = (
-                lin("self_attn.q_proj")?,
-                lin("self_attn.k_proj")?,
-                lin("self_attn.v_proj")?,
-                lin("self_attn.o_proj")?,
-            );
-            let (w_gate, w_up, w_down) = (
-                lin("mlp.gate_proj")?,
-                lin("mlp.up_proj")?,
-                lin("mlp.down_proj")?,
-            );
+            let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
+            let qkv = Projections::dense(vec![
+                w("self_attn.q_proj")?,
+                w("self_attn.k_proj")?,
+                w("self_attn.v_proj")?,
+            ]);
+            let gate_up = Projections::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?]);
+            let wo = Linear::dense(w("self_attn.o_proj")?);
+            let w_down = Linear::dense(w("mlp.down_proj")?);
             blocks.push(Block {
                 attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
                 ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
-                w_gate,
-                w_up,
+                gate_up,
                 w_down,
             });
         }
@@ -366,19 +415,21 @@ impl CausalLm for Llama {
         let mut x = self.embed.forward(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
-            let q = self
-                .rope
-                .apply(&split_heads(&blk.wq.forward(&h)?, nh, hd)?, offset)?;
-            let k = self
-                .rope
-                .apply(&split_heads(&blk.wk.forward(&h)?, nkv, hd)?, offset)?;
-            let v = split_heads(&blk.wv.forward(&h)?, nkv, hd)?.contiguous()?;
+            let [q, k, v]: [Tensor; 3] =
+                blk.qkv.forward(&h)?.try_into().expect("three projections");
+            let q = self.rope.apply(&split_heads(&q, nh, hd)?, offset)?;
+            let k = self.rope.apply(&split_heads(&k, nkv, hd)?, offset)?;
+            let v = split_heads(&v, nkv, hd)?.contiguous()?;
             let (k, v) = cache.append(i, k, v)?;
             let a = attend(&q, &k, &v, scale, None)?;
             x = (x + blk.wo.forward(&a)?)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
-            let gate = candle_nn::ops::silu(&blk.w_gate.forward(&h)?)?;
-            let m = (gate * blk.w_up.forward(&h)?)?;
+            let [gate, up]: [Tensor; 2] = blk
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .expect("two projections");
+            let m = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + blk.w_down.forward(&m)?)?;
         }
         cache.advance(t);

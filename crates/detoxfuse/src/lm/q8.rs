@@ -115,6 +115,35 @@ impl Q8Tiles {
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 
+    /// Like [`Self::forward`] for a matrix that stacks several projections' rows: returns one
+    /// tensor per part, `sizes` giving each part's output width.
+    pub fn forward_split(&self, x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.k || sizes.iter().sum::<usize>() != self.n {
+            return Err(Error::Input(format!(
+                "fused projection: input width {k}, parts {sizes:?} vs {}×{}",
+                self.n, self.k
+            )));
+        }
+        let m = x.elem_count() / k.max(1);
+        let out = self.matmul(m, &x.flatten_all()?.to_vec1()?);
+        let mut start = 0;
+        sizes
+            .iter()
+            .map(|&w| {
+                let mut part = Vec::with_capacity(m * w);
+                for r in 0..m {
+                    part.extend_from_slice(&out[r * self.n + start..r * self.n + start + w]);
+                }
+                start += w;
+                let mut shape = dims.clone();
+                *shape.last_mut().expect("rank >= 1") = w;
+                Ok(Tensor::from_vec(part, shape, &Device::Cpu)?)
+            })
+            .collect()
+    }
+
     /// `x`: `m × k` row-major → `m × n` row-major.
     pub fn matmul(&self, m: usize, x: &[f32]) -> Vec<f32> {
         let nb = self.k / QK;
