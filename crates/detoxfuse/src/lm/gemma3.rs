@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
-use super::llama::{Embedding, Linear, Projections};
+use super::llama::{load_gguf_layer_matrices, Embedding, Linear, Projections};
 use super::{CausalLm, LoadOptions, ModelInfo};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -95,12 +95,7 @@ impl Gemma3 {
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
-            let mut raw = |n: &str| f.tensor(&format!("{p}.{n}.weight"));
-            let qkv =
-                Projections::load(opts, vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?])?;
-            let gate_up = Projections::load(opts, vec![raw("ffn_gate")?, raw("ffn_up")?])?;
-            let wo = Linear::load(opts, raw("attn_output")?)?;
-            let w_down = Linear::load(opts, raw("ffn_down")?)?;
+            let (qkv, wo, gate_up, w_down) = load_gguf_layer_matrices(f, opts, &p)?;
             let local = (i + 1) % SLIDING_PATTERN != 0;
             blocks.push(Block {
                 attn_norm: dense(f, &format!("{p}.attn_norm.weight"))?,

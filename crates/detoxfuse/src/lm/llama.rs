@@ -151,6 +151,21 @@ impl Projections {
     }
 }
 
+/// The matrices every llama-style GGUF layer `prefix` (`blk.N`) has, named as llama.cpp
+/// names them: (q/k/v, attention output, gate/up, down).
+pub(crate) fn load_gguf_layer_matrices(
+    f: &mut GgufFile,
+    opts: LoadOptions,
+    prefix: &str,
+) -> Result<(Projections, Linear, Projections, Linear)> {
+    let mut raw = |n: &str| f.tensor(&format!("{prefix}.{n}.weight"));
+    let qkv = Projections::load(opts, vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?])?;
+    let gate_up = Projections::load(opts, vec![raw("ffn_gate")?, raw("ffn_up")?])?;
+    let wo = Linear::load(opts, raw("attn_output")?)?;
+    let w_down = Linear::load(opts, raw("ffn_down")?)?;
+    Ok((qkv, wo, gate_up, w_down))
+}
+
 /// Token embedding table, quantized or plain.
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
@@ -230,12 +245,7 @@ impl Llama {
         let mut blocks = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = format!("blk.{i}");
-            let mut raw = |n: &str| f.tensor(&format!("{p}.{n}.weight"));
-            let qkv =
-                Projections::load(opts, vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?])?;
-            let gate_up = Projections::load(opts, vec![raw("ffn_gate")?, raw("ffn_up")?])?;
-            let wo = Linear::load(opts, raw("attn_output")?)?;
-            let w_down = Linear::load(opts, raw("ffn_down")?)?;
+            let (qkv, wo, gate_up, w_down) = load_gguf_layer_matrices(f, opts, &p)?;
             blocks.push(Block {
                 attn_norm: f
                     .tensor(&format!("{p}.attn_norm.weight"))?

@@ -227,13 +227,6 @@ impl Tokenizer {
         self.render.get(id as usize) == Some(&Render::Control)
     }
 
-    pub fn token_id(&self, piece: &str) -> Option<TokenId> {
-        self.pieces
-            .iter()
-            .position(|p| p == piece)
-            .map(|i| i as TokenId)
-    }
-
     /// Encodes `text`, adding BOS when the model wants one; special-token text such as
     /// `<|im_start|>` becomes its token only when `parse_special` is true.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>> {
