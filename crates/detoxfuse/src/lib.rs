@@ -6,6 +6,7 @@
 //! them.
 
 pub mod bench;
+pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod fetch;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
 use super::q8::{self, Q8Tiles};
@@ -33,7 +33,7 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
@@ -278,41 +278,12 @@ impl Llama {
             path: dir.to_path_buf(),
             reason,
         };
-        let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| bad(format!("cannot read config.json: {e}")))?;
-        let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
-            .map_err(|e| bad(format!("config.json is not valid JSON: {e}")))?;
-        let model_type = cfg_json["model_type"].as_str().unwrap_or("");
-        if model_type != "llama" {
-            return Err(Error::UnsupportedArch {
-                path: cfg_path,
-                arch: model_type.to_string(),
-                supported: "llama (Hugging Face directories)",
-            });
-        }
-        let cfg: LlamaConfig = serde_json::from_value(cfg_json)
-            .map_err(|e| bad(format!("config.json lacks a Llama field: {e}")))?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| bad(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(bad("no *.safetensors file".into()));
-        }
-        let mut weights = std::collections::HashMap::new();
-        for file in &files {
-            let ts = candle_core::safetensors::load(file, &Device::Cpu)
-                .map_err(|e| bad(format!("{}: {e}", file.display())))?;
-            weights.extend(ts);
-        }
+        let (cfg, mut weights) = super::export::read_hf_weights(dir)?;
         let mut take = |name: &str| -> Result<Tensor> {
             let t = weights
                 .remove(name)
                 .ok_or_else(|| bad(format!("tensor {name} is missing")))?;
-            Ok(t.to_dtype(DType::F32)?)
+            Ok(t)
         };
         let embed_w = take("model.embed_tokens.weight")?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);

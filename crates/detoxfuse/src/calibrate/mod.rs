@@ -1,0 +1,4 @@
+//! Step 1 of the method: the calibration model, its training corpus and its trainer.
+
+pub mod model;
+pub mod optim;

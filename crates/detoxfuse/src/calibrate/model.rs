@@ -1,0 +1,544 @@
+//! The trainable calibration transformer: a llama-style decoder built only from ops that
+//! candle 0.11 can differentiate.
+//!
+//! The inference models in `lm/` use candle's fused `rms_norm` and rope kernels, which have
+//! no backward pass (gradients silently stop there). Here RMSNorm, rotary embeddings and
+//! softmax are spelled out in elementary ops, and the LM head with its cross-entropy is done
+//! by hand in row chunks ([`head_cross_entropy`]) so the `(tokens × vocabulary)` logits never
+//! exist whole and the head's weight gradient is only computed when the head is trained.
+//!
+//! Weights use Hugging Face naming and layout (RoPE over halves), so a model exports as a
+//! `LlamaForCausalLM` directory unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, WithDType, D};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::lm::export::{HfLlama, LAYER_TENSORS};
+use crate::lm::llama::LlamaConfig;
+use crate::lm::TokenId;
+
+/// Which parts of the model are trained.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Trainable {
+    /// Train the token embedding table (and with it a tied LM head).
+    pub embeddings: bool,
+    /// Train an untied LM head (ignored when the head is tied to the embeddings).
+    pub head: bool,
+}
+
+impl Default for Trainable {
+    /// The defaults keep the pretrained embeddings and head fixed: the calibration model's
+    /// input space stays the base model's (which the embedding-table alignment relies on) and
+    /// the head's weight gradient, the largest matmul of a step, is skipped.
+    fn default() -> Self {
+        Self {
+            embeddings: false,
+            head: false,
+        }
+    }
+}
+
+const EMBED: &str = "model.embed_tokens.weight";
+const HEAD: &str = "lm_head.weight";
+
+/// One training batch: right-padded token rows and the positions whose next token is scored.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `(rows, len)` token ids.
+    pub ids: Tensor,
+    /// Flat indices `row * len + pos` of the positions that predict a scored token.
+    pub positions: Vec<u32>,
+    /// The token each of those positions must predict.
+    pub targets: Vec<TokenId>,
+}
+
+impl Batch {
+    /// Builds a batch from token rows and, per row, which tokens count in the loss
+    /// (`mask[i]` scores the prediction of token `i` from the tokens before it).
+    pub fn new(rows: &[(&[TokenId], &[bool])], pad: TokenId, device: &Device) -> Result<Self> {
+        let len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(rows.len() * len);
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for (r, (ids, mask)) in rows.iter().enumerate() {
+            flat.extend_from_slice(ids);
+            flat.extend(std::iter::repeat_n(pad, len - ids.len()));
+            for i in 1..ids.len() {
+                if mask[i] {
+                    positions.push((r * len + i - 1) as u32);
+                    targets.push(ids[i]);
+                }
+            }
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(flat, (rows.len(), len), device)?,
+            positions,
+            targets,
+        })
+    }
+
+    /// Number of scored tokens.
+    pub fn scored(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Number of token slots including padding.
+    pub fn slots(&self) -> usize {
+        self.ids.elem_count()
+    }
+}
+
+/// The calibration model's parameters: trainable ones are [`Var`]s, frozen ones plain tensors.
+pub struct CalibrationModel {
+    pub config: LlamaConfig,
+    pub trainable: Trainable,
+    vars: BTreeMap<String, Var>,
+    frozen: BTreeMap<String, Tensor>,
+    dtype: DType,
+}
+
+impl CalibrationModel {
+    /// Builds the model from Hugging Face-named f32 weights (e.g. the first L layers of a base
+    /// LM, see [`crate::lm::export::hf_llama_from_gguf`]), in `dtype`.
+    pub fn new(
+        config: LlamaConfig,
+        tensors: &HashMap<String, Tensor>,
+        trainable: Trainable,
+        dtype: DType,
+    ) -> Result<Self> {
+        if config.num_attention_heads % config.num_key_value_heads != 0 {
+            return Err(Error::Input(format!(
+                "{} attention heads are not a multiple of {} key/value heads",
+                config.num_attention_heads, config.num_key_value_heads
+            )));
+        }
+        let mut names = vec![EMBED.to_string(), "model.norm.weight".to_string()];
+        if !config.tie_word_embeddings {
+            names.push(HEAD.to_string());
+        }
+        for i in 0..config.num_hidden_layers {
+            for (_, hf) in LAYER_TENSORS {
+                names.push(format!("model.layers.{i}.{hf}.weight"));
+            }
+        }
+        let (mut vars, mut frozen) = (BTreeMap::new(), BTreeMap::new());
+        for name in names {
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| Error::Input(format!("the base model has no tensor {name}")))?
+                .to_dtype(dtype)?;
+            let train = match name.as_str() {
+                EMBED => trainable.embeddings,
+                HEAD => trainable.head,
+                _ => true,
+            };
+            if train {
+                vars.insert(name, Var::from_tensor(&t)?);
+            } else {
+                frozen.insert(name, t);
+            }
+        }
+        let model = Self {
+            config,
+            trainable,
+            vars,
+            frozen,
+            dtype,
+        };
+        model.check_shapes()?;
+        Ok(model)
+    }
+
+    /// Builds the model from the first `layers` layers of `base`.
+    pub fn from_base(
+        base: &HfLlama,
+        layers: usize,
+        trainable: Trainable,
+        dtype: DType,
+    ) -> Result<Self> {
+        if layers == 0 || layers > base.config.num_hidden_layers {
+            return Err(Error::Input(format!(
+                "--layers {layers}: the base model has {} layers; choose 1..={}",
+                base.config.num_hidden_layers, base.config.num_hidden_layers
+            )));
+        }
+        let mut config = base.config.clone();
+        config.num_hidden_layers = layers;
+        Self::new(config, &base.tensors, trainable, dtype)
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let mut expect: Vec<(String, Vec<usize>)> = vec![
+            (EMBED.into(), vec![c.vocab_size, d]),
+            ("model.norm.weight".into(), vec![d]),
+        ];
+        if !c.tie_word_embeddings {
+            expect.push((HEAD.into(), vec![c.vocab_size, d]));
+        }
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let kv = c.num_key_value_heads * hd;
+            for (n, s) in [
+                ("input_layernorm", vec![d]),
+                ("post_attention_layernorm", vec![d]),
+                ("self_attn.q_proj", vec![c.num_attention_heads * hd, d]),
+                ("self_attn.k_proj", vec![kv, d]),
+                ("self_attn.v_proj", vec![kv, d]),
+                ("self_attn.o_proj", vec![d, c.num_attention_heads * hd]),
+                ("mlp.gate_proj", vec![c.intermediate_size, d]),
+                ("mlp.up_proj", vec![c.intermediate_size, d]),
+                ("mlp.down_proj", vec![d, c.intermediate_size]),
+            ] {
+                expect.push((format!("{p}.{n}.weight"), s));
+            }
+        }
+        for (name, shape) in expect {
+            let got = self.get(&name)?.dims().to_vec();
+            if got != shape {
+                return Err(Error::Input(format!(
+                    "tensor {name} has shape {got:?} but config.json implies {shape:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A parameter by its Hugging Face name.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        if let Some(v) = self.vars.get(name) {
+            return Ok(v.as_tensor().clone());
+        }
+        self.frozen
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Input(format!("no parameter {name}")))
+    }
+
+    /// The trainable parameters, in a fixed (name) order.
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// Every parameter (trainable and frozen) by name, for export.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let mut all: HashMap<String, Tensor> = self.frozen.clone().into_iter().collect();
+        for (k, v) in &self.vars {
+            all.insert(k.clone(), v.as_tensor().clone());
+        }
+        all
+    }
+
+    /// Number of trainable scalars.
+    pub fn trainable_count(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    fn head_weight(&self) -> Result<Tensor> {
+        self.get(if self.config.tie_word_embeddings {
+            EMBED
+        } else {
+            HEAD
+        })
+    }
+
+    fn head_var(&self) -> Option<&Var> {
+        self.vars.get(if self.config.tie_word_embeddings {
+            EMBED
+        } else {
+            HEAD
+        })
+    }
+
+    /// Final (post-norm) hidden states `(rows, len, hidden)`, causal over each row.
+    pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let dev = ids.device();
+        let (cos, sin) = rope_tables(t, hd, c.rope_theta, self.dtype, dev)?;
+        let mask = causal_mask(t, self.dtype, dev)?;
+        let mut x = self.get(EMBED)?.index_select(&ids.flatten_all()?, 0)?;
+        let eps = c.rms_norm_eps;
+        for i in 0..c.num_hidden_layers {
+            let w = |n: &str| self.get(&format!("model.layers.{i}.{n}.weight"));
+            let h = rms_norm(&x, &w("input_layernorm")?, eps)?;
+            let heads = |proj: &str, n: usize| -> Result<Tensor> {
+                Ok(h.matmul(&w(proj)?.t()?)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?)
+            };
+            let q = rope(&heads("self_attn.q_proj", nh)?, &cos, &sin)?;
+            let k = repeat_kv(&rope(&heads("self_attn.k_proj", nkv)?, &cos, &sin)?, nh / nkv)?;
+            let v = repeat_kv(&heads("self_attn.v_proj", nkv)?, nh / nkv)?;
+            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?
+                .broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let att = probs
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))?;
+            x = (x + att.matmul(&w("self_attn.o_proj")?.t()?)?)?;
+            let h = rms_norm(&x, &w("post_attention_layernorm")?, eps)?;
+            let gate = h.matmul(&w("mlp.gate_proj")?.t()?)?.silu()?;
+            let up = h.matmul(&w("mlp.up_proj")?.t()?)?;
+            x = (x + (gate * up)?.matmul(&w("mlp.down_proj")?.t()?)?)?;
+        }
+        let x = rms_norm(&x, &self.get("model.norm.weight")?, eps)?;
+        Ok(x.reshape((b, t, c.hidden_size))?)
+    }
+
+    /// Mean next-token cross-entropy over the batch's scored tokens, without gradients.
+    pub fn loss(&self, batch: &Batch) -> Result<LossSum> {
+        let hs = self.scored_hidden(batch)?.detach();
+        let (sum, _) = head_cross_entropy(&hs, &self.head_weight()?, &batch.targets, None)?;
+        Ok(LossSum {
+            nll: sum,
+            tokens: batch.scored(),
+        })
+    }
+
+    /// Mean loss over the batch's scored tokens and the gradient of that mean with respect to
+    /// every trainable parameter.
+    pub fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, GradStore)> {
+        let n = batch.scored();
+        if n == 0 {
+            return Err(Error::Input(
+                "a training batch has no scored tokens (every example is prompt-only or one token long)".into(),
+            ));
+        }
+        let hs = self.scored_hidden(batch)?;
+        let scale = 1.0 / n as f64;
+        let head_var = self.head_var();
+        let (sum, g) = head_cross_entropy(
+            &hs.detach(),
+            &self.head_weight()?,
+            &batch.targets,
+            Some((scale, head_var.is_some())),
+        )?;
+        let g = g.expect("gradients were asked for");
+        // d(sum(hs * g_h))/d(hs) = g_h: backpropagates the hand-computed head gradient.
+        let surrogate = (&hs * &g.hidden)?.sum_all()?;
+        let mut grads = surrogate.backward()?;
+        if let (Some(var), Some(gw)) = (head_var, g.head) {
+            let total = match grads.get(var.as_tensor()) {
+                Some(prev) => (prev + gw)?,
+                None => gw,
+            };
+            grads.insert(var.as_tensor(), total);
+        }
+        Ok((sum * scale, grads))
+    }
+
+    fn scored_hidden(&self, batch: &Batch) -> Result<Tensor> {
+        let h = self.forward_hidden(&batch.ids)?;
+        let (b, t, d) = h.dims3()?;
+        let idx = Tensor::from_slice(&batch.positions, batch.positions.len(), h.device())?;
+        Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
+    }
+}
+
+/// A sum of token negative log-likelihoods and how many tokens it covers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossSum {
+    pub nll: f64,
+    pub tokens: usize,
+}
+
+impl LossSum {
+    pub fn add(&mut self, o: LossSum) {
+        self.nll += o.nll;
+        self.tokens += o.tokens;
+    }
+    pub fn mean(&self) -> f64 {
+        self.nll / self.tokens.max(1) as f64
+    }
+}
+
+/// RMSNorm from elementary (differentiable) ops.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// cos/sin tables `(len, head_dim)` for RoPE over halves (Hugging Face layout).
+fn rope_tables(
+    len: usize,
+    hd: usize,
+    theta: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(len * hd);
+    let mut sin = Vec::with_capacity(len * hd);
+    for p in 0..len {
+        for _ in 0..2 {
+            for i in 0..half {
+                let a = p as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let t = |v: Vec<f64>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, (len, hd), dev)?.to_dtype(dtype)?)
+    };
+    Ok((t(cos)?, t(sin)?))
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` of shape `(b, heads, len, head_dim)`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+/// Repeats each key/value head `n` times (grouped-query attention).
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, h, n, t, d))?
+        .reshape((b, h * n, t, d))?)
+}
+
+fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t > k / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t), dev)?.to_dtype(dtype)?)
+}
+
+/// Gradients from [`head_cross_entropy`].
+pub struct HeadGrads {
+    /// `d loss / d hidden`, `(tokens, hidden)`.
+    pub hidden: Tensor,
+    /// `d loss / d head weight`, `(vocab, hidden)`, when asked for.
+    pub head: Option<Tensor>,
+}
+
+/// Rows of logits computed at once: bounds memory to `CHUNK × vocab` floats.
+const CHUNK: usize = 256;
+
+/// Summed cross-entropy of `targets` under `hidden · weightᵀ`, computed in row chunks.
+/// With `grads = Some((scale, want_head))` also returns `scale ×` its gradients.
+pub fn head_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[TokenId],
+    grads: Option<(f64, bool)>,
+) -> Result<(f64, Option<HeadGrads>)> {
+    match hidden.dtype() {
+        DType::F32 => head_ce_typed::<f32>(hidden, weight, targets, grads),
+        DType::F64 => head_ce_typed::<f64>(hidden, weight, targets, grads),
+        dt => Err(Error::Input(format!(
+            "training needs f32 or f64 weights, not {dt:?}"
+        ))),
+    }
+}
+
+/// The float operations the head needs beyond [`WithDType`].
+trait Real: WithDType + Send + Sync {
+    fn exp(self) -> Self;
+}
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+fn head_ce_typed<T: Real>(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[TokenId],
+    grads: Option<(f64, bool)>,
+) -> Result<(f64, Option<HeadGrads>)> {
+    // Detached: these gradients are fed back by hand and must not join the autograd graph.
+    let (hidden, weight) = (&hidden.detach(), &weight.detach());
+    let (n, _) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    let wt = weight.t()?;
+    let mut total = 0.0f64;
+    let mut grad_rows = Vec::new();
+    let mut grad_head: Option<Tensor> = None;
+    for start in (0..n).step_by(CHUNK) {
+        let rows = CHUNK.min(n - start);
+        let h = hidden.narrow(0, start, rows)?;
+        let mut logits: Vec<T> = h.matmul(&wt)?.flatten_all()?.to_vec1()?;
+        let tg = &targets[start..start + rows];
+        // Per row: log-sum-exp, the target's loss, and (in place) softmax − one-hot.
+        let losses: Vec<f64> = logits
+            .par_chunks_mut(vocab)
+            .zip(tg.par_iter())
+            .map(|(row, &t)| {
+                let max = row
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+                let m = T::from_f64(max);
+                let target = row[t as usize].to_f64() - max;
+                let mut sum = 0.0f64;
+                for x in row.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += x.to_f64();
+                }
+                if let Some((scale, _)) = grads {
+                    let k = T::from_f64(scale / sum);
+                    for x in row.iter_mut() {
+                        *x = *x * k;
+                    }
+                    row[t as usize] = row[t as usize] - T::from_f64(scale);
+                }
+                sum.ln() - target
+            })
+            .collect();
+        total += losses.iter().sum::<f64>();
+        if let Some((_, want_head)) = grads {
+            let g = Tensor::from_vec(logits, (rows, vocab), hidden.device())?;
+            grad_rows.push(g.matmul(weight)?);
+            if want_head {
+                let gw = g.t()?.matmul(&h)?;
+                grad_head = Some(match grad_head {
+                    Some(acc) => (acc + gw)?,
+                    None => gw,
+                });
+            }
+        }
+    }
+    let grads = match grads {
+        None => None,
+        Some(_) => Some(HeadGrads {
+            hidden: Tensor::cat(&grad_rows, 0)?,
+            head: grad_head,
+        }),
+    };
+    Ok((total, grads))
+}

@@ -1,0 +1,193 @@
+//! The trainable calibration model: gradients reach every trainable tensor, analytic
+//! gradients agree with finite differences, and its forward pass equals the inference model's.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use detoxfuse::calibrate::model::{Batch, CalibrationModel, Trainable};
+use detoxfuse::calibrate::optim::missing_grads;
+use detoxfuse::lm::export::{hf_llama_from_gguf, LAYER_TENSORS};
+use detoxfuse::lm::llama::LlamaConfig;
+use detoxfuse::lm::{self, ids_tensor, LoadOptions};
+use rand::{Rng, SeedableRng};
+
+/// A tiny random llama (numerics only: vocabulary 23, width 8, 2 layers, GQA 4:2).
+fn tiny(tied: bool, trainable: Trainable) -> CalibrationModel {
+    let config = LlamaConfig {
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        vocab_size: 23,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: tied,
+        head_dim: Some(4),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut rand_t = |shape: &[usize], gain: bool| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                let r: f64 = rng.random_range(-0.5..0.5);
+                if gain {
+                    1.0 + r
+                } else {
+                    r
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".to_string(), rand_t(&[23, 8], false));
+    t.insert("model.norm.weight".to_string(), rand_t(&[8], true));
+    if !tied {
+        t.insert("lm_head.weight".to_string(), rand_t(&[23, 8], false));
+    }
+    for i in 0..2 {
+        for (_, hf) in LAYER_TENSORS {
+            let shape: Vec<usize> = match hf {
+                "input_layernorm" | "post_attention_layernorm" => vec![8],
+                "self_attn.q_proj" => vec![16, 8],
+                "self_attn.k_proj" | "self_attn.v_proj" => vec![8, 8],
+                "self_attn.o_proj" => vec![8, 16],
+                "mlp.gate_proj" | "mlp.up_proj" => vec![12, 8],
+                "mlp.down_proj" => vec![8, 12],
+                other => panic!("unexpected {other}"),
+            };
+            let gain = shape.len() == 1;
+            t.insert(format!("model.layers.{i}.{hf}.weight"), rand_t(&shape, gain));
+        }
+    }
+    CalibrationModel::new(config, &t, trainable, DType::F64).unwrap()
+}
+
+fn tiny_batch() -> Batch {
+    let a: Vec<u32> = vec![1, 5, 9, 2, 22, 7];
+    let b: Vec<u32> = vec![3, 4, 11, 0];
+    let ma = vec![false, true, true, false, true, true];
+    let mb = vec![false, false, true, true];
+    Batch::new(&[(&a, &ma), (&b, &mb)], 0, &Device::Cpu).unwrap()
+}
+
+const ALL: Trainable = Trainable {
+    embeddings: true,
+    head: true,
+};
+
+#[test]
+fn every_trainable_tensor_gets_a_nonzero_gradient_tiny() {
+    for tied in [true, false] {
+        let m = tiny(tied, ALL);
+        let expected = 2 + 9 * 2 + usize::from(!tied);
+        assert_eq!(m.vars().len(), expected);
+        let (loss, grads) = m.loss_and_grads(&tiny_batch()).unwrap();
+        assert!(loss.is_finite() && loss > 0.0);
+        let missing = missing_grads(m.vars(), &grads).unwrap();
+        assert!(missing.is_empty(), "tied={tied}: no gradient for {missing:?}");
+    }
+}
+
+/// Central differences on every parameter tensor (3 coordinates each) in f64.
+#[test]
+fn analytic_gradients_match_finite_differences() {
+    for tied in [true, false] {
+        let m = tiny(tied, ALL);
+        let batch = tiny_batch();
+        let (_, grads) = m.loss_and_grads(&batch).unwrap();
+        let mean_loss = |m: &CalibrationModel| m.loss(&batch).unwrap().mean();
+        let mut checked = 0;
+        for (name, var) in m.vars() {
+            let g: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let orig = var.as_tensor().copy().unwrap();
+            let base: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+            let n = base.len();
+            for &k in &[0, n / 2, n - 1] {
+                let eps = 1e-6;
+                let mut at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[k] += delta;
+                    var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    mean_loss(&m)
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(&orig).unwrap();
+                let err = (fd - g[k]).abs();
+                assert!(
+                    err <= 1e-6 + 1e-4 * fd.abs(),
+                    "tied={tied} {name}[{k}]: analytic {} vs finite difference {fd}",
+                    g[k]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 60);
+    }
+}
+
+fn smollm_ids(text: &str) -> Vec<u32> {
+    let tok = detoxfuse::text::Tokenizer::for_model(&common::model("smollm2")).unwrap();
+    tok.encode(text, false).unwrap()
+}
+
+/// On the real base (SmolLM2, 3 layers, f32): the default (frozen embeddings and head) and the
+/// fully trainable configuration both reach every trainable tensor.
+#[test]
+fn every_trainable_tensor_gets_a_nonzero_gradient_smollm2() {
+    let base = hf_llama_from_gguf(&common::model("smollm2"), Some(3)).unwrap();
+    let ids = smollm_ids("The quiet harbour town woke slowly, and the fishermen mended their nets.");
+    let mask = vec![true; ids.len()];
+    let batch = Batch::new(&[(&ids, &mask)], 0, &Device::Cpu).unwrap();
+    for trainable in [Trainable::default(), ALL] {
+        let m = CalibrationModel::from_base(&base, 3, trainable, DType::F32).unwrap();
+        let (loss, grads) = m.loss_and_grads(&batch).unwrap();
+        assert!(loss.is_finite());
+        let missing = missing_grads(m.vars(), &grads).unwrap();
+        assert!(missing.is_empty(), "{trainable:?}: no gradient for {missing:?}");
+        let expect = 1 + 27 + usize::from(trainable.embeddings);
+        assert_eq!(m.vars().len(), expect, "{trainable:?}");
+    }
+}
+
+/// With all 30 layers the trainable model is the whole SmolLM2: its hidden states must equal
+/// the inference engine's (dequantized weights) — RoPE layout, GQA and norms included.
+#[test]
+fn trainable_forward_equals_inference_model() {
+    let path = common::model("smollm2");
+    let base = hf_llama_from_gguf(&path, None).unwrap();
+    let m = CalibrationModel::from_base(&base, 30, Trainable::default(), DType::F32).unwrap();
+    let ids = smollm_ids("Rivers carry 42 tonnes of silt\n  each year, say the reports.");
+    let ours: Vec<f32> = m
+        .forward_hidden(&ids_tensor(&[ids.clone()]).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let engine = lm::load_with(&path, LoadOptions { dequantize: true }).unwrap();
+    let theirs: Vec<f32> = engine
+        .forward_hidden(&ids_tensor(&[ids]).unwrap(), &mut engine.new_cache())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max < 1e-3, "hidden states differ by {max}");
+}
