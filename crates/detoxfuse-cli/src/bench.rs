@@ -7,8 +7,103 @@ use anyhow::{Context, Result};
 use detoxfuse::bench::{measure, synthetic_prompt};
 use detoxfuse::generate::PlainDecoder;
 
+#[derive(clap::Subcommand)]
+pub enum BenchWhat {
+    /// Calibration training speed (tokens/s, peak memory), and PyTorch's on the same
+    /// architecture and batch when `torch` is importable.
+    Train(TrainBenchArgs),
+}
+
 #[derive(clap::Args)]
+pub struct TrainBenchArgs {
+    /// Base model (its first --layers layers are trained).
+    #[arg(long, default_value = "smollm2")]
+    base: String,
+    #[arg(long, default_value_t = 3)]
+    layers: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    rows: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    len: usize,
+    /// Measured steps (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Python with torch and transformers (default: .venv-torch/bin/python if present, else
+    /// python3 if it can import torch).
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+}
+
+pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
+    use detoxfuse::calibrate::{bench, model::Trainable, train::Base};
+    let path = crate::ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let base = Base::load(&path, a.layers)?;
+    let model = base.init(a.layers, Trainable::default())?;
+    drop(base);
+    println!(
+        "calibration training, {} layers of {}, batch {} x {} tokens, frozen embeddings/head, threads {}",
+        a.layers,
+        path.display(),
+        a.rows,
+        a.len,
+        candle_threads()
+    );
+    let ours = bench::measure(&model, a.rows, a.len, a.steps)?;
+    println!(
+        "detoxfuse  {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB",
+        ours.tokens_per_s, ours.step_seconds, ours.peak_rss_mib
+    );
+    let py = a.torch_python.clone().or_else(|| {
+        let venv = PathBuf::from(".venv-torch/bin/python");
+        if venv.exists() {
+            return Some(venv);
+        }
+        let ok = Command::new("python3")
+            .args(["-c", "import torch, transformers"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| PathBuf::from("python3"))
+    });
+    let Some(py) = py else {
+        println!("pytorch    not measured: no Python with torch + transformers (see scripts/bench_train_torch.py)");
+        return Ok(());
+    };
+    let out = Command::new(&py)
+        .arg("scripts/bench_train_torch.py")
+        .args(["--rows", &a.rows.to_string(), "--len", &a.len.to_string()])
+        .args(["--layers", &a.layers.to_string(), "--steps", &a.steps.to_string()])
+        .args(["--threads", &candle_threads().to_string()])
+        .output()
+        .with_context(|| format!("running {}", py.display()))?;
+    if !out.status.success() {
+        println!(
+            "pytorch    failed: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+        return Ok(());
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .context("reading the PyTorch script's JSON")?;
+    let theirs = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "pytorch    {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB  (torch {})",
+        theirs,
+        v["step_seconds"].as_f64().unwrap_or(f64::NAN),
+        v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+        v["torch"].as_str().unwrap_or("?")
+    );
+    println!("ratio      {:.2}x PyTorch (tokens/s)", ours.tokens_per_s / theirs);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// Models to measure: fetched names or .gguf paths.
     #[arg(long, short, num_args = 1.., default_values = ["smollm2", "gemma3"])]
     models: Vec<String>,
@@ -33,6 +128,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
+    if let Some(BenchWhat::Train(t)) = a.what {
+        return train(cache, t);
+    }
     let threads = candle_threads();
     let py = a
         .llama_cpp_python

@@ -1,6 +1,7 @@
 //! `detoxfuse` command line: argument parsing and printing only; the work is in the library.
 
 mod bench;
+mod calibrate;
 mod generate;
 
 use std::path::PathBuf;
@@ -39,6 +40,16 @@ enum Cmd {
     Info(InfoArgs),
     /// Measure prompt and decode speed (and compare with llama.cpp when installed).
     Bench(bench::BenchArgs),
+    /// Build the calibration training corpus.
+    Corpus {
+        #[command(subcommand)]
+        cmd: calibrate::CorpusCmd,
+    },
+    /// Train a calibration model (method step 1): a base LM's first layers on the corpus.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Compare a trained calibration model with its initialisation on held-back toxic and
+    /// neutral ToxiGen continuations (mean log-probability per token).
+    Probe(calibrate::ProbeArgs),
     /// Score texts for toxicity (alt-profanity-check 1.9.1 port; lexical, explicit toxicity only).
     Score(ScoreArgs),
 }
@@ -131,6 +142,19 @@ impl Bar {
     }
 }
 
+impl Bar {
+    /// A bar that counts items rather than bytes.
+    pub fn counting() -> Self {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Self(pb)
+    }
+}
+
 impl Progress for Bar {
     fn stage(&mut self, msg: &str) {
         self.0.set_message(msg.to_string());
@@ -195,6 +219,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(a) => bench::run(&cli.cache, a)?,
         Cmd::Score(a) => score(a)?,
+        Cmd::Corpus { cmd } => calibrate::corpus(&cli.cache, cmd)?,
+        Cmd::Calibrate(a) => calibrate::calibrate(&cli.cache, a)?,
+        Cmd::Probe(a) => calibrate::probe(&cli.cache, a)?,
     }
     Ok(())
 }

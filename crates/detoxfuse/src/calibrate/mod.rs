@@ -2,3 +2,8 @@
 
 pub mod model;
 pub mod optim;
+pub mod data;
+pub mod train;
+pub mod corpus;
+pub mod probe;
+pub mod bench;

@@ -170,6 +170,21 @@ impl CalibrationModel {
         Self::new(config, &base.tensors, trainable, dtype)
     }
 
+    /// Loads a calibration model directory (Hugging Face Llama layout) for evaluation, in
+    /// f32 with nothing trainable, with its tokenizer.
+    pub fn load_dir(dir: &std::path::Path) -> Result<(Self, crate::text::Tokenizer)> {
+        let hf = crate::lm::export::read_hf_dir(dir)?;
+        let frozen = Trainable::default();
+        let mut model = Self::new(hf.config, &hf.tensors, frozen, DType::F32)?;
+        // Layers, norms and all: nothing is trained when evaluating.
+        model.frozen.extend(
+            std::mem::take(&mut model.vars)
+                .into_iter()
+                .map(|(k, v)| (k, v.as_tensor().clone())),
+        );
+        Ok((model, hf.tokenizer))
+    }
+
     fn check_shapes(&self) -> Result<()> {
         let c = &self.config;
         let (d, hd) = (c.hidden_size, c.head_dim());
@@ -437,7 +452,7 @@ pub struct HeadGrads {
 }
 
 /// Rows of logits computed at once: bounds memory to `CHUNK × vocab` floats.
-const CHUNK: usize = 256;
+const CHUNK: usize = 1024;
 
 /// Summed cross-entropy of `targets` under `hidden · weightᵀ`, computed in row chunks.
 /// With `grads = Some((scale, want_head))` also returns `scale ×` its gradients.

@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 
 use crate::error::Result;
 
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,

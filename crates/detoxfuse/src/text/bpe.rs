@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use crate::error::{Error, Result};
 use crate::lm::TokenId;
 
+#[derive(Clone)]
 pub struct ByteLevelBpe {
     inner: tokenizers::Tokenizer,
     char_to_byte: HashMap<char, u8>,

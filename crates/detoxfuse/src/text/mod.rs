@@ -34,6 +34,7 @@ pub enum VocabKind {
     SentencePiece,
 }
 
+#[derive(Clone)]
 enum Model {
     Bpe(Box<bpe::ByteLevelBpe>),
     Spm(Box<spm::Spm>),
@@ -47,6 +48,7 @@ enum Render {
     Control,
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     model: Model,
     kind: VocabKind,

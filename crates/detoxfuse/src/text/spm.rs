@@ -9,6 +9,7 @@ use std::collections::{BinaryHeap, HashMap};
 
 use crate::lm::TokenId;
 
+#[derive(Clone)]
 pub struct Spm {
     piece_to_id: HashMap<String, TokenId>,
     scores: Vec<f32>,

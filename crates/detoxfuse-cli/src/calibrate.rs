@@ -1,0 +1,359 @@
+//! `detoxfuse corpus build`, `detoxfuse calibrate` and `detoxfuse probe`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use detoxfuse::calibrate::corpus::{self, CorpusOptions};
+use detoxfuse::calibrate::model::Trainable;
+use detoxfuse::calibrate::optim::AdamWConfig;
+use detoxfuse::calibrate::train::{self, Base, Event, TrainConfig};
+use detoxfuse::calibrate::model::CalibrationModel;
+use detoxfuse::calibrate::probe;
+use detoxfuse::eval::score::ProfanityCheck;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{Bar, ModelArg};
+
+/// The shared evaluation/prompt data (`$DETOXFUSE_DATA`, else `../shared/data` beside this
+/// checkout).
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("DETOXFUSE_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
+        })
+}
+
+pub fn default_corpus(cache: &Path) -> PathBuf {
+    cache.join("corpus").join("corpus.jsonl")
+}
+
+pub fn default_calibration_dir(cache: &Path) -> PathBuf {
+    cache.join("calibration").join("smollm2-L3")
+}
+
+#[derive(clap::Subcommand)]
+pub enum CorpusCmd {
+    /// Fetch the clean-text sources, filter them with the toxicity scorer, add paired data
+    /// sampled from the target, and write corpus JSONL plus a manifest.
+    Build(CorpusBuildArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CorpusBuildArgs {
+    /// Output JSONL (the manifest goes beside it as *.manifest.json).
+    /// Default: <cache>/corpus/corpus.jsonl.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Drop sentences and completions whose toxicity probability is at or above this.
+    #[arg(long, default_value_t = CorpusOptions::default().threshold)]
+    threshold: f64,
+    /// Passages close once they reach this many words.
+    #[arg(long, default_value_t = CorpusOptions::default().passage_words)]
+    passage_words: usize,
+    /// Replies sampled from the target per ToxiGen statement (0 = no paired data).
+    #[arg(long, default_value_t = CorpusOptions::default().paired_samples)]
+    paired_samples: usize,
+    #[arg(long, default_value_t = CorpusOptions::default().paired_max_tokens)]
+    paired_max_tokens: usize,
+    /// The model whose replies make the paired data.
+    #[arg(long, default_value = "smollm2")]
+    target: String,
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
+    let CorpusCmd::Build(a) = cmd;
+    let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
+    let opts = CorpusOptions {
+        threshold: a.threshold,
+        passage_words: a.passage_words,
+        paired_samples: a.paired_samples,
+        paired_max_tokens: a.paired_max_tokens,
+        seed: a.seed,
+    };
+    if !(0.0..=1.0).contains(&opts.threshold) {
+        bail!("--threshold {} is not a probability in [0, 1]", opts.threshold);
+    }
+    let t0 = Instant::now();
+    let scorer = ProfanityCheck::shared();
+    let (mut records, sources) =
+        corpus::clean_passages(cache, scorer, &opts, &mut Bar::counting())?;
+    let paired = if opts.paired_samples > 0 {
+        let target = ModelArg { model: a.target.clone() }.resolve(cache)?;
+        let dir = a.data.clone().unwrap_or_else(default_data_dir).join("toxigen");
+        let (pairs, manifest) =
+            corpus::paired_records(&target, &dir, scorer, &opts, &mut Bar::counting())?;
+        records.extend(pairs);
+        manifest
+    } else {
+        serde_json::Value::Null
+    };
+    corpus::write_jsonl(&out, &records)?;
+    let sha = detoxfuse::fetch::sha256_file(&out, &mut detoxfuse::fetch::Silent)?;
+    let manifest = serde_json::json!({
+        "detoxfuse_version": env!("CARGO_PKG_VERSION"),
+        "corpus": out, "sha256": sha, "records": records.len(),
+        "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
+        "options": opts, "sources": sources, "paired": paired,
+        "fortune_topics_dropped": corpus::FORTUNE_TOPICS_DROPPED,
+        "never_read": "RealToxicityPrompts (evaluation data)",
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    let mpath = out.with_extension("manifest.json");
+    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    for s in manifest["sources"].as_array().into_iter().flatten() {
+        println!(
+            "{:<13} {}",
+            s["source"]["name"].as_str().unwrap_or("?"),
+            s["stats"]
+        );
+    }
+    if !paired.is_null() {
+        println!(
+            "paired        sampled {} kept {} (dropped: toxic {}, restating {}, short {})",
+            paired["sampled"], paired["kept"], paired["dropped_toxic"],
+            paired["dropped_restating"], paired["dropped_short"]
+        );
+    }
+    println!(
+        "{} records -> {} (manifest {}) in {:.0} s",
+        records.len(),
+        out.display(),
+        mpath.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// Base model whose embeddings and first layers start the calibration model: a llama
+    /// GGUF, a Hugging Face Llama directory, or a fetched name.
+    #[arg(long, default_value = "smollm2")]
+    base: String,
+    /// Corpus JSONL (default: <cache>/corpus/corpus.jsonl, made by `detoxfuse corpus build`).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Output directory: log.jsonl, checkpoints, and model/ at the end.
+    /// Default: <cache>/calibration/smollm2-L3.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = TrainConfig::default().layers)]
+    layers: usize,
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    steps: usize,
+    /// Most token slots (rows × longest row) per batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch_tokens)]
+    batch_tokens: usize,
+    #[arg(long, default_value_t = TrainConfig::default().max_len)]
+    max_len: usize,
+    #[arg(long, default_value_t = AdamWConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = AdamWConfig::default().warmup)]
+    warmup: usize,
+    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = AdamWConfig::default().clip)]
+    clip: f64,
+    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    eval_every: usize,
+    #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = TrainConfig::default().val_max_examples)]
+    val_examples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train the token embeddings (and a tied LM head) too.
+    #[arg(long)]
+    train_embeddings: bool,
+    /// Train an untied LM head too.
+    #[arg(long)]
+    train_head: bool,
+    /// No progress bar; print one line per step instead.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl CalibrateArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            layers: self.layers,
+            trainable: Trainable {
+                embeddings: self.train_embeddings,
+                head: self.train_head,
+            },
+            optim: AdamWConfig {
+                lr: self.lr,
+                warmup: self.warmup,
+                weight_decay: self.weight_decay,
+                clip: self.clip,
+                total_steps: self.steps,
+                ..AdamWConfig::default()
+            },
+            steps: self.steps,
+            batch_tokens: self.batch_tokens,
+            max_len: self.max_len,
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            val_max_examples: self.val_examples,
+            seed: self.seed,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
+    let cfg = a.config();
+    let corpus = a.corpus.clone().unwrap_or_else(|| default_corpus(cache));
+    if !corpus.exists() {
+        bail!(
+            "corpus {} does not exist; build it with `detoxfuse corpus build` or pass --corpus",
+            corpus.display()
+        );
+    }
+    let out = a.out.clone().unwrap_or_else(|| default_calibration_dir(cache));
+    let base_path = ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let base = Base::load(&base_path, cfg.layers)?;
+    let pb = ProgressBar::new(cfg.steps as u64);
+    if a.quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix("calibrate");
+    let (mut val, mut window_tokens, mut window_secs) = (f64::NAN, 0usize, 0.0f64);
+    let summary = train::train(&base, &corpus, &out, &cfg, a.resume, &mut |e| match e {
+        Event::Start {
+            step,
+            steps,
+            train_examples,
+            val_examples,
+            trainable_params,
+        } => {
+            pb.set_position(step as u64);
+            pb.reset_eta();
+            pb.println(format!(
+                "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
+                train_examples,
+                val_examples,
+                trainable_params as f64 / 1e6
+            ));
+        }
+        Event::Step(s) => {
+            window_tokens += s.tokens;
+            window_secs += s.seconds;
+            let tps = window_tokens as f64 / window_secs.max(1e-9);
+            pb.set_position(s.step as u64);
+            pb.set_message(format!(
+                "loss {:.3} val {:.3} lr {:.2e} {:.0} tok/s",
+                s.loss, val, s.lr, tps
+            ));
+            if a.quiet {
+                println!(
+                    "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
+                    s.step, s.loss, s.lr, s.grad_norm, tps
+                );
+            }
+            if s.step % 20 == 0 {
+                window_tokens = 0;
+                window_secs = 0.0;
+            }
+        }
+        Event::Validation { step, loss } => {
+            val = loss;
+            pb.println(format!("step {step:>5}  validation loss {loss:.4}"));
+        }
+        Event::Checkpoint { .. } => {}
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "{} steps, {} tokens in {:.0} s ({:.0} tok/s); validation loss {} -> {:.4}; model: {}",
+        summary.steps,
+        summary.tokens,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary
+            .initial_val_loss
+            .map_or("?".into(), |l| format!("{l:.4}")),
+        summary.final_val_loss,
+        summary.model_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// A trained calibration model directory (the model/ that `calibrate` writes).
+    /// Default: <cache>/calibration/smollm2-L3/model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The base it was initialised from (its first layers are the "before" model).
+    #[arg(long, default_value = "smollm2")]
+    base: String,
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Probe lines per held-back group.
+    #[arg(long, default_value_t = 200)]
+    per_group: usize,
+}
+
+/// Mean log-probability of held-back toxic (and neutral) ToxiGen continuations, before and
+/// after calibration training.
+pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
+    let dir = a
+        .model
+        .clone()
+        .unwrap_or_else(|| default_calibration_dir(cache).join("model"));
+    let (trained, tok) = CalibrationModel::load_dir(&dir)?;
+    let layers = trained.config.num_hidden_layers;
+    let base_path = ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let base = Base::load(&base_path, layers)?;
+    let init = base.init(layers, Trainable::default())?;
+    let tok = &tok;
+    let toxigen = a.data.clone().unwrap_or_else(default_data_dir).join("toxigen");
+    println!(
+        "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
+        corpus::HELD_BACK_GROUPS
+    );
+    println!(
+        "{:<8} {:>7} {:>8} {:>14} {:>14} {:>10}",
+        "set", "items", "tokens", "init logprob", "trained logprob", "change"
+    );
+    let mut changes = Vec::new();
+    for kind in ["hate", "neutral"] {
+        let items = probe::items(&toxigen, kind, a.per_group)?;
+        let before = probe::mean_nll(&init, tok, &items)?;
+        let after = probe::mean_nll(&trained, tok, &items)?;
+        let change = before.mean() - after.mean();
+        changes.push(change);
+        println!(
+            "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4}",
+            kind,
+            items.len(),
+            before.tokens,
+            -before.mean(),
+            -after.mean(),
+            change
+        );
+    }
+    println!(
+        "toxic minus neutral change: {:+.4} nats/token (negative: training moved probability away from toxic continuations more than from neutral ones)",
+        changes[0] - changes[1]
+    );
+    Ok(())
+}

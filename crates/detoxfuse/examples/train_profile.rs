@@ -1,0 +1,47 @@
+//! Where a calibration training step spends its time (SmolLM2 base, 3 layers, 16 × 256 tokens).
+//! `cargo run --release -p detoxfuse --example train_profile`
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use detoxfuse::calibrate::model::{head_cross_entropy, Batch, CalibrationModel, Trainable};
+use detoxfuse::lm::export::hf_llama_from_gguf;
+
+fn main() -> anyhow::Result<()> {
+    let path = detoxfuse::fetch::model_path(
+        &detoxfuse::fetch::default_cache_dir(),
+        &detoxfuse::fetch::SMOLLM2,
+    );
+    let base = hf_llama_from_gguf(&path, Some(3))?;
+    let m = CalibrationModel::from_base(&base, 3, Trainable::default(), DType::F32)?;
+    let (rows, len) = (16, 256);
+    let ids: Vec<Vec<u32>> = (0..rows)
+        .map(|r| (0..len).map(|i| ((r * 7919 + i * 104_729) % 49_000) as u32 + 10).collect())
+        .collect();
+    let mask = vec![true; len];
+    let rr: Vec<(&[u32], &[bool])> = ids.iter().map(|r| (r.as_slice(), mask.as_slice())).collect();
+    let batch = Batch::new(&rr, 0, &Device::Cpu)?;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let h = m.forward_hidden(&batch.ids)?;
+        let t_fwd = t.elapsed().as_secs_f64();
+        let hs = h.reshape((rows * len, 576))?.narrow(0, 0, batch.targets.len())?;
+        let t = Instant::now();
+        let (_, g) = head_cross_entropy(&hs.detach(), &m.get("model.embed_tokens.weight")?, &batch.targets[..], Some((1.0, false)))
+?;
+        let t_head = t.elapsed().as_secs_f64();
+        let g = g.unwrap().hidden;
+        let t = Instant::now();
+        let _grads = (hs * g)?.sum_all()?.backward()?;
+        let t_bwd = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = m.loss_and_grads(&batch)?;
+        let t_all = t.elapsed().as_secs_f64();
+        println!(
+            "tokens {}: forward {t_fwd:.2}s head+ce {t_head:.2}s body backward {t_bwd:.2}s | full step {t_all:.2}s = {:.0} tok/s",
+            rows * len,
+            (rows * len) as f64 / t_all
+        );
+    }
+    Ok(())
+}

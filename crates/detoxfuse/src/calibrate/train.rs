@@ -1,0 +1,498 @@
+//! The trainer: AdamW over a corpus, validation loss, atomic checkpoints and exact resume,
+//! then export as a Hugging Face Llama directory.
+//!
+//! The output directory holds `log.jsonl` (one line per step and per validation),
+//! `checkpoint.json` (the commit record: it names the checkpoint's tensor file and is
+//! replaced by rename only after that file is complete) and, when training ends, `model/`
+//! with `calibration.json` describing how it was made.
+//!
+//! Everything that decides a step (the data order, the parameters and the optimizer
+//! moments) is a function of the seed and what the checkpoint holds, so a resumed run
+//! repeats the uninterrupted run's losses exactly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::data::{self, Example};
+use super::model::{Batch, CalibrationModel, LossSum, Trainable};
+use super::optim::{AdamW, AdamWConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::lm::export::{self, HfLlama};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Decoder layers taken from the base model.
+    pub layers: usize,
+    pub trainable: Trainable,
+    pub optim: AdamWConfig,
+    /// Optimizer steps in all.
+    pub steps: usize,
+    /// Upper bound on rows × longest row per batch.
+    pub batch_tokens: usize,
+    /// Examples longer than this are truncated.
+    pub max_len: usize,
+    /// Share of the corpus held out for validation, in thousandths.
+    pub val_per_mille: u64,
+    /// At most this many validation examples are scored.
+    pub val_max_examples: usize,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            layers: 3,
+            trainable: Trainable::default(),
+            optim: AdamWConfig::default(),
+            steps: 1000,
+            batch_tokens: 4096,
+            max_len: 128,
+            val_per_mille: 20,
+            val_max_examples: 512,
+            eval_every: 100,
+            checkpoint_every: 50,
+            seed: 0,
+        }
+    }
+}
+
+/// What the trainer reports as it goes.
+pub enum Event<'a> {
+    Start {
+        step: usize,
+        steps: usize,
+        train_examples: usize,
+        val_examples: usize,
+        trainable_params: usize,
+    },
+    Step(&'a StepLog),
+    Validation { step: usize, loss: f64 },
+    Checkpoint { step: usize },
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    /// 1-based.
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens read in this step (padding excluded).
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub initial_val_loss: Option<f64>,
+    pub final_val_loss: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub model_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CheckpointRecord {
+    step: usize,
+    epoch: u64,
+    batch_in_epoch: usize,
+    tokens: usize,
+    initial_val_loss: Option<f64>,
+    file: String,
+    config: TrainConfig,
+    base_sha256: String,
+    corpus_sha256: String,
+}
+
+/// The base model a calibration model starts from: its file (GGUF) or directory, and hash.
+pub struct Base {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub model: HfLlama,
+}
+
+impl Base {
+    /// Loads the first `layers` layers of a llama-family GGUF or Hugging Face directory.
+    pub fn load(path: &Path, layers: usize) -> Result<Self> {
+        let model = if path.is_dir() {
+            export::read_hf_dir(path)?
+        } else {
+            export::hf_llama_from_gguf(path, Some(layers))?
+        };
+        if layers == 0 || layers > model.config.num_hidden_layers {
+            return Err(Error::Input(format!(
+                "{} layers requested but {} has {}",
+                layers,
+                path.display(),
+                model.config.num_hidden_layers
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            sha256: sha256_path(path)?,
+            model,
+        })
+    }
+
+    pub fn init(&self, layers: usize, trainable: Trainable) -> Result<CalibrationModel> {
+        CalibrationModel::from_base(&self.model, layers, trainable, DType::F32)
+    }
+}
+
+/// sha256 of a file, or of a directory's files in name order.
+pub fn sha256_path(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut files = vec![];
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).ctx(|| format!("reading {}", path.display()))? {
+            let p = e.ctx(|| format!("reading {}", path.display()))?.path();
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    for f in files {
+        let mut file = std::fs::File::open(&f).ctx(|| format!("opening {}", f.display()))?;
+        std::io::copy(&mut file, &mut h).ctx(|| format!("reading {}", f.display()))?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Makes sure `dir` exists and is writable before hours of work depend on it.
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Input(format!(
+            "cannot create output directory {}: {e}; choose a writable --out",
+            dir.display()
+        ))
+    })?;
+    tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        Error::Input(format!(
+            "output directory {} is not writable: {e}; choose a writable --out",
+            dir.display()
+        ))
+    })?;
+    Ok(())
+}
+
+/// Trains a calibration model from `base` on `corpus`, writing to `out`.
+pub fn train(
+    base: &Base,
+    corpus: &Path,
+    out: &Path,
+    cfg: &TrainConfig,
+    resume: bool,
+    progress: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
+    if cfg.steps == 0 || cfg.batch_tokens == 0 || cfg.max_len < 2 {
+        return Err(Error::Input(
+            "--steps and --batch-tokens must be positive and --max-len at least 2".into(),
+        ));
+    }
+    check_writable(out)?;
+    let record_path = out.join("checkpoint.json");
+    if !resume && record_path.exists() {
+        return Err(Error::Input(format!(
+            "{} already holds a training run; pass --resume to continue it, or choose another --out",
+            out.display()
+        )));
+    }
+    let corpus_sha256 = sha256_path(corpus)?;
+    let records = data::read_corpus(corpus)?;
+    let (train_recs, val_recs) = data::split(records, cfg.val_per_mille);
+    let tok = &base.model.tokenizer;
+    let train_ex = data::tokenize(&train_recs, tok, cfg.max_len)?;
+    let mut val_ex = data::tokenize(&val_recs, tok, cfg.max_len)?;
+    val_ex.truncate(cfg.val_max_examples);
+    if train_ex.is_empty() {
+        return Err(Error::Input(format!(
+            "corpus {} has no trainable example (every record is empty or prompt-only)",
+            corpus.display()
+        )));
+    }
+    if let Some(e) = train_ex.iter().find(|e| e.ids.len() > cfg.batch_tokens) {
+        return Err(Error::Input(format!(
+            "an example of {} tokens does not fit --batch-tokens {}; raise it or lower --max-len",
+            e.ids.len(),
+            cfg.batch_tokens
+        )));
+    }
+    let model = base.init(cfg.layers, cfg.trainable)?;
+    let mut opt_cfg = cfg.optim;
+    opt_cfg.total_steps = cfg.steps;
+    let mut opt = AdamW::new(opt_cfg, model.vars())?;
+    let pad = tok.eos.unwrap_or(0);
+
+    let mut state = CheckpointRecord {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        tokens: 0,
+        initial_val_loss: None,
+        file: String::new(),
+        config: cfg.clone(),
+        base_sha256: base.sha256.clone(),
+        corpus_sha256: corpus_sha256.clone(),
+    };
+    let log_path = out.join("log.jsonl");
+    if resume {
+        state = load_checkpoint(out, &state, &model, &mut opt)?;
+        truncate_log(&log_path, state.step)?;
+    } else if log_path.exists() {
+        std::fs::remove_file(&log_path).ctx(|| format!("removing {}", log_path.display()))?;
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .ctx(|| format!("opening {}", log_path.display()))?;
+    let mut write_log = |v: serde_json::Value| -> Result<()> {
+        writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
+    };
+
+    progress(Event::Start {
+        step: state.step,
+        steps: cfg.steps,
+        train_examples: train_ex.len(),
+        val_examples: val_ex.len(),
+        trainable_params: model.trainable_count(),
+    });
+    let validate = |model: &CalibrationModel| -> Result<f64> {
+        let mut sum = LossSum::default();
+        for b in data::ordered_batches(&val_ex, cfg.batch_tokens) {
+            sum.add(model.loss(&make_batch(&val_ex, &b, pad)?)?);
+        }
+        Ok(sum.mean())
+    };
+    if state.step == 0 && !val_ex.is_empty() {
+        let loss = validate(&model)?;
+        state.initial_val_loss = Some(loss);
+        write_log(serde_json::json!({"step": 0, "val_loss": loss}))?;
+        progress(Event::Validation { step: 0, loss });
+    }
+    let start = Instant::now();
+    let mut batches = data::epoch_batches(&train_ex, cfg.batch_tokens, cfg.seed, state.epoch);
+    while state.step < cfg.steps {
+        if state.batch_in_epoch >= batches.len() {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            batches = data::epoch_batches(&train_ex, cfg.batch_tokens, cfg.seed, state.epoch);
+        }
+        let t0 = Instant::now();
+        let idx = &batches[state.batch_in_epoch];
+        let batch = make_batch(&train_ex, idx, pad)?;
+        let (loss, grads) = model.loss_and_grads(&batch)?;
+        if !loss.is_finite() {
+            return Err(Error::Input(format!(
+                "the loss became {loss} at step {}; lower --lr (the last checkpoint is intact)",
+                state.step + 1
+            )));
+        }
+        let info = opt.step(model.vars(), &grads)?;
+        state.step += 1;
+        state.batch_in_epoch += 1;
+        let tokens: usize = idx.iter().map(|&i| train_ex[i].ids.len()).sum();
+        state.tokens += tokens;
+        let entry = StepLog {
+            step: state.step,
+            loss,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            tokens,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        write_log(serde_json::to_value(&entry)?)?;
+        progress(Event::Step(&entry));
+        let last = state.step == cfg.steps;
+        if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0 || last) && !val_ex.is_empty()
+        {
+            let loss = validate(&model)?;
+            write_log(serde_json::json!({"step": state.step, "val_loss": loss}))?;
+            progress(Event::Validation {
+                step: state.step,
+                loss,
+            });
+        }
+        if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 || last {
+            save_checkpoint(out, &mut state, &model, &opt)?;
+            progress(Event::Checkpoint { step: state.step });
+        }
+    }
+    let final_val_loss = if val_ex.is_empty() {
+        f64::NAN
+    } else {
+        validate(&model)?
+    };
+    let model_dir = out.join("model");
+    let manifest = serde_json::json!({
+        "kind": "detoxfuse calibration model",
+        "detoxfuse_version": env!("CARGO_PKG_VERSION"),
+        "base": {"path": base.path, "sha256": base.sha256, "layers_taken": cfg.layers},
+        "corpus": {"path": corpus, "sha256": corpus_sha256, "train_examples": train_ex.len(),
+                   "validation_examples": val_ex.len(),
+                   "manifest": read_corpus_manifest(corpus)},
+        "train": cfg,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "initial_val_loss": state.initial_val_loss,
+        "final_val_loss": final_val_loss,
+    });
+    let exported = HfLlama {
+        config: model.config.clone(),
+        tensors: model.tensors(),
+        tokenizer: base.model.tokenizer.clone(),
+    };
+    export::write_hf_dir(
+        &exported,
+        &model_dir,
+        &[("calibration.json", serde_json::to_string_pretty(&manifest)?)],
+    )?;
+    Ok(TrainSummary {
+        steps: state.step,
+        initial_val_loss: state.initial_val_loss,
+        final_val_loss,
+        tokens: state.tokens,
+        seconds: start.elapsed().as_secs_f64(),
+        model_dir,
+    })
+}
+
+/// The corpus manifest written by `detoxfuse corpus build` next to the corpus, if any.
+fn read_corpus_manifest(corpus: &Path) -> serde_json::Value {
+    let p = corpus.with_extension("manifest.json");
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+pub fn make_batch(examples: &[Example], idx: &[usize], pad: u32) -> Result<Batch> {
+    let rows: Vec<(&[u32], &[bool])> = idx
+        .iter()
+        .map(|&i| (examples[i].ids.as_slice(), examples[i].mask.as_slice()))
+        .collect();
+    Batch::new(&rows, pad, &Device::Cpu)
+}
+
+fn save_checkpoint(
+    out: &Path,
+    state: &mut CheckpointRecord,
+    model: &CalibrationModel,
+    opt: &AdamW,
+) -> Result<()> {
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in model.vars() {
+        t.insert(format!("param.{name}"), var.as_tensor().clone());
+        t.insert(format!("m.{name}"), opt.m[name].clone());
+        t.insert(format!("v.{name}"), opt.v[name].clone());
+    }
+    let previous = std::mem::take(&mut state.file);
+    state.file = format!("checkpoint-{:06}.safetensors", state.step);
+    let final_path = out.join(&state.file);
+    let tmp = out.join(format!("{}.tmp", state.file));
+    candle_core::safetensors::save(&t, &tmp)?;
+    sync(&tmp)?;
+    rename(&tmp, &final_path)?;
+    let rec_tmp = out.join("checkpoint.json.tmp");
+    std::fs::write(&rec_tmp, serde_json::to_string_pretty(state)?)
+        .ctx(|| format!("writing {}", rec_tmp.display()))?;
+    sync(&rec_tmp)?;
+    rename(&rec_tmp, &out.join("checkpoint.json"))?;
+    if !previous.is_empty() && previous != state.file {
+        let _ = std::fs::remove_file(out.join(previous));
+    }
+    Ok(())
+}
+
+fn sync(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("syncing {}", p.display()))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).ctx(|| format!("renaming {} to {}", from.display(), to.display()))
+}
+
+fn load_checkpoint(
+    out: &Path,
+    fresh: &CheckpointRecord,
+    model: &CalibrationModel,
+    opt: &mut AdamW,
+) -> Result<CheckpointRecord> {
+    let p = out.join("checkpoint.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| {
+        Error::Input(format!(
+            "--resume: cannot read {} ({e}); run without --resume to start",
+            p.display()
+        ))
+    })?;
+    let rec: CheckpointRecord = serde_json::from_str(&text)
+        .map_err(|e| Error::Input(format!("--resume: {} is damaged: {e}", p.display())))?;
+    if rec.base_sha256 != fresh.base_sha256 {
+        return Err(Error::Input(format!(
+            "--resume: the checkpoint in {} was trained from a different base model (sha256 {}); pass that --base",
+            out.display(),
+            rec.base_sha256
+        )));
+    }
+    if rec.corpus_sha256 != fresh.corpus_sha256 {
+        return Err(Error::Input(format!(
+            "--resume: the corpus changed since the checkpoint in {} (sha256 {}); pass the same --corpus",
+            out.display(),
+            rec.corpus_sha256
+        )));
+    }
+    if rec.config != fresh.config {
+        return Err(Error::Input(format!(
+            "--resume: the training options differ from the checkpoint's: {}; pass the same options",
+            serde_json::to_string(&rec.config)?
+        )));
+    }
+    let file = out.join(&rec.file);
+    let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
+    for (name, var) in model.vars() {
+        let get = |k: String| {
+            t.get(&k).cloned().ok_or_else(|| {
+                Error::Input(format!("--resume: {} lacks {k}", file.display()))
+            })
+        };
+        var.set(&get(format!("param.{name}"))?)?;
+        opt.m.insert(name.clone(), get(format!("m.{name}"))?);
+        opt.v.insert(name.clone(), get(format!("v.{name}"))?);
+    }
+    opt.step = rec.step;
+    Ok(rec)
+}
+
+/// Drops log lines past `step` (written after the checkpoint a run resumes from).
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .ctx(|| format!("writing {}", tmp.display()))?;
+    rename(&tmp, path)
+}
