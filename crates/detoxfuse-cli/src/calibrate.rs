@@ -77,25 +77,37 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         paired_max_tokens: a.paired_max_tokens,
         seed: a.seed,
     };
+    let data = a.data.clone().unwrap_or_else(default_data_dir);
+    build_corpus(cache, &out, &opts, &a.target, &data)
+}
+
+/// Builds the corpus at `out` (and its manifest beside it).
+pub fn build_corpus(
+    cache: &Path,
+    out: &Path,
+    opts: &CorpusOptions,
+    target: &str,
+    data: &Path,
+) -> Result<()> {
     if !(0.0..=1.0).contains(&opts.threshold) {
         bail!("--threshold {} is not a probability in [0, 1]", opts.threshold);
     }
     let t0 = Instant::now();
     let scorer = ProfanityCheck::shared();
     let (mut records, sources) =
-        corpus::clean_passages(cache, scorer, &opts, &mut Bar::counting())?;
+        corpus::clean_passages(cache, scorer, opts, &mut Bar::counting())?;
     let paired = if opts.paired_samples > 0 {
-        let target = ModelArg { model: a.target.clone() }.resolve(cache)?;
-        let dir = a.data.clone().unwrap_or_else(default_data_dir).join("toxigen");
+        let target = ModelArg { model: target.to_string() }.resolve(cache)?;
+        let dir = data.join("toxigen");
         let (pairs, manifest) =
-            corpus::paired_records(&target, &dir, scorer, &opts, &mut Bar::counting())?;
+            corpus::paired_records(&target, &dir, scorer, opts, &mut Bar::counting())?;
         records.extend(pairs);
         manifest
     } else {
         serde_json::Value::Null
     };
-    corpus::write_jsonl(&out, &records)?;
-    let sha = detoxfuse::fetch::sha256_file(&out, &mut detoxfuse::fetch::Silent)?;
+    corpus::write_jsonl(out, &records)?;
+    let sha = detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?;
     let manifest = serde_json::json!({
         "detoxfuse_version": env!("CARGO_PKG_VERSION"),
         "corpus": out, "sha256": sha, "records": records.len(),
@@ -215,7 +227,20 @@ impl CalibrateArgs {
 
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     let cfg = a.config();
-    let corpus = a.corpus.clone().unwrap_or_else(|| default_corpus(cache));
+    let corpus = match &a.corpus {
+        Some(c) => c.clone(),
+        None => {
+            let c = default_corpus(cache);
+            if !c.exists() || !c.with_extension("manifest.json").exists() {
+                eprintln!(
+                    "no corpus at {}: building it with the default options (`detoxfuse corpus build`)",
+                    c.display()
+                );
+                build_corpus(cache, &c, &CorpusOptions::default(), "smollm2", &default_data_dir())?;
+            }
+            c
+        }
+    };
     if !corpus.exists() {
         bail!(
             "corpus {} does not exist; build it with `detoxfuse corpus build` or pass --corpus",

@@ -2,8 +2,9 @@
 //! candle 0.11 can differentiate.
 //!
 //! The inference models in `lm/` use candle's fused `rms_norm` and rope kernels, which have
-//! no backward pass (gradients silently stop there). Here RMSNorm, rotary embeddings and
-//! softmax are spelled out in elementary ops, and the LM head with its cross-entropy is done
+//! no backward pass (gradients silently stop there). Here RMSNorm, rotary embeddings, the
+//! causal softmax and SwiGLU are our own fused ops with hand-written backward passes
+//! ([`super::ops`]), matmuls are candle's, and the LM head with its cross-entropy is done
 //! by hand in row chunks ([`head_cross_entropy`]) so the `(tokens × vocabulary)` logits never
 //! exist whole and the head's weight gradient is only computed when the head is trained.
 //!
@@ -13,7 +14,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, WithDType, D};
+use candle_core::{DType, Device, Tensor, Var, WithDType};
+
+use super::ops;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -278,36 +281,32 @@ impl CalibrationModel {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let dev = ids.device();
-        let (cos, sin) = rope_tables(t, hd, c.rope_theta, self.dtype, dev)?;
-        let mask = causal_mask(t, self.dtype, dev)?;
         let mut x = self.get(EMBED)?.index_select(&ids.flatten_all()?, 0)?;
         let eps = c.rms_norm_eps;
         for i in 0..c.num_hidden_layers {
             let w = |n: &str| self.get(&format!("model.layers.{i}.{n}.weight"));
-            let h = rms_norm(&x, &w("input_layernorm")?, eps)?;
-            let heads = |proj: &str, n: usize| -> Result<Tensor> {
-                Ok(h.matmul(&w(proj)?.t()?)?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?)
+            let h = ops::rms_norm(&x, &w("input_layernorm")?, eps)?;
+            // (b, t, heads, hd) projections; RoPE before moving heads in front of positions.
+            let proj = |p: &str, n: usize| -> Result<Tensor> {
+                Ok(h.matmul(&w(p)?.t()?)?.reshape((b, t, n, hd))?)
             };
-            let q = rope(&heads("self_attn.q_proj", nh)?, &cos, &sin)?;
-            let k = repeat_kv(&rope(&heads("self_attn.k_proj", nkv)?, &cos, &sin)?, nh / nkv)?;
-            let v = repeat_kv(&heads("self_attn.v_proj", nkv)?, nh / nkv)?;
-            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?
-                .broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let q = ops::rope(&proj("self_attn.q_proj", nh)?, c.rope_theta)?.transpose(1, 2)?;
+            let k = ops::rope(&proj("self_attn.k_proj", nkv)?, c.rope_theta)?.transpose(1, 2)?;
+            let k = repeat_kv(&k, nh / nkv)?;
+            let v = repeat_kv(&proj("self_attn.v_proj", nkv)?.transpose(1, 2)?, nh / nkv)?;
+            let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+            let probs = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
             let att = probs
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
                 .reshape((b * t, nh * hd))?;
             x = (x + att.matmul(&w("self_attn.o_proj")?.t()?)?)?;
-            let h = rms_norm(&x, &w("post_attention_layernorm")?, eps)?;
-            let gate = h.matmul(&w("mlp.gate_proj")?.t()?)?.silu()?;
+            let h = ops::rms_norm(&x, &w("post_attention_layernorm")?, eps)?;
+            let gate = h.matmul(&w("mlp.gate_proj")?.t()?)?;
             let up = h.matmul(&w("mlp.up_proj")?.t()?)?;
-            x = (x + (gate * up)?.matmul(&w("mlp.down_proj")?.t()?)?)?;
+            x = (x + ops::swiglu(&gate, &up)?.matmul(&w("mlp.down_proj")?.t()?)?)?;
         }
-        let x = rms_norm(&x, &self.get("model.norm.weight")?, eps)?;
+        let x = ops::rms_norm(&x, &self.get("model.norm.weight")?, eps)?;
         Ok(x.reshape((b, t, c.hidden_size))?)
     }
 
@@ -378,47 +377,6 @@ impl LossSum {
     }
 }
 
-/// RMSNorm from elementary (differentiable) ops.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
-}
-
-/// cos/sin tables `(len, head_dim)` for RoPE over halves (Hugging Face layout).
-fn rope_tables(
-    len: usize,
-    hd: usize,
-    theta: f64,
-    dtype: DType,
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = hd / 2;
-    let mut cos = Vec::with_capacity(len * hd);
-    let mut sin = Vec::with_capacity(len * hd);
-    for p in 0..len {
-        for _ in 0..2 {
-            for i in 0..half {
-                let a = p as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-    }
-    let t = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, (len, hd), dev)?.to_dtype(dtype)?)
-    };
-    Ok((t(cos)?, t(sin)?))
-}
-
-/// `x * cos + rotate_half(x) * sin` for `x` of shape `(b, heads, len, head_dim)`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
-}
-
 /// Repeats each key/value head `n` times (grouped-query attention).
 fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
@@ -428,19 +386,6 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .broadcast_as((b, h, n, t, d))?
         .reshape((b, h * n, t, d))?)
-}
-
-fn causal_mask(t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t)
-        .map(|k| {
-            if k % t > k / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (t, t), dev)?.to_dtype(dtype)?)
 }
 
 /// Gradients from [`head_cross_entropy`].
@@ -472,7 +417,7 @@ pub fn head_cross_entropy(
 }
 
 /// The float operations the head needs beyond [`WithDType`].
-trait Real: WithDType + Send + Sync {
+trait Real: WithDType + Send + Sync + 'static {
     fn exp(self) -> Self;
 }
 impl Real for f32 {
@@ -486,32 +431,98 @@ impl Real for f64 {
     }
 }
 
+/// A contiguous CPU tensor's elements.
+fn cpu_vec<T: Real>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_vec1::<T>()?)
+}
+
+/// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_strides: (isize, isize),
+    accumulate: bool,
+    lhs: &[T],
+    lhs_strides: (isize, isize),
+    rhs: &[T],
+    rhs_strides: (isize, isize),
+) {
+    let span = |(cs, rs): (isize, isize), rows: usize, cols: usize| {
+        (rows.max(1) - 1) as isize * rs + (cols.max(1) - 1) as isize * cs + 1
+    };
+    assert!(dst.len() as isize >= span(dst_strides, m, n));
+    assert!(lhs.len() as isize >= span(lhs_strides, m, k));
+    assert!(rhs.len() as isize >= span(rhs_strides, k, n));
+    // SAFETY: the asserts above keep every strided access inside the three slices, and
+    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_strides.0,
+            dst_strides.1,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.0,
+            lhs_strides.1,
+            rhs.as_ptr(),
+            rhs_strides.0,
+            rhs_strides.1,
+            T::from_f64(if accumulate { 1.0 } else { 0.0 }),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
 fn head_ce_typed<T: Real>(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[TokenId],
     grads: Option<(f64, bool)>,
 ) -> Result<(f64, Option<HeadGrads>)> {
-    // Detached: these gradients are fed back by hand and must not join the autograd graph.
-    let (hidden, weight) = (&hidden.detach(), &weight.detach());
-    let (n, _) = hidden.dims2()?;
+    let (n, d) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Input(format!(
             "token id {bad} is outside the model's vocabulary of {vocab}"
         )));
     }
-    let wt = weight.t()?;
+    if targets.len() != n {
+        return Err(Error::Input(format!(
+            "{n} hidden states but {} targets",
+            targets.len()
+        )));
+    }
+    // Plain copies: these values are fed back by hand and must not join the autograd graph.
+    let h: Vec<T> = cpu_vec(hidden)?;
+    let w: Vec<T> = cpu_vec(weight)?;
+    let chunk = CHUNK.min(n.max(1));
+    let mut logits: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
+    let mut grad_h: Vec<T> = Vec::new();
+    let mut grad_w: Vec<T> = Vec::new();
+    if let Some((_, want_head)) = grads {
+        grad_h = vec![T::from_f64(0.0); n * d];
+        if want_head {
+            grad_w = vec![T::from_f64(0.0); vocab * d];
+        }
+    }
     let mut total = 0.0f64;
-    let mut grad_rows = Vec::new();
-    let mut grad_head: Option<Tensor> = None;
-    for start in (0..n).step_by(CHUNK) {
-        let rows = CHUNK.min(n - start);
-        let h = hidden.narrow(0, start, rows)?;
-        let mut logits: Vec<T> = h.matmul(&wt)?.flatten_all()?.to_vec1()?;
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let hc = &h[start * d..(start + rows) * d];
+        let lg = &mut logits[..rows * vocab];
+        // logits (rows×V) = h (rows×d) · Wᵀ: Wᵀ[k][j] = W[j·d + k].
+        gemm_into((rows, vocab, d), lg, (1, vocab as isize), false, hc, (1, d as isize), &w, (d as isize, 1));
         let tg = &targets[start..start + rows];
-        // Per row: log-sum-exp, the target's loss, and (in place) softmax − one-hot.
-        let losses: Vec<f64> = logits
+        // Per row: log-sum-exp, the target's loss, and (in place) scale × (softmax − one-hot).
+        let losses: Vec<f64> = lg
             .par_chunks_mut(vocab)
             .zip(tg.par_iter())
             .map(|(row, &t)| {
@@ -537,22 +548,25 @@ fn head_ce_typed<T: Real>(
             .collect();
         total += losses.iter().sum::<f64>();
         if let Some((_, want_head)) = grads {
-            let g = Tensor::from_vec(logits, (rows, vocab), hidden.device())?;
-            grad_rows.push(g.matmul(weight)?);
+            // grad_h (rows×d) = g (rows×V) · W (V×d).
+            let gh = &mut grad_h[start * d..(start + rows) * d];
+            gemm_into((rows, d, vocab), gh, (1, d as isize), false, lg, (1, vocab as isize), &w, (1, d as isize));
             if want_head {
-                let gw = g.t()?.matmul(&h)?;
-                grad_head = Some(match grad_head {
-                    Some(acc) => (acc + gw)?,
-                    None => gw,
-                });
+                // grad_W (V×d) += gᵀ (V×rows) · h (rows×d).
+                gemm_into((vocab, d, rows), &mut grad_w, (1, d as isize), true, lg, (vocab as isize, 1), hc, (1, d as isize));
             }
         }
     }
+    let dev = hidden.device();
     let grads = match grads {
         None => None,
-        Some(_) => Some(HeadGrads {
-            hidden: Tensor::cat(&grad_rows, 0)?,
-            head: grad_head,
+        Some((_, want_head)) => Some(HeadGrads {
+            hidden: Tensor::from_vec(grad_h, (n, d), dev)?,
+            head: if want_head {
+                Some(Tensor::from_vec(grad_w, (vocab, d), dev)?)
+            } else {
+                None
+            },
         }),
     };
     Ok((total, grads))

@@ -27,12 +27,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {
-            lr: 2e-4,
+            lr: 5e-4,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.01,
-            warmup: 50,
+            warmup: 20,
             total_steps: 1000,
             min_lr_ratio: 0.1,
             clip: 1.0,

@@ -1,0 +1,173 @@
+//! `detoxfuse calibrate` end to end on the real SmolLM2 base (1 layer, small batches so a run
+//! takes seconds): a run killed with SIGKILL and resumed logs exactly the losses of an
+//! uninterrupted run, and bad input ends in a message, never a panic or a checkpoint that
+//! looks complete.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains(needle), "{needle:?} not in: {err}");
+}
+
+/// A small clean corpus (the test's own sentences; never evaluation data).
+fn write_corpus(path: &Path) {
+    let subjects = ["The river", "A lighthouse", "Our garden", "The old library", "A small boat", "The morning train"];
+    let verbs = ["carries", "shelters", "welcomes", "remembers", "follows", "brightens"];
+    let objects = ["the quiet travellers", "every curious child", "the autumn leaves", "a patient reader", "the distant hills"];
+    let mut lines = String::new();
+    for (i, s) in subjects.iter().enumerate() {
+        for (j, v) in verbs.iter().enumerate() {
+            let o = objects[(i + j) % objects.len()];
+            lines.push_str(&serde_json::json!({"text": format!("{s} {v} {o}, and the day goes on calmly as it always has."), "source": "test"}).to_string());
+            lines.push('\n');
+        }
+    }
+    lines.push_str(&serde_json::json!({"prompt": "Question: what grows in spring?\nAnswer:", "completion": " Flowers, grass and young leaves.", "source": "test"}).to_string());
+    lines.push('\n');
+    std::fs::write(path, lines).unwrap();
+}
+
+const STEPS: &str = "14";
+
+fn train_args<'a>(corpus: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "calibrate", "--corpus", corpus, "--out", out, "--layers", "1", "--steps", STEPS,
+        "--batch-tokens", "96", "--warmup", "3", "--lr", "1e-3", "--checkpoint-every", "2",
+        "--eval-every", "5", "--seed", "3", "--quiet",
+    ]
+}
+
+/// (step, is validation, loss) for each line of a run's log (timings dropped).
+fn losses(out: &Path) -> Vec<(u64, bool, String)> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let val = v.get("val_loss").is_some();
+            let loss = v.get("loss").or_else(|| v.get("val_loss")).unwrap().to_string();
+            (v["step"].as_u64().unwrap(), val, loss)
+        })
+        .collect()
+}
+
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(out.join("checkpoint.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&s).ok()?["step"].as_u64()
+}
+
+#[test]
+fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let c = corpus.to_str().unwrap();
+    let a = dir.path().join("a");
+    let o = run(&train_args(c, a.to_str().unwrap()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = losses(&a);
+    assert!(reference.len() > 14, "{reference:?}");
+
+    let b = dir.path().join("b");
+    let mut child = bin()
+        .args(train_args(c, b.to_str().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let killed_at = loop {
+        if let Some(s) = checkpoint_step(&b) {
+            child.kill().unwrap(); // SIGKILL
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before it could be killed");
+    assert!(killed_at < 14, "killed at step {killed_at}");
+    assert!(!b.join("model").exists(), "an interrupted run must not leave a model");
+
+    let mut resume = train_args(c, b.to_str().unwrap());
+    resume.push("--resume");
+    let o = run(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&b), reference, "resumed from step {killed_at}");
+    assert!(b.join("model/config.json").exists() && b.join("model/model.safetensors").exists());
+
+    // Validation loss went down on this corpus.
+    let val: Vec<f64> = reference
+        .iter()
+        .filter(|(_, val, _)| *val)
+        .map(|(_, _, l)| l.parse().unwrap())
+        .collect();
+    assert!(val.len() >= 2);
+    let (first, last) = (val[0], val[val.len() - 1]);
+    assert!(last < first, "validation loss {first} -> {last}");
+}
+
+#[test]
+fn bad_input_is_a_message_and_leaves_no_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let r = run(&train_args(empty.to_str().unwrap(), o));
+    assert_clean_failure(&r, "has no records");
+
+    let binary = dir.path().join("latin1.jsonl");
+    std::fs::write(&binary, b"{\"text\": \"fine line\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    let r = run(&train_args(binary.to_str().unwrap(), o));
+    assert_clean_failure(&r, "latin1.jsonl:2: not valid UTF-8");
+
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let c = corpus.to_str().unwrap();
+
+    // A base model that is not llama-family.
+    let mut args = train_args(c, o);
+    args.extend(["--base", "gemma3"]);
+    assert_clean_failure(&run(&args), "gemma3");
+
+    // An output directory that cannot be created (its parent is a file).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let bad_out = file.join("out");
+    let r = run(&train_args(c, bad_out.to_str().unwrap()));
+    assert_clean_failure(&r, "choose a writable --out");
+
+    // Resuming with other options than the checkpoint's.
+    let mut first = train_args(c, o);
+    first[8] = "2"; // --steps 2
+    let r = run(&first);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let mut other = train_args(c, o);
+    assert_eq!(other[13], "--lr");
+    other[14] = "5e-4";
+    other.push("--resume");
+    assert_clean_failure(&run(&other), "training options differ");
+    // Starting over into a directory with a run needs --resume or another --out.
+    assert_clean_failure(&run(&train_args(c, o)), "pass --resume");
+
+    assert!(!bad_out.exists());
+}
