@@ -160,6 +160,9 @@ pub struct CalibrateArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Resume when --out holds a checkpoint, start otherwise.
+    #[arg(long, conflicts_with = "resume")]
+    resume_if_present: bool,
     #[arg(long, default_value_t = TrainConfig::default().layers)]
     layers: usize,
     #[arg(long, default_value_t = TrainConfig::default().steps)]
@@ -261,7 +264,8 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     );
     pb.set_prefix("calibrate");
     let (mut val, mut window_tokens, mut window_secs) = (f64::NAN, 0usize, 0.0f64);
-    let summary = train::train(&base, &corpus, &out, &cfg, a.resume, &mut |e| match e {
+    let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
+    let summary = train::train(&base, &corpus, &out, &cfg, resume, &mut |e| match e {
         Event::Start {
             step,
             steps,

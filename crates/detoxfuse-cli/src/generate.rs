@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use detoxfuse::generate::{generate, GenerationConfig, PlainDecoder};
+use detoxfuse::fuse::{same_tokenizer, FusedDecoder};
+use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::{ChatMessage, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,6 +51,20 @@ pub struct GenerateArgs {
     /// Stop at the first invalid input line instead of reporting it and going on.
     #[arg(long)]
     fail_fast: bool,
+    /// Detoxify: fuse this calibration model (a directory from `detoxfuse calibrate`, or
+    /// "default": the default SmolLM2 calibration model, trained on first use).
+    #[arg(long)]
+    calibration: Option<String>,
+    /// Alignment from `detoxfuse align` (default: the one beside the calibration model for
+    /// this target and --align-variant, learned on first use).
+    #[arg(long, requires = "calibration")]
+    alignment: Option<PathBuf>,
+    /// Fusion strength in [0, 1]: 0 is the untouched target.
+    #[arg(long, default_value_t = 0.3, requires = "calibration")]
+    alpha: f64,
+    /// Which alignment to use or learn when --alignment is not given.
+    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Embedding, requires = "calibration")]
+    align_variant: crate::align::VariantArg,
 }
 
 /// One prompt of the input, with the line it came from (1-based).
@@ -108,6 +123,18 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     let path = a.model.resolve(cache)?;
     let model = detoxfuse::lm::load(&path)?;
     let tok = Tokenizer::for_model(&path)?;
+    let fusion = match &a.calibration {
+        Some(c) => Some(crate::align::load_fusion(
+            cache,
+            c,
+            a.alignment.as_deref(),
+            &path,
+            model.as_ref(),
+            a.alpha,
+            a.align_variant.into(),
+        )?),
+        None => None,
+    };
     let cfg = GenerationConfig {
         max_tokens: a.max_tokens,
         n: a.samples,
@@ -148,7 +175,22 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
             .expect("valid template"),
     );
     let mut failed = 0;
-    let mut dec = PlainDecoder::new(model.as_ref());
+    let mut dec: Box<dyn Decoder + '_> = match &fusion {
+        Some(f) => {
+            let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
+            Box::new(FusedDecoder::new(
+                model.as_ref(),
+                f.model.as_ref(),
+                &f.aligned.a,
+                a.alpha,
+                cross,
+            )?)
+        }
+        None => Box::new(PlainDecoder::new(model.as_ref())),
+    };
+    let fusion_info = fusion.as_ref().map(|f| {
+        serde_json::json!({"alpha": a.alpha, "calibration": f.calibration, "alignment": f.alignment})
+    });
     for job in jobs {
         bar.inc(1);
         if done.contains(&job.line) {
@@ -161,12 +203,12 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
         };
         let result = tok
             .encode(&text, a.chat)
-            .and_then(|ids| generate(&mut dec, &tok, &ids, &cfg).map(|g| (ids.len(), g)));
+            .and_then(|ids| generate(dec.as_mut(), &tok, &ids, &cfg).map(|g| (ids.len(), g)));
         let record = match result {
             Ok((prompt_tokens, gens)) => serde_json::json!({
                 "line": job.line, "id": job.id, "prompt": job.prompt, "prompt_tokens": prompt_tokens,
                 "generations": gens, "model": path.file_name().map(|n| n.to_string_lossy()),
-                "sampling": cfg.sampling, "max_tokens": cfg.max_tokens,
+                "sampling": cfg.sampling, "max_tokens": cfg.max_tokens, "fusion": fusion_info,
             }),
             Err(e) if a.fail_fast || a.input.is_none() => bail!("prompt on line {}: {e}", job.line),
             Err(e) => {

@@ -1,5 +1,6 @@
 //! `detoxfuse` command line: argument parsing and printing only; the work is in the library.
 
+mod align;
 mod bench;
 mod calibrate;
 mod generate;
@@ -40,6 +41,8 @@ enum Cmd {
     Info(InfoArgs),
     /// Measure prompt and decode speed (and compare with llama.cpp when installed).
     Bench(bench::BenchArgs),
+    /// Learn the map A from a calibration model's space to a target's (method step 2).
+    Align(align::AlignArgs),
     /// Build the calibration training corpus.
     Corpus {
         #[command(subcommand)]
@@ -219,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(a) => bench::run(&cli.cache, a)?,
         Cmd::Score(a) => score(a)?,
+        Cmd::Align(a) => align::run(&cli.cache, a)?,
         Cmd::Corpus { cmd } => calibrate::corpus(&cli.cache, cmd)?,
         Cmd::Calibrate(a) => calibrate::calibrate(&cli.cache, a)?,
         Cmd::Probe(a) => calibrate::probe(&cli.cache, a)?,

@@ -5,11 +5,13 @@
 //! [`text`] tokenizes, [`generate`] samples; `calibrate`, `align`, `fuse` and `eval` build on
 //! them.
 
+pub mod align;
 pub mod bench;
 pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod fuse;
 pub mod generate;
 pub mod gguf;
 pub mod lm;

@@ -9,6 +9,7 @@
 mod bpe;
 mod chat;
 mod spm;
+pub mod vocab;
 
 use std::path::Path;
 
@@ -223,6 +224,11 @@ impl Tokenizer {
     /// The vocabulary's raw piece for `id` (e.g. `Ġthe`, `▁the`, `<0x0A>`).
     pub fn piece(&self, id: TokenId) -> Option<&str> {
         self.pieces.get(id as usize).map(|s| s.as_str())
+    }
+
+    /// True for SentencePiece byte-fallback tokens (`<0xNN>`).
+    pub fn is_byte_fallback(&self, id: TokenId) -> bool {
+        matches!(self.render.get(id as usize), Some(Render::Byte(_)))
     }
 
     pub fn is_control(&self, id: TokenId) -> bool {

@@ -1,0 +1,258 @@
+//! Step 3 of the method: the fused decoder.
+//!
+//! At every step `h = alpha · LayerNorm(h_cal · A) + (1 − alpha) · h_target` (LayerNorm
+//! without parameters), and the logits come from the target's LM head. The calibration model
+//! keeps its own KV cache and always reads exactly the text the target has read (defect D1
+//! fixed); it never computes an LM head (D7). Any widths work (D4).
+//!
+//! When both models share a tokenizer the calibration model is fed the target's ids. Otherwise
+//! (D2) each row keeps the text so far as bytes; after each target token the calibration
+//! tokenizer re-encodes the text, the calibration cache is rolled back to where the new ids
+//! stop agreeing with the old ones, and only the changed tail is run again. Bytes of an
+//! unfinished UTF-8 character wait until the character is complete.
+
+use candle_core::{Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::generate::{rows_of, Decoder};
+use crate::lm::{ids_tensor, CausalLm, KvCache, TokenId};
+use crate::text::Tokenizer;
+
+/// The calibration side of one batch row when tokenizers differ.
+#[derive(Clone)]
+struct CrossRow {
+    /// Text read so far (the target's tokens rendered to bytes).
+    text: Vec<u8>,
+    /// The calibration tokenizer's ids for the complete-UTF-8 prefix of `text`.
+    ids: Vec<TokenId>,
+    cache: KvCache,
+    /// Final hidden state at the last calibration position, `(d_cal)`.
+    hidden: Tensor,
+}
+
+enum CalState {
+    /// Same tokenizer: one batched cache fed the target's ids.
+    Shared { cache: KvCache },
+    /// Different tokenizers: per-row text, ids and cache.
+    Cross { rows: Vec<CrossRow> },
+}
+
+/// Target + calibration model, fused before the target's LM head.
+pub struct FusedDecoder<'m> {
+    target: &'m dyn CausalLm,
+    cal: &'m dyn CausalLm,
+    /// `(d_cal, d_target)`.
+    a: Tensor,
+    alpha: f64,
+    cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
+    tcache: KvCache,
+    state: CalState,
+}
+
+/// Parameter-free LayerNorm over the last dimension (eps 1e-5).
+pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let c = x.broadcast_sub(&mean)?;
+    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(c.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
+}
+
+/// `alpha · LN(h_cal · A) + (1 − alpha) · h_target` for `(b, d)` rows.
+pub fn fuse(h_target: &Tensor, h_cal: &Tensor, a: &Tensor, alpha: f64) -> Result<Tensor> {
+    let mapped = layer_norm(&h_cal.matmul(a)?)?;
+    Ok(((mapped * alpha)? + (h_target * (1.0 - alpha))?)?)
+}
+
+/// True when two tokenizers map every text to the same ids (same vocabulary and rules).
+pub fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
+    a.vocab_size() == b.vocab_size()
+        && a.kind() == b.kind()
+        && a.bos == b.bos
+        && a.add_bos == b.add_bos
+        && (0..a.vocab_size() as TokenId).all(|i| a.piece(i) == b.piece(i))
+}
+
+impl<'m> FusedDecoder<'m> {
+    /// `cross` holds (target tokenizer, calibration tokenizer) when they differ (see
+    /// [`same_tokenizer`]); `None` takes the direct path.
+    pub fn new(
+        target: &'m dyn CausalLm,
+        cal: &'m dyn CausalLm,
+        a: &Tensor,
+        alpha: f64,
+        cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
+    ) -> Result<Self> {
+        check_alpha(alpha)?;
+        let (dc, dt) = a.dims2()?;
+        let (wc, wt) = (cal.info().hidden_size, target.info().hidden_size);
+        if (dc, dt) != (wc, wt) {
+            return Err(Error::Input(format!(
+                "alignment A is {dc} x {dt} but the calibration model is {wc} wide and the target {wt}; run `detoxfuse align` for this pair"
+            )));
+        }
+        let state = match cross {
+            None => CalState::Shared {
+                cache: cal.new_cache(),
+            },
+            Some(_) => CalState::Cross { rows: Vec::new() },
+        };
+        Ok(Self {
+            target,
+            cal,
+            a: a.to_dtype(candle_core::DType::F32)?,
+            alpha,
+            cross,
+            tcache: target.new_cache(),
+            state,
+        })
+    }
+
+    /// The calibration model's ids for each row (cross-tokenizer path; empty otherwise).
+    pub fn calibration_ids(&self) -> Vec<Vec<TokenId>> {
+        match &self.state {
+            CalState::Cross { rows } => rows.iter().map(|r| r.ids.clone()).collect(),
+            CalState::Shared { .. } => Vec::new(),
+        }
+    }
+
+    fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
+        let h = match h_cal {
+            Some(hc) if self.alpha > 0.0 => fuse(h_target, &hc, &self.a, self.alpha)?,
+            _ => h_target.clone(),
+        };
+        rows_of(&self.target.lm_head(&h)?)
+    }
+
+    /// Advances a cross-tokenizer row by `bytes` and returns its last hidden state.
+    fn advance_row(cal: &dyn CausalLm, tok: &Tokenizer, row: &mut CrossRow, bytes: &[u8]) -> Result<()> {
+        row.text.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&row.text) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&row.text[..e.valid_up_to()]).expect("valid prefix"),
+        };
+        let ids = tok.encode(valid, false)?;
+        if ids == row.ids {
+            return Ok(());
+        }
+        let mut keep = row.ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        if keep == ids.len() {
+            // The text grew but its tokens shrank to a prefix: recompute the last one.
+            keep -= 1;
+        }
+        row.cache.truncate(keep)?;
+        let h = cal.forward_hidden(&ids_tensor(&[ids[keep..].to_vec()])?, &mut row.cache)?;
+        let t = h.dim(1)?;
+        row.hidden = h.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?;
+        row.ids = ids;
+        Ok(())
+    }
+}
+
+fn check_alpha(alpha: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&alpha) || alpha.is_nan() {
+        return Err(Error::Input(format!(
+            "--alpha {alpha} is outside [0, 1]; 0 is the untouched target, 1 uses only the calibration model's mapped state"
+        )));
+    }
+    Ok(())
+}
+
+fn last(h: &Tensor) -> Result<Tensor> {
+    let t = h.dim(1)?;
+    Ok(h.narrow(1, t - 1, 1)?.squeeze(1)?)
+}
+
+impl Decoder for FusedDecoder<'_> {
+    fn context_length(&self) -> usize {
+        self.target.info().context_length
+    }
+
+    fn prefill(&mut self, prompt: &[TokenId]) -> Result<Vec<f32>> {
+        self.tcache = self.target.new_cache();
+        let ht = last(&self.target.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, &mut self.tcache)?)?;
+        if self.alpha == 0.0 {
+            // The untouched target, computed exactly as the plain decoder does.
+            return Ok(self.logits(&ht, None)?.remove(0));
+        }
+        let hc = match (&mut self.state, self.cross) {
+            (CalState::Shared { cache }, _) => {
+                *cache = self.cal.new_cache();
+                last(&self.cal.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?)?
+            }
+            (CalState::Cross { rows }, Some((ttok, ctok))) => {
+                let bytes: Vec<u8> = prompt.iter().flat_map(|&t| ttok.token_bytes(t, false)).collect();
+                let mut row = CrossRow {
+                    text: Vec::new(),
+                    ids: Vec::new(),
+                    cache: self.cal.new_cache(),
+                    hidden: Tensor::zeros(self.cal.info().hidden_size, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+                };
+                Self::advance_row(self.cal, ctok, &mut row, &bytes)?;
+                if row.ids.is_empty() {
+                    return Err(Error::Input(
+                        "the prompt has no text for the calibration model to read".into(),
+                    ));
+                }
+                let h = row.hidden.unsqueeze(0)?;
+                *rows = vec![row];
+                h
+            }
+            (CalState::Cross { .. }, None) => unreachable!("cross state needs tokenizers"),
+        };
+        Ok(self.logits(&ht, Some(hc))?.remove(0))
+    }
+
+    fn fork(&mut self, n: usize) -> Result<()> {
+        self.tcache.repeat_batch(n)?;
+        if self.alpha == 0.0 {
+            return Ok(());
+        }
+        match &mut self.state {
+            CalState::Shared { cache } => cache.repeat_batch(n),
+            CalState::Cross { rows } => {
+                let one = rows.first().cloned().ok_or_else(|| {
+                    Error::Input("fork before prefill".into())
+                })?;
+                *rows = vec![one; n];
+                Ok(())
+            }
+        }
+    }
+
+    fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
+        self.tcache.select_rows(keep)?;
+        if self.alpha == 0.0 {
+            return Ok(());
+        }
+        match &mut self.state {
+            CalState::Shared { cache } => cache.select_rows(keep),
+            CalState::Cross { rows } => {
+                *rows = keep.iter().map(|&r| rows[r].clone()).collect();
+                Ok(())
+            }
+        }
+    }
+
+    fn step(&mut self, tokens: &[TokenId]) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<Vec<TokenId>> = tokens.iter().map(|&t| vec![t]).collect();
+        let ht = last(&self.target.forward_hidden(&ids_tensor(&ids)?, &mut self.tcache)?)?;
+        if self.alpha == 0.0 {
+            return self.logits(&ht, None);
+        }
+        let hc = match (&mut self.state, self.cross) {
+            (CalState::Shared { cache }, _) => {
+                last(&self.cal.forward_hidden(&ids_tensor(&ids)?, cache)?)?
+            }
+            (CalState::Cross { rows }, Some((ttok, ctok))) => {
+                let mut hs = Vec::with_capacity(rows.len());
+                for (row, &t) in rows.iter_mut().zip(tokens) {
+                    Self::advance_row(self.cal, ctok, row, &ttok.token_bytes(t, false))?;
+                    hs.push(row.hidden.clone());
+                }
+                Tensor::stack(&hs, 0)?
+            }
+            (CalState::Cross { .. }, None) => unreachable!("cross state needs tokenizers"),
+        };
+        self.logits(&ht, Some(hc))
+    }
+}
