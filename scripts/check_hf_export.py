@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Proves a detoxfuse calibration model directory is a valid Hugging Face Llama checkpoint:
 `transformers.LlamaForCausalLM.from_pretrained(dir)` loads it, and its greedy continuation of a
-prompt equals what detoxfuse's own loader (`detoxfuse generate --model DIR`) produces.
+prompt equals what detoxfuse's own loader (`detoxfuse generate --model DIR --f32`) produces.
 
     .venv-torch/bin/python scripts/check_hf_export.py ~/.cache/detoxfuse/calibration/smollm2-L3/model
 
@@ -36,7 +36,7 @@ def main():
         logits = model(torch.tensor([ids])).logits[0, -1]
     theirs = out[0, len(ids):].tolist()
     ours_line = subprocess.check_output(
-        [BIN, "generate", "--model", d, "--prompt", PROMPT, "--temperature", "0",
+        [BIN, "generate", "--model", d, "--f32", "--prompt", PROMPT, "--temperature", "0",
          "--max-tokens", str(NEW_TOKENS)])
     ours = json.loads(ours_line)["generations"][0]["token_ids"]
     print(f"loaded {d} with transformers: {model.config.num_hidden_layers} layers, "

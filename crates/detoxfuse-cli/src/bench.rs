@@ -12,6 +12,77 @@ pub enum BenchWhat {
     /// Calibration training speed (tokens/s, peak memory), and PyTorch's on the same
     /// architecture and batch when `torch` is importable.
     Train(TrainBenchArgs),
+    /// Fused (target + calibration model) versus plain decoding throughput, per target.
+    Fused(FusedBenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct FusedBenchArgs {
+    /// Calibration model directory, or "default".
+    #[arg(long, default_value = "default")]
+    calibration: String,
+    /// Targets: fetched names or .gguf paths.
+    #[arg(long, num_args = 1.., default_values = ["smollm2", "gemma3"])]
+    targets: Vec<String>,
+    #[arg(long, default_value_t = 0.3)]
+    alpha: f64,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 25)]
+    batch: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
+    use detoxfuse::fuse::{same_tokenizer, FusedDecoder};
+    println!(
+        "threads {}, prompt {} tokens, decode {} tokens, batch {}, alpha {}, plain and fused alternating, medians of {} runs",
+        candle_threads(), a.prompt_tokens, a.decode_tokens, a.batch, a.alpha, a.runs
+    );
+    println!(
+        "{:<10} {:>6} {:>11} {:>11} {:>7} | {:>13} {:>13} {:>7}",
+        "target", "path", "plain t/s", "fused t/s", "ratio", "plain batched", "fused batched", "ratio"
+    );
+    for name in &a.targets {
+        let path = crate::ModelArg { model: name.clone() }.resolve(cache)?;
+        let model = detoxfuse::lm::load(&path)?;
+        let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
+        let f = crate::align::load_fusion(
+            cache,
+            &a.calibration,
+            None,
+            &path,
+            model.as_ref(),
+            a.alpha,
+            detoxfuse::align::Variant::Embedding,
+        )?;
+        let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
+        let prompt = synthetic_prompt(a.prompt_tokens, tok.vocab_size().min(32_000), tok.bos);
+        let (mut plain, mut fusedv) = (Vec::new(), Vec::new());
+        for _ in 0..a.runs.max(1) {
+            let mut p = PlainDecoder::new(model.as_ref());
+            plain.push(measure(&mut p, &prompt, a.decode_tokens, a.batch, 1)?);
+            let mut d = FusedDecoder::new(model.as_ref(), f.model.as_ref(), &f.aligned.a, a.alpha, cross)?;
+            fusedv.push(measure(&mut d, &prompt, a.decode_tokens, a.batch, 1)?);
+        }
+        let med = |v: &[detoxfuse::bench::Speed], g: fn(&detoxfuse::bench::Speed) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(g).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let (pd, fd) = (med(&plain, |s| s.decode_tps), med(&fusedv, |s| s.decode_tps));
+        let (pb, fb) = (med(&plain, |s| s.batched_tps), med(&fusedv, |s| s.batched_tps));
+        println!(
+            "{:<10} {:>6} {:>11.1} {:>11.1} {:>7.2} | {:>13.1} {:>13.1} {:>7.2}",
+            name,
+            if cross.is_some() { "cross" } else { "shared" },
+            pd, fd, fd / pd, pb, fb, fb / pb
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -128,8 +199,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
-    if let Some(BenchWhat::Train(t)) = a.what {
-        return train(cache, t);
+    match a.what {
+        Some(BenchWhat::Train(t)) => return train(cache, t),
+        Some(BenchWhat::Fused(f)) => return fused(cache, f),
+        None => {}
     }
     let threads = candle_threads();
     let py = a

@@ -48,6 +48,9 @@ pub struct GenerateArgs {
     /// Stop when this string is generated (repeatable); it is not included in the text.
     #[arg(long)]
     stop: Vec<String>,
+    /// Exact f32 weights instead of the fast quantized kernels (slower; for checks).
+    #[arg(long)]
+    f32: bool,
     /// Stop at the first invalid input line instead of reporting it and going on.
     #[arg(long)]
     fail_fast: bool,
@@ -121,7 +124,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     }
 
     let path = a.model.resolve(cache)?;
-    let model = detoxfuse::lm::load(&path)?;
+    let model = detoxfuse::lm::load_with(&path, detoxfuse::lm::LoadOptions { dequantize: a.f32 })?;
     let tok = Tokenizer::for_model(&path)?;
     let fusion = match &a.calibration {
         Some(c) => Some(crate::align::load_fusion(

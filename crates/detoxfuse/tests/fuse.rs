@@ -59,7 +59,7 @@ fn cached_equals_recompute(target_name: &str) {
     let cal_dir = calibration_dir(dir.path());
     let tpath = common::model(target_name);
     let target = lm::load_with(&tpath, LoadOptions { dequantize: true }).unwrap();
-    let cal = lm::load(&cal_dir).unwrap();
+    let cal = lm::load_with(&cal_dir, LoadOptions { dequantize: true }).unwrap();
     let ttok = Tokenizer::for_model(&tpath).unwrap();
     let ctok = Tokenizer::for_model(&cal_dir).unwrap();
     let shared = same_tokenizer(&ttok, &ctok);

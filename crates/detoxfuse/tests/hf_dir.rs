@@ -19,7 +19,7 @@ fn exported_hf_llama_matches_the_gguf() {
     // same weights in f32 on both sides: only RoPE layout (interleaved vs halves, undone by
     // the export's unpermute) differs, so logits agree to float rounding
     let a = lm::load_with(&gguf, LoadOptions { dequantize: true }).unwrap();
-    let b = lm::load(dir.path()).unwrap();
+    let b = lm::load_with(dir.path(), LoadOptions { dequantize: true }).unwrap();
     assert_eq!(a.info().hidden_size, b.info().hidden_size);
     let prompt = vec![504, 3575, 282, 4649, 314, 7042, 30];
     let la = last_logits(a.as_ref(), &prompt);

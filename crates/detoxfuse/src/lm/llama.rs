@@ -272,8 +272,9 @@ impl Llama {
         )
     }
 
-    /// Loads a Hugging Face Llama checkpoint directory.
-    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+    /// Loads a Hugging Face Llama checkpoint directory. Matrices are quantized to Q8_0 (the
+    /// fast kernels) unless `opts.dequantize` asks for the exact f32 weights.
+    pub fn from_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let bad = |reason: String| Error::BadModelDir {
             path: dir.to_path_buf(),
             reason,
@@ -290,14 +291,31 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
-            let qkv = Projections::dense(vec![
-                w("self_attn.q_proj")?,
-                w("self_attn.k_proj")?,
-                w("self_attn.v_proj")?,
-            ]);
-            let gate_up = Projections::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?]);
-            let wo = Linear::dense(w("self_attn.o_proj")?);
-            let w_down = Linear::dense(w("mlp.down_proj")?);
+            let (qkv, wo, gate_up, w_down) = if opts.dequantize {
+                (
+                    Projections::dense(vec![
+                        w("self_attn.q_proj")?,
+                        w("self_attn.k_proj")?,
+                        w("self_attn.v_proj")?,
+                    ]),
+                    Linear::dense(w("self_attn.o_proj")?),
+                    Projections::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?]),
+                    Linear::dense(w("mlp.down_proj")?),
+                )
+            } else {
+                let mut q = |n: &str| -> Result<QTensor> {
+                    Ok(QTensor::quantize(&w(n)?, GgmlDType::Q8_0)?)
+                };
+                (
+                    Projections::load(
+                        opts,
+                        vec![q("self_attn.q_proj")?, q("self_attn.k_proj")?, q("self_attn.v_proj")?],
+                    )?,
+                    Linear::load(opts, q("self_attn.o_proj")?)?,
+                    Projections::load(opts, vec![q("mlp.gate_proj")?, q("mlp.up_proj")?])?,
+                    Linear::load(opts, q("mlp.down_proj")?)?,
+                )
+            };
             blocks.push(Block {
                 attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
                 ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
@@ -308,10 +326,15 @@ impl Llama {
             });
         }
         let norm = take("model.norm.weight")?;
-        let head = match take("lm_head.weight") {
-            Ok(w) => Linear::dense(w),
-            Err(_) if cfg.tie_word_embeddings => Linear::dense(embed_w.clone()),
+        let head_w = match take("lm_head.weight") {
+            Ok(w) => w,
+            Err(_) if cfg.tie_word_embeddings => embed_w.clone(),
             Err(e) => return Err(e),
+        };
+        let head = if opts.dequantize {
+            Linear::dense(head_w)
+        } else {
+            Linear::load(opts, QTensor::quantize(&head_w, GgmlDType::Q8_0)?)?
         };
         let name = dir
             .file_name()

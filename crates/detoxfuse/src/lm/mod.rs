@@ -80,7 +80,7 @@ pub fn load(path: &Path) -> Result<Box<dyn CausalLm>> {
 
 pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Box<dyn CausalLm>> {
     if path.is_dir() {
-        return Ok(Box::new(llama::Llama::from_hf_dir(path)?));
+        return Ok(Box::new(llama::Llama::from_hf_dir(path, opts)?));
     }
     let mut file = GgufFile::open(path)?;
     let arch = file.architecture()?;
