@@ -128,7 +128,10 @@ fn shared_texts(corpus: &Path, n: usize, seed: u64) -> Result<Vec<String>> {
 
 pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
     let cal_dir = calibration_dir(cache, &a.calibration)?;
-    let target_path = ModelArg { model: a.target.clone() }.resolve(cache)?;
+    let target_path = ModelArg {
+        model: a.target.clone(),
+    }
+    .resolve(cache)?;
     let variant: Variant = a.variant.into();
     let out = a
         .out

@@ -44,10 +44,20 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
     );
     println!(
         "{:<10} {:>6} {:>11} {:>11} {:>7} | {:>13} {:>13} {:>7}",
-        "target", "path", "plain t/s", "fused t/s", "ratio", "plain batched", "fused batched", "ratio"
+        "target",
+        "path",
+        "plain t/s",
+        "fused t/s",
+        "ratio",
+        "plain batched",
+        "fused batched",
+        "ratio"
     );
     for name in &a.targets {
-        let path = crate::ModelArg { model: name.clone() }.resolve(cache)?;
+        let path = crate::ModelArg {
+            model: name.clone(),
+        }
+        .resolve(cache)?;
         let model = detoxfuse::lm::load(&path)?;
         let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
         let f = crate::align::load_fusion(
@@ -65,7 +75,13 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
         for _ in 0..a.runs.max(1) {
             let mut p = PlainDecoder::new(model.as_ref());
             plain.push(measure(&mut p, &prompt, a.decode_tokens, a.batch, 1)?);
-            let mut d = FusedDecoder::new(model.as_ref(), f.model.as_ref(), &f.aligned.a, a.alpha, cross)?;
+            let mut d = FusedDecoder::new(
+                model.as_ref(),
+                f.model.as_ref(),
+                &f.aligned.a,
+                a.alpha,
+                cross,
+            )?;
             fusedv.push(measure(&mut d, &prompt, a.decode_tokens, a.batch, 1)?);
         }
         let med = |v: &[detoxfuse::bench::Speed], g: fn(&detoxfuse::bench::Speed) -> f64| {
@@ -73,13 +89,24 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             x.sort_by(f64::total_cmp);
             x[x.len() / 2]
         };
-        let (pd, fd) = (med(&plain, |s| s.decode_tps), med(&fusedv, |s| s.decode_tps));
-        let (pb, fb) = (med(&plain, |s| s.batched_tps), med(&fusedv, |s| s.batched_tps));
+        let (pd, fd) = (
+            med(&plain, |s| s.decode_tps),
+            med(&fusedv, |s| s.decode_tps),
+        );
+        let (pb, fb) = (
+            med(&plain, |s| s.batched_tps),
+            med(&fusedv, |s| s.batched_tps),
+        );
         println!(
             "{:<10} {:>6} {:>11.1} {:>11.1} {:>7.2} | {:>13.1} {:>13.1} {:>7.2}",
             name,
             if cross.is_some() { "cross" } else { "shared" },
-            pd, fd, fd / pd, pb, fb, fb / pb
+            pd,
+            fd,
+            fd / pd,
+            pb,
+            fb,
+            fb / pb
         );
     }
     Ok(())
@@ -109,7 +136,10 @@ pub struct TrainBenchArgs {
 
 pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
     use detoxfuse::calibrate::{bench, model::Trainable, train::Base};
-    let path = crate::ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let path = crate::ModelArg {
+        model: a.base.clone(),
+    }
+    .resolve(cache)?;
     let base = Base::load(&path, a.layers)?;
     let model = base.init(a.layers, Trainable::default())?;
     drop(base);
@@ -144,14 +174,22 @@ pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
     let out = Command::new(&py)
         .arg("scripts/bench_train_torch.py")
         .args(["--rows", &a.rows.to_string(), "--len", &a.len.to_string()])
-        .args(["--layers", &a.layers.to_string(), "--steps", &a.steps.to_string()])
+        .args([
+            "--layers",
+            &a.layers.to_string(),
+            "--steps",
+            &a.steps.to_string(),
+        ])
         .args(["--threads", &candle_threads().to_string()])
         .output()
         .with_context(|| format!("running {}", py.display()))?;
     if !out.status.success() {
         println!(
             "pytorch    failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         );
         return Ok(());
     }
@@ -166,7 +204,10 @@ pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
         v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
         v["torch"].as_str().unwrap_or("?")
     );
-    println!("ratio      {:.2}x PyTorch (tokens/s)", ours.tokens_per_s / theirs);
+    println!(
+        "ratio      {:.2}x PyTorch (tokens/s)",
+        ours.tokens_per_s / theirs
+    );
     Ok(())
 }
 

@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use detoxfuse::calibrate::corpus::{self, CorpusOptions};
+use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
-use detoxfuse::calibrate::train::{self, Base, Event, TrainConfig};
-use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::probe;
+use detoxfuse::calibrate::train::{self, Base, Event, TrainConfig};
 use detoxfuse::eval::score::ProfanityCheck;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -90,14 +90,19 @@ pub fn build_corpus(
     data: &Path,
 ) -> Result<()> {
     if !(0.0..=1.0).contains(&opts.threshold) {
-        bail!("--threshold {} is not a probability in [0, 1]", opts.threshold);
+        bail!(
+            "--threshold {} is not a probability in [0, 1]",
+            opts.threshold
+        );
     }
     let t0 = Instant::now();
     let scorer = ProfanityCheck::shared();
-    let (mut records, sources) =
-        corpus::clean_passages(cache, scorer, opts, &mut Bar::counting())?;
+    let (mut records, sources) = corpus::clean_passages(cache, scorer, opts, &mut Bar::counting())?;
     let paired = if opts.paired_samples > 0 {
-        let target = ModelArg { model: target.to_string() }.resolve(cache)?;
+        let target = ModelArg {
+            model: target.to_string(),
+        }
+        .resolve(cache)?;
         let dir = data.join("toxigen");
         let (pairs, manifest) =
             corpus::paired_records(&target, &dir, scorer, opts, &mut Bar::counting())?;
@@ -130,8 +135,11 @@ pub fn build_corpus(
     if !paired.is_null() {
         println!(
             "paired        sampled {} kept {} (dropped: toxic {}, restating {}, short {})",
-            paired["sampled"], paired["kept"], paired["dropped_toxic"],
-            paired["dropped_restating"], paired["dropped_short"]
+            paired["sampled"],
+            paired["kept"],
+            paired["dropped_toxic"],
+            paired["dropped_restating"],
+            paired["dropped_short"]
         );
     }
     println!(
@@ -239,7 +247,13 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
                     "no corpus at {}: building it with the default options (`detoxfuse corpus build`)",
                     c.display()
                 );
-                build_corpus(cache, &c, &CorpusOptions::default(), "smollm2", &default_data_dir())?;
+                build_corpus(
+                    cache,
+                    &c,
+                    &CorpusOptions::default(),
+                    "smollm2",
+                    &default_data_dir(),
+                )?;
             }
             c
         }
@@ -250,8 +264,14 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
             corpus.display()
         );
     }
-    let out = a.out.clone().unwrap_or_else(|| default_calibration_dir(cache));
-    let base_path = ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_calibration_dir(cache));
+    let base_path = ModelArg {
+        model: a.base.clone(),
+    }
+    .resolve(cache)?;
     let base = Base::load(&base_path, cfg.layers)?;
     let pb = ProgressBar::new(cfg.steps as u64);
     if a.quiet {
@@ -350,11 +370,18 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         .unwrap_or_else(|| default_calibration_dir(cache).join("model"));
     let (trained, tok) = CalibrationModel::load_dir(&dir)?;
     let layers = trained.config.num_hidden_layers;
-    let base_path = ModelArg { model: a.base.clone() }.resolve(cache)?;
+    let base_path = ModelArg {
+        model: a.base.clone(),
+    }
+    .resolve(cache)?;
     let base = Base::load(&base_path, layers)?;
     let init = base.init(layers, Trainable::default())?;
     let tok = &tok;
-    let toxigen = a.data.clone().unwrap_or_else(default_data_dir).join("toxigen");
+    let toxigen = a
+        .data
+        .clone()
+        .unwrap_or_else(default_data_dir)
+        .join("toxigen");
     println!(
         "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
         corpus::HELD_BACK_GROUPS

@@ -28,9 +28,29 @@ fn assert_clean_failure(o: &Output, needle: &str) {
 
 /// A small clean corpus (the test's own sentences; never evaluation data).
 fn write_corpus(path: &Path) {
-    let subjects = ["The river", "A lighthouse", "Our garden", "The old library", "A small boat", "The morning train"];
-    let verbs = ["carries", "shelters", "welcomes", "remembers", "follows", "brightens"];
-    let objects = ["the quiet travellers", "every curious child", "the autumn leaves", "a patient reader", "the distant hills"];
+    let subjects = [
+        "The river",
+        "A lighthouse",
+        "Our garden",
+        "The old library",
+        "A small boat",
+        "The morning train",
+    ];
+    let verbs = [
+        "carries",
+        "shelters",
+        "welcomes",
+        "remembers",
+        "follows",
+        "brightens",
+    ];
+    let objects = [
+        "the quiet travellers",
+        "every curious child",
+        "the autumn leaves",
+        "a patient reader",
+        "the distant hills",
+    ];
     let mut lines = String::new();
     for (i, s) in subjects.iter().enumerate() {
         for (j, v) in verbs.iter().enumerate() {
@@ -48,9 +68,28 @@ const STEPS: &str = "14";
 
 fn train_args<'a>(corpus: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "calibrate", "--corpus", corpus, "--out", out, "--layers", "1", "--steps", STEPS,
-        "--batch-tokens", "96", "--warmup", "3", "--lr", "1e-3", "--checkpoint-every", "2",
-        "--eval-every", "5", "--seed", "3", "--quiet",
+        "calibrate",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--layers",
+        "1",
+        "--steps",
+        STEPS,
+        "--batch-tokens",
+        "96",
+        "--warmup",
+        "3",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "5",
+        "--seed",
+        "3",
+        "--quiet",
     ]
 }
 
@@ -62,7 +101,11 @@ fn losses(out: &Path) -> Vec<(u64, bool, String)> {
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             let val = v.get("val_loss").is_some();
-            let loss = v.get("loss").or_else(|| v.get("val_loss")).unwrap().to_string();
+            let loss = v
+                .get("loss")
+                .or_else(|| v.get("val_loss"))
+                .unwrap()
+                .to_string();
             (v["step"].as_u64().unwrap(), val, loss)
         })
         .collect()
@@ -98,13 +141,22 @@ fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
             child.kill().unwrap(); // SIGKILL
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the run finished before it could be killed");
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed"
+    );
     assert!(killed_at < 14, "killed at step {killed_at}");
-    assert!(!b.join("model").exists(), "an interrupted run must not leave a model");
+    assert!(
+        !b.join("model").exists(),
+        "an interrupted run must not leave a model"
+    );
 
     let mut resume = train_args(c, b.to_str().unwrap());
     resume.push("--resume");
@@ -136,7 +188,11 @@ fn bad_input_is_a_message_and_leaves_no_checkpoint() {
     assert_clean_failure(&r, "has no records");
 
     let binary = dir.path().join("latin1.jsonl");
-    std::fs::write(&binary, b"{\"text\": \"fine line\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    std::fs::write(
+        &binary,
+        b"{\"text\": \"fine line\"}\n{\"text\": \"caf\xe9\"}\n",
+    )
+    .unwrap();
     let r = run(&train_args(binary.to_str().unwrap(), o));
     assert_clean_failure(&r, "latin1.jsonl:2: not valid UTF-8");
 

@@ -21,7 +21,17 @@ fn assert_clean_failure(o: &Output) {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["fetch", "generate", "tokenize", "info", "bench", "score", "corpus", "calibrate", "probe"] {
+    for sub in [
+        "fetch",
+        "generate",
+        "tokenize",
+        "info",
+        "bench",
+        "score",
+        "corpus",
+        "calibrate",
+        "probe",
+    ] {
         let o = detoxfuse(&[sub, "--help"]);
         assert!(o.status.success(), "{sub} --help failed");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));

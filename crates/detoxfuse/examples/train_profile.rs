@@ -14,21 +14,40 @@ fn main() -> anyhow::Result<()> {
     );
     let base = hf_llama_from_gguf(&path, Some(3))?;
     let m = CalibrationModel::from_base(&base, 3, Trainable::default(), DType::F32)?;
-    let (rows, len): (usize, usize) = std::env::var("SHAPE").ok().and_then(|s| { let (a, b) = s.split_once("x")?; Some((a.parse().ok()?, b.parse().ok()?)) }).unwrap_or((16, 256));
+    let (rows, len): (usize, usize) = std::env::var("SHAPE")
+        .ok()
+        .and_then(|s| {
+            let (a, b) = s.split_once("x")?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .unwrap_or((16, 256));
     let ids: Vec<Vec<u32>> = (0..rows)
-        .map(|r| (0..len).map(|i| ((r * 7919 + i * 104_729) % 49_000) as u32 + 10).collect())
+        .map(|r| {
+            (0..len)
+                .map(|i| ((r * 7919 + i * 104_729) % 49_000) as u32 + 10)
+                .collect()
+        })
         .collect();
     let mask = vec![true; len];
-    let rr: Vec<(&[u32], &[bool])> = ids.iter().map(|r| (r.as_slice(), mask.as_slice())).collect();
+    let rr: Vec<(&[u32], &[bool])> = ids
+        .iter()
+        .map(|r| (r.as_slice(), mask.as_slice()))
+        .collect();
     let batch = Batch::new(&rr, 0, &Device::Cpu)?;
     for _ in 0..6 {
         let t = Instant::now();
         let h = m.forward_hidden(&batch.ids)?;
         let t_fwd = t.elapsed().as_secs_f64();
-        let hs = h.reshape((rows * len, 576))?.narrow(0, 0, batch.targets.len())?;
+        let hs = h
+            .reshape((rows * len, 576))?
+            .narrow(0, 0, batch.targets.len())?;
         let t = Instant::now();
-        let (_, g) = head_cross_entropy(&hs.detach(), &m.get("model.embed_tokens.weight")?, &batch.targets[..], Some((1.0, false)))
-?;
+        let (_, g) = head_cross_entropy(
+            &hs.detach(),
+            &m.get("model.embed_tokens.weight")?,
+            &batch.targets[..],
+            Some((1.0, false)),
+        )?;
         let t_head = t.elapsed().as_secs_f64();
         let g = g.unwrap().hidden;
         let t = Instant::now();

@@ -191,10 +191,12 @@ pub fn manifest_path(path: &Path) -> PathBuf {
 pub fn embedding_table(path: &Path) -> Result<Tensor> {
     if path.is_dir() {
         let (_, mut t) = lm::export::read_hf_weights(path)?;
-        return t.remove("model.embed_tokens.weight").ok_or_else(|| Error::BadModelDir {
-            path: path.to_path_buf(),
-            reason: "no model.embed_tokens.weight".into(),
-        });
+        return t
+            .remove("model.embed_tokens.weight")
+            .ok_or_else(|| Error::BadModelDir {
+                path: path.to_path_buf(),
+                reason: "no model.embed_tokens.weight".into(),
+            });
     }
     let mut f = GgufFile::open(path)?;
     Ok(f.tensor("token_embd.weight")?.dequantize(&Device::Cpu)?)
@@ -262,10 +264,14 @@ pub fn hidden_pairs(
         if ci.is_empty() || ti.is_empty() {
             continue;
         }
-        let hc = cal.0.forward_hidden(&lm::ids_tensor(&[ci.clone()])?, &mut cal.0.new_cache())?;
-        let ht = target
-            .0
-            .forward_hidden(&lm::ids_tensor(&[ti.clone()])?, &mut target.0.new_cache())?;
+        let hc = cal.0.forward_hidden(
+            &lm::ids_tensor(std::slice::from_ref(&ci))?,
+            &mut cal.0.new_cache(),
+        )?;
+        let ht = target.0.forward_hidden(
+            &lm::ids_tensor(std::slice::from_ref(&ti))?,
+            &mut target.0.new_cache(),
+        )?;
         let (ce, te) = (token_ends(cal.1, &ci), token_ends(target.1, &ti));
         let (mut pc, mut pt) = (Vec::new(), Vec::new());
         let mut j = 0;
@@ -287,8 +293,14 @@ pub fn hidden_pairs(
         let out = crate::calibrate::data::stable_hash(text.as_bytes()) % 1000 < held_out_per_mille;
         held_out.extend(std::iter::repeat_n(out, pc.len()));
         let n = pc.len();
-        xs.push(hc.squeeze(0)?.index_select(&Tensor::from_vec(pc, n, &Device::Cpu)?, 0)?);
-        ys.push(ht.squeeze(0)?.index_select(&Tensor::from_vec(pt, n, &Device::Cpu)?, 0)?);
+        xs.push(
+            hc.squeeze(0)?
+                .index_select(&Tensor::from_vec(pc, n, &Device::Cpu)?, 0)?,
+        );
+        ys.push(
+            ht.squeeze(0)?
+                .index_select(&Tensor::from_vec(pt, n, &Device::Cpu)?, 0)?,
+        );
     }
     if xs.is_empty() {
         return Err(Error::Input(

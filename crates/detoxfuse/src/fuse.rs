@@ -124,7 +124,12 @@ impl<'m> FusedDecoder<'m> {
     }
 
     /// Advances a cross-tokenizer row by `bytes` and returns its last hidden state.
-    fn advance_row(cal: &dyn CausalLm, tok: &Tokenizer, row: &mut CrossRow, bytes: &[u8]) -> Result<()> {
+    fn advance_row(
+        cal: &dyn CausalLm,
+        tok: &Tokenizer,
+        row: &mut CrossRow,
+        bytes: &[u8],
+    ) -> Result<()> {
         row.text.extend_from_slice(bytes);
         let valid = match std::str::from_utf8(&row.text) {
             Ok(s) => s,
@@ -169,7 +174,11 @@ impl Decoder for FusedDecoder<'_> {
 
     fn prefill(&mut self, prompt: &[TokenId]) -> Result<Vec<f32>> {
         self.tcache = self.target.new_cache();
-        let ht = last(&self.target.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, &mut self.tcache)?)?;
+        let ht = last(
+            &self
+                .target
+                .forward_hidden(&ids_tensor(&[prompt.to_vec()])?, &mut self.tcache)?,
+        )?;
         if self.alpha == 0.0 {
             // The untouched target, computed exactly as the plain decoder does.
             return Ok(self.logits(&ht, None)?.remove(0));
@@ -177,15 +186,26 @@ impl Decoder for FusedDecoder<'_> {
         let hc = match (&mut self.state, self.cross) {
             (CalState::Shared { cache }, _) => {
                 *cache = self.cal.new_cache();
-                last(&self.cal.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?)?
+                last(
+                    &self
+                        .cal
+                        .forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?,
+                )?
             }
             (CalState::Cross { rows }, Some((ttok, ctok))) => {
-                let bytes: Vec<u8> = prompt.iter().flat_map(|&t| ttok.token_bytes(t, false)).collect();
+                let bytes: Vec<u8> = prompt
+                    .iter()
+                    .flat_map(|&t| ttok.token_bytes(t, false))
+                    .collect();
                 let mut row = CrossRow {
                     text: Vec::new(),
                     ids: Vec::new(),
                     cache: self.cal.new_cache(),
-                    hidden: Tensor::zeros(self.cal.info().hidden_size, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+                    hidden: Tensor::zeros(
+                        self.cal.info().hidden_size,
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    )?,
                 };
                 Self::advance_row(self.cal, ctok, &mut row, &bytes)?;
                 if row.ids.is_empty() {
@@ -210,9 +230,10 @@ impl Decoder for FusedDecoder<'_> {
         match &mut self.state {
             CalState::Shared { cache } => cache.repeat_batch(n),
             CalState::Cross { rows } => {
-                let one = rows.first().cloned().ok_or_else(|| {
-                    Error::Input("fork before prefill".into())
-                })?;
+                let one = rows
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| Error::Input("fork before prefill".into()))?;
                 *rows = vec![one; n];
                 Ok(())
             }
@@ -235,7 +256,11 @@ impl Decoder for FusedDecoder<'_> {
 
     fn step(&mut self, tokens: &[TokenId]) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<TokenId>> = tokens.iter().map(|&t| vec![t]).collect();
-        let ht = last(&self.target.forward_hidden(&ids_tensor(&ids)?, &mut self.tcache)?)?;
+        let ht = last(
+            &self
+                .target
+                .forward_hidden(&ids_tensor(&ids)?, &mut self.tcache)?,
+        )?;
         if self.alpha == 0.0 {
             return self.logits(&ht, None);
         }

@@ -44,7 +44,10 @@ fn tiny(tied: bool, trainable: Trainable) -> CalibrationModel {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
     let mut t = HashMap::new();
-    t.insert("model.embed_tokens.weight".to_string(), rand_t(&[23, 8], false));
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        rand_t(&[23, 8], false),
+    );
     t.insert("model.norm.weight".to_string(), rand_t(&[8], true));
     if !tied {
         t.insert("lm_head.weight".to_string(), rand_t(&[23, 8], false));
@@ -61,7 +64,10 @@ fn tiny(tied: bool, trainable: Trainable) -> CalibrationModel {
                 other => panic!("unexpected {other}"),
             };
             let gain = shape.len() == 1;
-            t.insert(format!("model.layers.{i}.{hf}.weight"), rand_t(&shape, gain));
+            t.insert(
+                format!("model.layers.{i}.{hf}.weight"),
+                rand_t(&shape, gain),
+            );
         }
     }
     CalibrationModel::new(config, &t, trainable, DType::F64).unwrap()
@@ -89,7 +95,10 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_tiny() {
         let (loss, grads) = m.loss_and_grads(&tiny_batch()).unwrap();
         assert!(loss.is_finite() && loss > 0.0);
         let missing = missing_grads(m.vars(), &grads).unwrap();
-        assert!(missing.is_empty(), "tied={tied}: no gradient for {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "tied={tied}: no gradient for {missing:?}"
+        );
     }
 }
 
@@ -115,7 +124,7 @@ fn analytic_gradients_match_finite_differences() {
             let n = base.len();
             for &k in &[0, n / 2, n - 1] {
                 let eps = 1e-6;
-                let mut at = |delta: f64| {
+                let at = |delta: f64| {
                     let mut v = base.clone();
                     v[k] += delta;
                     var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
@@ -147,7 +156,8 @@ fn smollm_ids(text: &str) -> Vec<u32> {
 #[test]
 fn every_trainable_tensor_gets_a_nonzero_gradient_smollm2() {
     let base = hf_llama_from_gguf(&common::model("smollm2"), Some(3)).unwrap();
-    let ids = smollm_ids("The quiet harbour town woke slowly, and the fishermen mended their nets.");
+    let ids =
+        smollm_ids("The quiet harbour town woke slowly, and the fishermen mended their nets.");
     let mask = vec![true; ids.len()];
     let batch = Batch::new(&[(&ids, &mask)], 0, &Device::Cpu).unwrap();
     for trainable in [Trainable::default(), ALL] {
@@ -155,7 +165,10 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_smollm2() {
         let (loss, grads) = m.loss_and_grads(&batch).unwrap();
         assert!(loss.is_finite());
         let missing = missing_grads(m.vars(), &grads).unwrap();
-        assert!(missing.is_empty(), "{trainable:?}: no gradient for {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{trainable:?}: no gradient for {missing:?}"
+        );
         let expect = 1 + 27 + usize::from(trainable.embeddings);
         assert_eq!(m.vars().len(), expect, "{trainable:?}");
     }
@@ -170,7 +183,7 @@ fn trainable_forward_equals_inference_model() {
     let m = CalibrationModel::from_base(&base, 30, Trainable::default(), DType::F32).unwrap();
     let ids = smollm_ids("Rivers carry 42 tonnes of silt\n  each year, say the reports.");
     let ours: Vec<f32> = m
-        .forward_hidden(&ids_tensor(&[ids.clone()]).unwrap())
+        .forward_hidden(&ids_tensor(std::slice::from_ref(&ids)).unwrap())
         .unwrap()
         .flatten_all()
         .unwrap()

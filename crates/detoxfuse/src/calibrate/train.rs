@@ -73,8 +73,13 @@ pub enum Event<'a> {
         trainable_params: usize,
     },
     Step(&'a StepLog),
-    Validation { step: usize, loss: f64 },
-    Checkpoint { step: usize },
+    Validation {
+        step: usize,
+        loss: f64,
+    },
+    Checkpoint {
+        step: usize,
+    },
 }
 
 /// One optimizer step, as logged.
@@ -317,7 +322,8 @@ pub fn train(
         write_log(serde_json::to_value(&entry)?)?;
         progress(Event::Step(&entry));
         let last = state.step == cfg.steps;
-        if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0 || last) && !val_ex.is_empty()
+        if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) || last)
+            && !val_ex.is_empty()
         {
             let loss = validate(&model)?;
             write_log(serde_json::json!({"step": state.step, "val_loss": loss}))?;
@@ -326,7 +332,7 @@ pub fn train(
                 loss,
             });
         }
-        if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 || last {
+        if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) || last {
             save_checkpoint(out, &mut state, &model, &opt)?;
             progress(Event::Checkpoint { step: state.step });
         }
@@ -466,9 +472,9 @@ fn load_checkpoint(
     let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
     for (name, var) in model.vars() {
         let get = |k: String| {
-            t.get(&k).cloned().ok_or_else(|| {
-                Error::Input(format!("--resume: {} lacks {k}", file.display()))
-            })
+            t.get(&k)
+                .cloned()
+                .ok_or_else(|| Error::Input(format!("--resume: {} lacks {k}", file.display())))
         };
         var.set(&get(format!("param.{name}"))?)?;
         opt.m.insert(name.clone(), get(format!("m.{name}"))?);
@@ -493,7 +499,10 @@ fn truncate_log(path: &Path, step: usize) -> Result<()> {
         })
         .collect();
     let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
-        .ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(
+        &tmp,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .ctx(|| format!("writing {}", tmp.display()))?;
     rename(&tmp, path)
 }

@@ -309,7 +309,11 @@ impl Llama {
                 (
                     Projections::load(
                         opts,
-                        vec![q("self_attn.q_proj")?, q("self_attn.k_proj")?, q("self_attn.v_proj")?],
+                        vec![
+                            q("self_attn.q_proj")?,
+                            q("self_attn.k_proj")?,
+                            q("self_attn.v_proj")?,
+                        ],
                     )?,
                     Linear::load(opts, q("self_attn.o_proj")?)?,
                     Projections::load(opts, vec![q("mlp.gate_proj")?, q("mlp.up_proj")?])?,
