@@ -269,3 +269,34 @@ fn mismatched_alignment_or_alpha_is_a_clear_error() {
     assert!(e.contains("another target"), "{e}");
     assert!(Alignment::load(&path, &cal_id, &smol).is_ok());
 }
+
+/// The common vocabulary compares decoded bytes: `Ġthe` (byte-level BPE) meets `▁the`
+/// (SentencePiece), newlines meet, and no special token is in it.
+#[test]
+fn common_vocabulary_normalises_both_tokenizer_families() {
+    use detoxfuse::text::vocab::CommonVocab;
+    let s = Tokenizer::for_model(&common::model("smollm2")).unwrap();
+    let g = Tokenizer::for_model(&common::model("gemma3")).unwrap();
+    let ss = CommonVocab::new(&s, &s);
+    let ordinary = (0..s.vocab_size() as u32)
+        .filter(|&i| !s.is_control(i))
+        .count();
+    assert_eq!(ss.len(), ordinary);
+    assert!(ss.pairs.iter().all(|&(a, b)| a == b));
+    let sg = CommonVocab::new(&s, &g);
+    eprintln!(
+        "common vocabulary: smollm2-smollm2 {}, smollm2-gemma3 {}",
+        ss.len(),
+        sg.len()
+    );
+    assert!(sg.len() > 40_000, "{}", sg.len());
+    for &(a, b) in &sg.pairs {
+        assert!(!s.is_control(a) && !g.is_control(b));
+        assert_eq!(s.token_bytes(a, false), g.token_bytes(b, false));
+    }
+    for text in [" the", "\n", " world", "1"] {
+        let a = s.encode(text, false).unwrap();
+        assert_eq!(a.len(), 1, "{text:?}");
+        assert!(sg.pairs.iter().any(|p| p.0 == a[0]), "{text:?} not common");
+    }
+}
