@@ -254,7 +254,7 @@ pub fn load_fusion(
     variant: Variant,
 ) -> Result<Fusion> {
     if !(0.0..=1.0).contains(&alpha) {
-        bail!("--alpha {alpha} is outside [0, 1]; 0 is the untouched target (try 0.3)");
+        bail!("--alpha {alpha} is outside [0, 1]; 0 is the untouched target (the default is 0.2)");
     }
     let cal_dir = calibration_dir(cache, calibration)?;
     let model = lm::load(&cal_dir)

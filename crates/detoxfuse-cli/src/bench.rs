@@ -24,7 +24,7 @@ pub struct FusedBenchArgs {
     /// Targets: fetched names or .gguf paths.
     #[arg(long, num_args = 1.., default_values = ["smollm2", "gemma3"])]
     targets: Vec<String>,
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.2)]
     alpha: f64,
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
@@ -67,7 +67,7 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             &path,
             model.as_ref(),
             a.alpha,
-            detoxfuse::align::Variant::Embedding,
+            detoxfuse::align::Variant::Hidden,
         )?;
         let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
         let prompt = synthetic_prompt(a.prompt_tokens, tok.vocab_size().min(32_000), tok.bos);

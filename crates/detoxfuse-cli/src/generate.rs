@@ -63,10 +63,10 @@ pub struct GenerateArgs {
     #[arg(long, requires = "calibration")]
     alignment: Option<PathBuf>,
     /// Fusion strength in [0, 1]: 0 is the untouched target.
-    #[arg(long, default_value_t = 0.3, requires = "calibration")]
+    #[arg(long, default_value_t = 0.2, requires = "calibration")]
     alpha: f64,
     /// Which alignment to use or learn when --alignment is not given.
-    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Embedding, requires = "calibration")]
+    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Hidden, requires = "calibration")]
     align_variant: crate::align::VariantArg,
 }
 
