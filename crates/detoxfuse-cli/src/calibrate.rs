@@ -359,6 +359,10 @@ pub struct ProbeArgs {
     /// Probe lines per held-back group.
     #[arg(long, default_value_t = 200)]
     per_group: usize,
+    /// Also score the whole base model (all its layers, f32; ~7 minutes for SmolLM2 here),
+    /// for scale.
+    #[arg(long)]
+    full_base: bool,
 }
 
 /// Mean log-probability of held-back toxic (and neutral) ToxiGen continuations, before and
@@ -376,6 +380,13 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     .resolve(cache)?;
     let base = Base::load(&base_path, layers)?;
     let init = base.init(layers, Trainable::default())?;
+    drop(base);
+    // The whole base LM, for scale: what a real language model assigns to the same text.
+    let full = if a.full_base {
+        Some(Base::load_full(&base_path)?)
+    } else {
+        None
+    };
     let tok = &tok;
     let toxigen = a
         .data
@@ -387,24 +398,29 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         corpus::HELD_BACK_GROUPS
     );
     println!(
-        "{:<8} {:>7} {:>8} {:>14} {:>14} {:>10}",
-        "set", "items", "tokens", "init logprob", "trained logprob", "change"
+        "{:<8} {:>7} {:>8} {:>14} {:>15} {:>10} {:>16}",
+        "set", "items", "tokens", "init logprob", "trained logprob", "change", "full base logprob"
     );
     let mut changes = Vec::new();
     for kind in ["hate", "neutral"] {
         let items = probe::items(&toxigen, kind, a.per_group)?;
         let before = probe::mean_nll(&init, tok, &items)?;
         let after = probe::mean_nll(&trained, tok, &items)?;
+        let reference = match &full {
+            Some(m) => -probe::mean_nll(m, tok, &items)?.mean(),
+            None => f64::NAN,
+        };
         let change = before.mean() - after.mean();
         changes.push(change);
         println!(
-            "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4}",
+            "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4} {:>16.4}",
             kind,
             items.len(),
             before.tokens,
             -before.mean(),
             -after.mean(),
-            change
+            change,
+            reference
         );
     }
     println!(

@@ -148,6 +148,17 @@ impl Base {
         })
     }
 
+    /// The whole base model (every layer), e.g. as a reference language model.
+    pub fn load_full(path: &Path) -> Result<CalibrationModel> {
+        let model = if path.is_dir() {
+            export::read_hf_dir(path)?
+        } else {
+            export::hf_llama_from_gguf(path, None)?
+        };
+        let layers = model.config.num_hidden_layers;
+        CalibrationModel::from_base(&model, layers, Trainable::default(), DType::F32)
+    }
+
     pub fn init(&self, layers: usize, trainable: Trainable) -> Result<CalibrationModel> {
         CalibrationModel::from_base(&self.model, layers, trainable, DType::F32)
     }
