@@ -85,9 +85,7 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             fusedv.push(measure(&mut d, &prompt, a.decode_tokens, a.batch, 1)?);
         }
         let med = |v: &[detoxfuse::bench::Speed], g: fn(&detoxfuse::bench::Speed) -> f64| {
-            let mut x: Vec<f64> = v.iter().map(g).collect();
-            x.sort_by(f64::total_cmp);
-            x[x.len() / 2]
+            detoxfuse::bench::median(v.iter().map(g).collect())
         };
         let (pd, fd) = (
             med(&plain, |s| s.decode_tps),

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-use detoxfuse::calibrate::model::{head_cross_entropy, Batch, CalibrationModel, Trainable};
+use candle_core::DType;
+use detoxfuse::calibrate::model::{head_cross_entropy, CalibrationModel, Trainable};
 use detoxfuse::lm::export::hf_llama_from_gguf;
 
 fn main() -> anyhow::Result<()> {
@@ -21,19 +21,7 @@ fn main() -> anyhow::Result<()> {
             Some((a.parse().ok()?, b.parse().ok()?))
         })
         .unwrap_or((16, 256));
-    let ids: Vec<Vec<u32>> = (0..rows)
-        .map(|r| {
-            (0..len)
-                .map(|i| ((r * 7919 + i * 104_729) % 49_000) as u32 + 10)
-                .collect()
-        })
-        .collect();
-    let mask = vec![true; len];
-    let rr: Vec<(&[u32], &[bool])> = ids
-        .iter()
-        .map(|r| (r.as_slice(), mask.as_slice()))
-        .collect();
-    let batch = Batch::new(&rr, 0, &Device::Cpu)?;
+    let batch = detoxfuse::calibrate::bench::synthetic_batch(rows, len)?;
     for _ in 0..6 {
         let t = Instant::now();
         let h = m.forward_hidden(&batch.ids)?;

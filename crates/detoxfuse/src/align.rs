@@ -78,22 +78,7 @@ impl ModelId {
 
 /// sha256 identifying a model: the GGUF file, or a directory's safetensors files.
 pub fn model_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    if !path.is_dir() {
-        return crate::fetch::sha256_file(path, &mut crate::fetch::Silent);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .ctx(|| format!("listing {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    let mut h = sha2::Sha256::new();
-    for f in files {
-        let mut file = std::fs::File::open(&f).ctx(|| format!("opening {}", f.display()))?;
-        std::io::copy(&mut file, &mut h).ctx(|| format!("reading {}", f.display()))?;
-    }
-    Ok(hex::encode(h.finalize()))
+    crate::fetch::sha256_path(path, |p| p.extension().is_some_and(|x| x == "safetensors"))
 }
 
 /// What `align` saves beside `A`.

@@ -19,7 +19,8 @@ pub struct Speed {
     pub batch: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle value (upper middle for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

@@ -117,6 +117,26 @@ pub fn sha256_file(path: &Path, progress: &mut dyn Progress) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// sha256 of a file, or of the files of a directory that `keep` accepts, concatenated in
+/// name order.
+pub fn sha256_path(path: &Path, keep: impl Fn(&Path) -> bool) -> Result<String> {
+    if !path.is_dir() {
+        return sha256_file(path, &mut Silent);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .ctx(|| format!("listing {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && keep(p))
+        .collect();
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        let mut file = File::open(&f).ctx(|| format!("opening {}", f.display()))?;
+        std::io::copy(&mut file, &mut h).ctx(|| format!("reading {}", f.display()))?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Ensures `spec` is in the cache with the right sha256 and returns its path. Does nothing
 /// when the file is already there and verified, unless `force`.
 pub fn fetch(

@@ -30,11 +30,15 @@ struct CrossRow {
     hidden: Tensor,
 }
 
-enum CalState {
+enum CalState<'m> {
     /// Same tokenizer: one batched cache fed the target's ids.
     Shared { cache: KvCache },
     /// Different tokenizers: per-row text, ids and cache.
-    Cross { rows: Vec<CrossRow> },
+    Cross {
+        target_tok: &'m Tokenizer,
+        cal_tok: &'m Tokenizer,
+        rows: Vec<CrossRow>,
+    },
 }
 
 /// Target + calibration model, fused before the target's LM head.
@@ -44,9 +48,8 @@ pub struct FusedDecoder<'m> {
     /// `(d_cal, d_target)`.
     a: Tensor,
     alpha: f64,
-    cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
     tcache: KvCache,
-    state: CalState,
+    state: CalState<'m>,
 }
 
 /// Parameter-free LayerNorm over the last dimension (eps 1e-5).
@@ -94,14 +97,17 @@ impl<'m> FusedDecoder<'m> {
             None => CalState::Shared {
                 cache: cal.new_cache(),
             },
-            Some(_) => CalState::Cross { rows: Vec::new() },
+            Some((target_tok, cal_tok)) => CalState::Cross {
+                target_tok,
+                cal_tok,
+                rows: Vec::new(),
+            },
         };
         Ok(Self {
             target,
             cal,
             a: a.to_dtype(candle_core::DType::F32)?,
             alpha,
-            cross,
             tcache: target.new_cache(),
             state,
         })
@@ -110,20 +116,20 @@ impl<'m> FusedDecoder<'m> {
     /// The calibration model's ids for each row (cross-tokenizer path; empty otherwise).
     pub fn calibration_ids(&self) -> Vec<Vec<TokenId>> {
         match &self.state {
-            CalState::Cross { rows } => rows.iter().map(|r| r.ids.clone()).collect(),
+            CalState::Cross { rows, .. } => rows.iter().map(|r| r.ids.clone()).collect(),
             CalState::Shared { .. } => Vec::new(),
         }
     }
 
     fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
         let h = match h_cal {
-            Some(hc) if self.alpha > 0.0 => fuse(h_target, &hc, &self.a, self.alpha)?,
-            _ => h_target.clone(),
+            Some(hc) => fuse(h_target, &hc, &self.a, self.alpha)?,
+            None => h_target.clone(),
         };
         rows_of(&self.target.lm_head(&h)?)
     }
 
-    /// Advances a cross-tokenizer row by `bytes` and returns its last hidden state.
+    /// Advances a cross-tokenizer row by `bytes`, updating its ids, cache and last hidden state.
     fn advance_row(
         cal: &dyn CausalLm,
         tok: &Tokenizer,
@@ -146,8 +152,7 @@ impl<'m> FusedDecoder<'m> {
         }
         row.cache.truncate(keep)?;
         let h = cal.forward_hidden(&ids_tensor(&[ids[keep..].to_vec()])?, &mut row.cache)?;
-        let t = h.dim(1)?;
-        row.hidden = h.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?;
+        row.hidden = last(&h)?.squeeze(0)?;
         row.ids = ids;
         Ok(())
     }
@@ -183,31 +188,32 @@ impl Decoder for FusedDecoder<'_> {
             // The untouched target, computed exactly as the plain decoder does.
             return Ok(self.logits(&ht, None)?.remove(0));
         }
-        let hc = match (&mut self.state, self.cross) {
-            (CalState::Shared { cache }, _) => {
-                *cache = self.cal.new_cache();
-                last(
-                    &self
-                        .cal
-                        .forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?,
-                )?
+        let cal = self.cal;
+        let hc = match &mut self.state {
+            CalState::Shared { cache } => {
+                *cache = cal.new_cache();
+                last(&cal.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?)?
             }
-            (CalState::Cross { rows }, Some((ttok, ctok))) => {
+            CalState::Cross {
+                target_tok,
+                cal_tok,
+                rows,
+            } => {
                 let bytes: Vec<u8> = prompt
                     .iter()
-                    .flat_map(|&t| ttok.token_bytes(t, false))
+                    .flat_map(|&t| target_tok.token_bytes(t, false))
                     .collect();
                 let mut row = CrossRow {
                     text: Vec::new(),
                     ids: Vec::new(),
-                    cache: self.cal.new_cache(),
+                    cache: cal.new_cache(),
                     hidden: Tensor::zeros(
-                        self.cal.info().hidden_size,
+                        cal.info().hidden_size,
                         candle_core::DType::F32,
                         &candle_core::Device::Cpu,
                     )?,
                 };
-                Self::advance_row(self.cal, ctok, &mut row, &bytes)?;
+                Self::advance_row(cal, cal_tok, &mut row, &bytes)?;
                 if row.ids.is_empty() {
                     return Err(Error::Input(
                         "the prompt has no text for the calibration model to read".into(),
@@ -217,7 +223,6 @@ impl Decoder for FusedDecoder<'_> {
                 *rows = vec![row];
                 h
             }
-            (CalState::Cross { .. }, None) => unreachable!("cross state needs tokenizers"),
         };
         Ok(self.logits(&ht, Some(hc))?.remove(0))
     }
@@ -229,7 +234,7 @@ impl Decoder for FusedDecoder<'_> {
         }
         match &mut self.state {
             CalState::Shared { cache } => cache.repeat_batch(n),
-            CalState::Cross { rows } => {
+            CalState::Cross { rows, .. } => {
                 let one = rows
                     .first()
                     .cloned()
@@ -247,7 +252,7 @@ impl Decoder for FusedDecoder<'_> {
         }
         match &mut self.state {
             CalState::Shared { cache } => cache.select_rows(keep),
-            CalState::Cross { rows } => {
+            CalState::Cross { rows, .. } => {
                 *rows = keep.iter().map(|&r| rows[r].clone()).collect();
                 Ok(())
             }
@@ -264,19 +269,21 @@ impl Decoder for FusedDecoder<'_> {
         if self.alpha == 0.0 {
             return self.logits(&ht, None);
         }
-        let hc = match (&mut self.state, self.cross) {
-            (CalState::Shared { cache }, _) => {
-                last(&self.cal.forward_hidden(&ids_tensor(&ids)?, cache)?)?
-            }
-            (CalState::Cross { rows }, Some((ttok, ctok))) => {
+        let cal = self.cal;
+        let hc = match &mut self.state {
+            CalState::Shared { cache } => last(&cal.forward_hidden(&ids_tensor(&ids)?, cache)?)?,
+            CalState::Cross {
+                target_tok,
+                cal_tok,
+                rows,
+            } => {
                 let mut hs = Vec::with_capacity(rows.len());
                 for (row, &t) in rows.iter_mut().zip(tokens) {
-                    Self::advance_row(self.cal, ctok, row, &ttok.token_bytes(t, false))?;
+                    Self::advance_row(cal, cal_tok, row, &target_tok.token_bytes(t, false))?;
                     hs.push(row.hidden.clone());
                 }
                 Tensor::stack(&hs, 0)?
             }
-            (CalState::Cross { .. }, None) => unreachable!("cross state needs tokenizers"),
         };
         self.logits(&ht, Some(hc))
     }

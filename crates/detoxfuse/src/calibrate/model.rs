@@ -14,9 +14,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, WithDType};
+use candle_core::{DType, Device, Tensor, Var};
 
-use super::ops;
+use super::ops::{self, Float};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -419,29 +419,9 @@ pub fn head_cross_entropy(
     }
 }
 
-/// The float operations the head needs beyond [`WithDType`].
-trait Real: WithDType + Send + Sync + 'static {
-    fn exp(self) -> Self;
-}
-impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-}
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
-
-/// A contiguous CPU tensor's elements.
-fn cpu_vec<T: Real>(t: &Tensor) -> Result<Vec<T>> {
-    Ok(t.flatten_all()?.to_vec1::<T>()?)
-}
-
 /// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Real>(
+fn gemm_into<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_strides: (isize, isize),
@@ -485,7 +465,7 @@ fn gemm_into<T: Real>(
 }
 
 #[allow(clippy::assign_op_pattern)] // T has no *=, -= bounds
-fn head_ce_typed<T: Real>(
+fn head_ce_typed<T: Float>(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[TokenId],
@@ -505,8 +485,8 @@ fn head_ce_typed<T: Real>(
         )));
     }
     // Plain copies: these values are fed back by hand and must not join the autograd graph.
-    let h: Vec<T> = cpu_vec(hidden)?;
-    let w: Vec<T> = cpu_vec(weight)?;
+    let h: Vec<T> = ops::values(hidden)?;
+    let w: Vec<T> = ops::values(weight)?;
     let chunk = CHUNK.min(n.max(1));
     let mut logits: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
     let mut grad_h: Vec<T> = Vec::new();

@@ -36,7 +36,8 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
-fn values<T: WithDType>(t: &Tensor) -> CResult<Vec<T>> {
+/// A tensor's elements in order.
+pub(crate) fn values<T: WithDType>(t: &Tensor) -> CResult<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 

@@ -164,27 +164,9 @@ impl Base {
     }
 }
 
-/// sha256 of a file, or of a directory's files in name order.
+/// sha256 of a file, or of all of a directory's files in name order.
 pub fn sha256_path(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut files = vec![];
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).ctx(|| format!("reading {}", path.display()))? {
-            let p = e.ctx(|| format!("reading {}", path.display()))?.path();
-            if p.is_file() {
-                files.push(p);
-            }
-        }
-        files.sort();
-    } else {
-        files.push(path.to_path_buf());
-    }
-    for f in files {
-        let mut file = std::fs::File::open(&f).ctx(|| format!("opening {}", f.display()))?;
-        std::io::copy(&mut file, &mut h).ctx(|| format!("reading {}", f.display()))?;
-    }
-    Ok(hex::encode(h.finalize()))
+    crate::fetch::sha256_path(path, |_| true)
 }
 
 /// Makes sure `dir` exists and is writable before hours of work depend on it.
