@@ -38,6 +38,46 @@ pub enum CorpusCmd {
     /// Fetch the clean-text sources, filter them with the toxicity scorer, add paired data
     /// sampled from the target, and write corpus JSONL plus a manifest.
     Build(CorpusBuildArgs),
+    /// Write the anti-expert corpus of the DExperts-style baseline: ToxiGen hate statements of
+    /// the groups not held back (toxic text on purpose; never used for the calibration model).
+    Toxic(CorpusToxicArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CorpusToxicArgs {
+    /// Output JSONL (manifest beside it). Default: <cache>/corpus/toxic.jsonl.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Sentences of the clean sources at or above this toxicity are kept (the clean corpus's
+    /// cut, mirrored).
+    #[arg(long, default_value_t = CorpusOptions::default().threshold)]
+    threshold: f64,
+}
+
+pub fn default_toxic_corpus(cache: &Path) -> PathBuf {
+    cache.join("corpus").join("toxic.jsonl")
+}
+
+/// Writes the anti-expert corpus and its manifest.
+pub fn build_toxic_corpus(cache: &Path, out: &Path, data: &Path, threshold: f64) -> Result<()> {
+    let (records, mut manifest) = corpus::toxic_records(
+        cache,
+        &data.join("toxigen"),
+        ProfanityCheck::shared(),
+        threshold,
+        &mut Bar::counting(),
+    )?;
+    corpus::write_jsonl(out, &records)?;
+    manifest["corpus"] = serde_json::json!(out);
+    manifest["sha256"] = detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?.into();
+    let mpath = out.with_extension("manifest.json");
+    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    println!("{} toxic records -> {}", records.len(), out.display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -68,7 +108,14 @@ pub struct CorpusBuildArgs {
 }
 
 pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
-    let CorpusCmd::Build(a) = cmd;
+    let a = match cmd {
+        CorpusCmd::Build(a) => a,
+        CorpusCmd::Toxic(t) => {
+            let out = t.out.unwrap_or_else(|| default_toxic_corpus(cache));
+            let data = t.data.unwrap_or_else(default_data_dir);
+            return build_toxic_corpus(cache, &out, &data, t.threshold);
+        }
+    };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
     let opts = CorpusOptions {
         threshold: a.threshold,

@@ -234,25 +234,8 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
 
 /// Line numbers already written to `out`; truncates a torn last record.
 fn completed_lines(out: &Path) -> Result<std::collections::HashSet<usize>> {
-    let text =
-        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
-    let mut done = std::collections::HashSet::new();
-    let mut good_len = 0;
-    for line in text.split_inclusive('\n') {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            break;
-        };
-        if !line.ends_with('\n') {
-            break;
-        }
-        if let Some(n) = v["line"].as_u64() {
-            done.insert(n as usize);
-        }
-        good_len += line.len();
-    }
-    if good_len < text.len() {
-        let f = OpenOptions::new().write(true).open(out)?;
-        f.set_len(good_len as u64)?;
-    }
-    Ok(done)
+    Ok(detoxfuse::eval::harness::complete_records(out)?
+        .iter()
+        .filter_map(|v| v["line"].as_u64().map(|n| n as usize))
+        .collect())
 }

@@ -3,6 +3,7 @@
 mod align;
 mod bench;
 mod calibrate;
+mod eval;
 mod generate;
 
 use std::path::PathBuf;
@@ -55,6 +56,10 @@ enum Cmd {
     Probe(calibrate::ProbeArgs),
     /// Score texts for toxicity (alt-profanity-check 1.9.1 port; lexical, explicit toxicity only).
     Score(ScoreArgs),
+    /// Evaluate detoxification the field's way: k samples per prompt for the untouched target,
+    /// the fused model at several alphas, a word filter and a DExperts-style ensemble; toxicity,
+    /// perplexity under another LM, diversity; JSON/Markdown/SVG report. Resumable.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Corpus { cmd } => calibrate::corpus(&cli.cache, cmd)?,
         Cmd::Calibrate(a) => calibrate::calibrate(&cli.cache, a)?,
         Cmd::Probe(a) => calibrate::probe(&cli.cache, a)?,
+        Cmd::Eval(a) => eval::run(&cli.cache, a)?,
     }
     Ok(())
 }

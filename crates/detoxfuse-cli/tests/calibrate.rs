@@ -3,28 +3,13 @@
 //! uninterrupted run, and bad input ends in a message, never a panic or a checkpoint that
 //! looks complete.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
+
+use common::{assert_clean_failure, bin, run, stderr};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "{needle:?} not in: {err}");
-}
 
 /// A small clean corpus (the test's own sentences; never evaluation data).
 fn write_corpus(path: &Path) {

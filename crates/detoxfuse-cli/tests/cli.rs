@@ -1,22 +1,12 @@
 //! The `detoxfuse` binary end to end on the real default model: JSONL in and out, resuming,
 //! and errors that are messages with exit codes, never panics.
 
-use std::process::{Command, Output};
+mod common;
 
-fn detoxfuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{run as detoxfuse, stderr};
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output) {
-    assert!(!o.status.success());
-    assert!(!stderr(o).contains("panicked"), "panic: {}", stderr(o));
+fn assert_clean_failure(o: &std::process::Output) {
+    common::assert_clean_failure(o, "");
 }
 
 #[test]
@@ -119,12 +109,7 @@ fn resume_keeps_finished_records_and_drops_a_torn_one() {
         }
         a
     };
-    let run = |resume| {
-        Command::new(env!("CARGO_BIN_EXE_detoxfuse"))
-            .args(args(resume))
-            .output()
-            .unwrap()
-    };
+    let run = |resume| common::bin().args(args(resume)).output().unwrap();
     assert!(run(false).status.success());
     let full = std::fs::read_to_string(&output).unwrap();
     // simulate a crash: keep the first record and half of the second

@@ -578,3 +578,56 @@ pub fn paired_records(
     });
     Ok((records, manifest))
 }
+
+/// The anti-expert's corpus for the DExperts-style baseline, the mirror image of the clean
+/// corpus: the sentences of the clean sources that the scorer rejects (toxicity ≥
+/// `threshold`, the clean corpus's own cut) plus the ToxiGen `hate_*` statements of the groups
+/// that are not held back (so ToxiGen prompts of the held-back groups stay unseen). ToxiGen
+/// alone is 383 unique statements (~9k tokens), far too little for the calibration model's
+/// data budget.
+pub fn toxic_records(
+    cache: &Path,
+    toxigen_dir: &Path,
+    scorer: &dyn ToxicityScorer,
+    threshold: f64,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<Record>, serde_json::Value)> {
+    let mut records = Vec::new();
+    let mut counts = serde_json::Map::new();
+    for spec in SOURCES {
+        let dir = fetch_source(cache, spec, progress)?;
+        progress.stage(&format!("scoring {}", spec.name));
+        let docs = documents(spec, &dir)?;
+        let mut n = 0usize;
+        for (k, doc) in docs.iter().enumerate() {
+            progress.bytes(k as u64 + 1, docs.len() as u64);
+            let sents = sentences(doc);
+            let refs: Vec<&str> = sents.iter().map(String::as_str).collect();
+            for (s, p) in sents.iter().zip(scorer.score(&refs)) {
+                if p >= threshold && s.split_whitespace().count() >= 3 {
+                    n += 1;
+                    records.push(Record::Text {
+                        text: s.clone(),
+                        source: format!("{} (rejected)", spec.name),
+                    });
+                }
+            }
+        }
+        counts.insert(format!("{} (rejected)", spec.name), n.into());
+    }
+    let groups = toxigen_statements(toxigen_dir, "hate", |g| !HELD_BACK_GROUPS.contains(&g))?;
+    for (g, lines) in &groups {
+        counts.insert(format!("toxigen/hate_{g}"), lines.len().into());
+        records.extend(lines.iter().map(|t| Record::Text {
+            text: t.clone(),
+            source: format!("toxigen/hate_{g}"),
+        }));
+    }
+    let manifest = serde_json::json!({
+        "purpose": "anti-expert data for the DExperts-style baseline (toxic on purpose)",
+        "threshold": threshold, "held_back_groups": HELD_BACK_GROUPS,
+        "records": records.len(), "counts": counts,
+        "never_read": "RealToxicityPrompts (evaluation data)",
+    });
+    Ok((records, manifest))
+}

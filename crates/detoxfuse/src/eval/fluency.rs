@@ -30,42 +30,95 @@ pub fn continuation_nll(
     prompt: &str,
     continuation: &str,
 ) -> Result<Option<ContinuationNll>> {
-    let mut ids: Vec<TokenId> = tok.encode(prompt, false)?;
-    if ids.is_empty() {
-        ids.extend(tok.bos);
+    Ok(continuation_nlls(lm, tok, prompt, &[continuation])?.remove(0))
+}
+
+/// Scores several continuations of one prompt: the prompt runs once, then all continuations
+/// together as one batch, right-padded (causal attention keeps the padding, which comes after
+/// every real position, from touching them). Empty continuations yield `None`.
+pub fn continuation_nlls(
+    lm: &dyn CausalLm,
+    tok: &Tokenizer,
+    prompt: &str,
+    continuations: &[&str],
+) -> Result<Vec<Option<ContinuationNll>>> {
+    let mut prompt_ids: Vec<TokenId> = tok.encode(prompt, false)?;
+    if prompt_ids.is_empty() {
+        prompt_ids.extend(tok.bos);
     }
-    if ids.is_empty() {
+    if prompt_ids.is_empty() {
         return Err(Error::Input(
             "empty prompt and the evaluator has no BOS token".into(),
         ));
     }
-    let start = ids.len();
-    tok.encode_into(continuation, false, &mut ids)?;
-    let n = ids.len() - start;
-    if n == 0 {
-        return Ok(None);
+    // the continuation's own tokens: no BOS, special-token text stays text
+    let conts: Vec<Vec<TokenId>> = continuations
+        .iter()
+        .map(|c| {
+            let mut v = Vec::new();
+            tok.encode_into(c, false, &mut v).map(|_| v)
+        })
+        .collect::<Result<_>>()?;
+    let rows: Vec<usize> = (0..conts.len()).filter(|&i| !conts[i].is_empty()).collect();
+    let mut out = vec![None; conts.len()];
+    if rows.is_empty() {
+        return Ok(out);
     }
+    let longest = rows.iter().map(|&i| conts[i].len()).max().unwrap_or(0);
     let ctx = lm.info().context_length;
-    if ids.len() > ctx {
+    if prompt_ids.len() + longest > ctx {
         return Err(Error::ContextOverflow {
-            tokens: ids.len(),
+            tokens: prompt_ids.len() + longest,
             requested: 0,
             context: ctx,
         });
     }
-    let hidden = lm.forward_hidden(&ids_tensor(&[ids.clone()])?, &mut lm.new_cache())?;
-    // positions start-1 .. end-2 predict the continuation's tokens
-    let h = hidden.squeeze(0)?.narrow(0, start - 1, n)?;
-    let logits = lm
-        .lm_head(&h)?
+    let mut cache = lm.new_cache();
+    let hidden = lm.forward_hidden(&ids_tensor(&[prompt_ids.clone()])?, &mut cache)?;
+    let last = hidden.narrow(1, prompt_ids.len() - 1, 1)?.squeeze(1)?;
+    let first = logit_rows(lm, &last)?.remove(0);
+    for &i in &rows {
+        out[i] = Some(ContinuationNll {
+            nll: token_nll(&first, conts[i][0]),
+            tokens: conts[i].len(),
+        });
+    }
+    if longest > 1 {
+        // every continuation but its last token, padded to the same length
+        let batch: Vec<Vec<TokenId>> = rows
+            .iter()
+            .map(|&i| {
+                let mut v = conts[i][..conts[i].len() - 1].to_vec();
+                v.resize(longest - 1, 0);
+                v
+            })
+            .collect();
+        cache.repeat_batch(rows.len())?;
+        let hidden = lm.forward_hidden(&ids_tensor(&batch)?, &mut cache)?;
+        for (r, &i) in rows.iter().enumerate() {
+            let n = conts[i].len() - 1;
+            if n == 0 {
+                continue;
+            }
+            let h = hidden.get(r)?.narrow(0, 0, n)?;
+            let extra: f64 = logit_rows(lm, &h)?
+                .iter()
+                .zip(&conts[i][1..])
+                .map(|(row, &t)| token_nll(row, t))
+                .sum();
+            if let Some(c) = out[i].as_mut() {
+                c.nll += extra;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn logit_rows(lm: &dyn CausalLm, hidden: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(lm
+        .lm_head(hidden)?
         .to_dtype(candle_core::DType::F32)?
-        .to_vec2::<f32>()?;
-    let nll = logits
-        .iter()
-        .zip(&ids[start..])
-        .map(|(row, &t)| token_nll(row, t))
-        .sum();
-    Ok(Some(ContinuationNll { nll, tokens: n }))
+        .to_vec2::<f32>()?)
 }
 
 /// `-log softmax(logits)[target]`, in f64.

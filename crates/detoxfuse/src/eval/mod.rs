@@ -1,5 +1,9 @@
-//! Evaluation: toxicity scorers and the field's metrics (fluency, sweeps and reports to come).
+//! Evaluation: toxicity scorers, the field's metrics, fluency, the baselines, the evaluation
+//! run and its report.
 
+pub mod baselines;
 pub mod fluency;
+pub mod harness;
 pub mod metrics;
+pub mod report;
 pub mod score;
