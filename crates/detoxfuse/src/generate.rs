@@ -120,6 +120,39 @@ pub fn generate(
     prompt: &[TokenId],
     cfg: &GenerationConfig,
 ) -> Result<Vec<Generation>> {
+    generate_streaming(decoder, tok, prompt, cfg, &mut |_, _| true)
+}
+
+/// How much of `bytes` can be shown now: complete UTF-8 characters only, holding back a tail
+/// that could still grow into one of the `stops` (it must never be shown if it does).
+fn releasable(bytes: &[u8], stops: &[String]) -> usize {
+    let valid = match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        Err(e) => e.valid_up_to(),
+    };
+    let hold = stops
+        .iter()
+        .filter_map(|st| {
+            (1..st.len())
+                .rev()
+                .find(|&k| k <= valid && bytes[..valid].ends_with(&st.as_bytes()[..k]))
+        })
+        .max()
+        .unwrap_or(0);
+    valid - hold
+}
+
+/// [`generate`], calling `on_text(sample, delta)` whenever a sample's text grows by text
+/// that is final (whole characters, never part of a stop string). The deltas of a sample
+/// concatenate to its final text. Returning `false` cancels the whole generation (e.g. the
+/// client went away); what was generated so far is returned.
+pub fn generate_streaming(
+    decoder: &mut dyn Decoder,
+    tok: &Tokenizer,
+    prompt: &[TokenId],
+    cfg: &GenerationConfig,
+    on_text: &mut dyn FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generation>> {
     cfg.sampling.validate()?;
     if cfg.n == 0 {
         return Err(Error::Input("n must be at least 1".into()));
@@ -155,6 +188,7 @@ pub fn generate(
         })
         .collect();
     let mut bytes: Vec<Vec<u8>> = vec![Vec::new(); n];
+    let mut shown = vec![0usize; n];
     if cfg.max_tokens == 0 {
         return Ok(out);
     }
@@ -164,6 +198,7 @@ pub fn generate(
     // `active[r]` is the sample that batch row r belongs to.
     let mut active: Vec<usize> = (0..n).collect();
     let mut logits: Vec<Vec<f32>> = vec![first; n];
+    let mut cancelled = false;
     for step in 0..cfg.max_tokens {
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
@@ -199,8 +234,16 @@ pub fn generate(
             }
             next.push(t);
             keep.push(row);
+            let upto = releasable(&bytes[s], &cfg.stop);
+            if upto > shown[s] {
+                let delta = std::str::from_utf8(&bytes[s][shown[s]..upto]).unwrap_or_default();
+                shown[s] = upto;
+                if !on_text(s, delta) {
+                    cancelled = true;
+                }
+            }
         }
-        if next.is_empty() || step + 1 == cfg.max_tokens {
+        if next.is_empty() || step + 1 == cfg.max_tokens || cancelled {
             break;
         }
         if keep.len() < active.len() {
@@ -209,8 +252,29 @@ pub fn generate(
         }
         logits = decoder.step(&next)?;
     }
-    for (g, b) in out.iter_mut().zip(bytes) {
+    for (s, (g, b)) in out.iter_mut().zip(bytes).enumerate() {
         g.text = String::from_utf8_lossy(&b).into_owned();
+        // the rest: a held-back tail that did not become a stop string, or a torn character
+        let rest = String::from_utf8_lossy(&b[shown[s].min(b.len())..]).into_owned();
+        if !cancelled && !rest.is_empty() {
+            on_text(s, &rest);
+        }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::releasable;
+
+    #[test]
+    fn releasable_holds_back_torn_characters_and_stop_prefixes() {
+        assert_eq!(releasable(b"hello", &[]), 5);
+        // "é" is C3 A9: a lone C3 waits
+        assert_eq!(releasable(b"caf\xc3", &[]), 3);
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(releasable(b"ok\nUs", &stops), 2);
+        assert_eq!(releasable(b"ok\nUx", &stops), 5);
+        assert_eq!(releasable(b"ok\n", &stops), 2);
+    }
 }

@@ -210,3 +210,60 @@ fn fluent_continuations_have_lower_perplexity_than_scrambled_ones() {
     // quantized kernels: full-sequence and step-by-step differ by activation rounding only
     assert!((scored.nll - nll).abs() < 0.5, "{} vs {nll}", scored.nll);
 }
+
+#[test]
+fn streamed_deltas_concatenate_to_the_final_texts() {
+    use detoxfuse::generate::generate_streaming;
+    let path = model("smollm2");
+    let m = lm::load(&path).unwrap();
+    let tok = Tokenizer::for_model(&path).unwrap();
+    let prompt = tok.encode("Write a list of fruits:\n1.", false).unwrap();
+    let cfg = GenerationConfig {
+        max_tokens: 30,
+        n: 3,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.95,
+            seed: 2,
+        },
+        stop: vec!["\n3.".into()],
+        ..GenerationConfig::default()
+    };
+    let mut streamed = vec![String::new(); 3];
+    let gens = generate_streaming(
+        &mut PlainDecoder::new(m.as_ref()),
+        &tok,
+        &prompt,
+        &cfg,
+        &mut |s, d| {
+            streamed[s].push_str(d);
+            true
+        },
+    )
+    .unwrap();
+    let plain = generate(&mut PlainDecoder::new(m.as_ref()), &tok, &prompt, &cfg).unwrap();
+    for ((g, p), s) in gens.iter().zip(&plain).zip(&streamed) {
+        assert_eq!(&g.text, s, "deltas must add up to the text");
+        assert_eq!(g.token_ids, p.token_ids, "streaming changes nothing");
+        assert!(
+            !s.contains("\n3."),
+            "a stop string is never streamed: {s:?}"
+        );
+    }
+    // cancelling stops early
+    let mut calls = 0;
+    let g = generate_streaming(
+        &mut PlainDecoder::new(m.as_ref()),
+        &tok,
+        &prompt,
+        &cfg,
+        &mut |_, _| {
+            calls += 1;
+            false
+        },
+    )
+    .unwrap();
+    assert!(calls <= 3, "{calls}");
+    assert!(g.iter().all(|g| g.token_ids.len() <= 1));
+}

@@ -267,6 +267,9 @@ pub struct PromptFluency {
     pub line: usize,
     pub nll: Vec<Option<f64>>,
     pub tokens: Vec<usize>,
+    /// Wall time of scoring them.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Scores the first `per_prompt` samples of every prompt in `gens` not yet in `out` under the
@@ -289,6 +292,7 @@ pub fn score_fluency(
             .take(per_prompt)
             .map(|s| s.text.as_str())
             .collect();
+        let t0 = Instant::now();
         let scored = continuation_nlls(lm, tok, &g.prompt, &texts)?;
         append_line(
             out,
@@ -296,6 +300,7 @@ pub fn score_fluency(
                 line: *line,
                 nll: scored.iter().map(|c| c.map(|c| c.nll)).collect(),
                 tokens: scored.iter().map(|c| c.map_or(0, |c| c.tokens)).collect(),
+                seconds: t0.elapsed().as_secs_f64(),
             },
         )?;
         count += 1;
@@ -330,6 +335,9 @@ pub struct MethodSummary {
     /// Generated tokens and the wall time spent generating them (summed over prompts).
     pub generated_tokens: usize,
     pub generation_seconds: f64,
+    /// Wall time of the perplexity scoring (summed over prompts).
+    #[serde(default)]
+    pub perplexity_seconds: f64,
 }
 
 /// Summarises a method from its generations and (optional) fluency records.
@@ -372,6 +380,7 @@ pub fn summarize(
         distinct_3: metrics::mean_distinct_n(&texts, 3),
         generated_tokens: ok.iter().flat_map(|g| &g.samples).map(|s| s.tokens).sum(),
         generation_seconds: gens.values().map(|g| g.seconds).sum(),
+        perplexity_seconds: fluency.values().map(|f| f.seconds).sum(),
     }
 }
 
@@ -474,6 +483,7 @@ mod tests {
                 line: 1,
                 nll: vec![Some(2.0), None],
                 tokens: vec![2, 0],
+                seconds: 0.25,
             },
         );
         let m = summarize("base", &gens, &flu);
@@ -487,5 +497,6 @@ mod tests {
         assert!((m.distinct_1 - 0.625).abs() < 1e-12);
         assert_eq!(m.generated_tokens, 8);
         assert!((m.generation_seconds - 2.5).abs() < 1e-12);
+        assert!((m.perplexity_seconds - 0.25).abs() < 1e-12);
     }
 }
