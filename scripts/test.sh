@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run --release --locked -- fetch
+# the official OpenAI Python client for the server's integration test (PyPI, pinned)
+scripts/setup_openai_env.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --locked --workspace 2>&1 | tee "$log"

@@ -242,6 +242,27 @@ pub struct Fusion {
     pub alignment: PathBuf,
 }
 
+impl Fusion {
+    /// The fused decoder for `target` at `alpha` (the cross-tokenizer path when the tokenizers
+    /// differ).
+    pub fn decoder<'a>(
+        &'a self,
+        target: &'a dyn CausalLm,
+        target_tok: &'a Tokenizer,
+        alpha: f64,
+    ) -> Result<detoxfuse::fuse::FusedDecoder<'a>> {
+        let cross = (!detoxfuse::fuse::same_tokenizer(target_tok, &self.tokenizer))
+            .then_some((target_tok, &self.tokenizer));
+        Ok(detoxfuse::fuse::FusedDecoder::new(
+            target,
+            self.model.as_ref(),
+            &self.aligned.a,
+            alpha,
+            cross,
+        )?)
+    }
+}
+
 /// Loads (making on first use, for the defaults) what `generate --calibration` needs, and
 /// checks it against the target.
 pub fn load_fusion(

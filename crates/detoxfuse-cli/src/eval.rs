@@ -8,7 +8,7 @@ use detoxfuse::eval::baselines::{self, BannedSequences, ExpertsDecoder, WordFilt
 use detoxfuse::eval::harness::{self, Prompt};
 use detoxfuse::eval::report::{self, Report};
 use detoxfuse::eval::score::ProfanityCheck;
-use detoxfuse::fuse::{same_tokenizer, FusedDecoder};
+use detoxfuse::fuse::same_tokenizer;
 use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::lm;
 use detoxfuse::sample::SamplingParams;
@@ -407,14 +407,10 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         let mut dec: Box<dyn Decoder + '_> = match m {
             Method::Base => Box::new(PlainDecoder::new(target.as_ref())),
             Method::Fused(alpha) => {
-                let f = fusion.as_ref().expect("loaded for fused rows");
-                let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
-                Box::new(FusedDecoder::new(
+                Box::new(fusion.as_ref().expect("loaded for fused rows").decoder(
                     target.as_ref(),
-                    f.model.as_ref(),
-                    &f.aligned.a,
+                    &tok,
                     *alpha,
-                    cross,
                 )?)
             }
             Method::WordFilter => Box::new(WordFilterDecoder::new(

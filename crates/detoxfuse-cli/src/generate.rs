@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use detoxfuse::fuse::{same_tokenizer, FusedDecoder};
 use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::{ChatMessage, Tokenizer};
@@ -179,16 +178,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     );
     let mut failed = 0;
     let mut dec: Box<dyn Decoder + '_> = match &fusion {
-        Some(f) => {
-            let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
-            Box::new(FusedDecoder::new(
-                model.as_ref(),
-                f.model.as_ref(),
-                &f.aligned.a,
-                a.alpha,
-                cross,
-            )?)
-        }
+        Some(f) => Box::new(f.decoder(model.as_ref(), &tok, a.alpha)?),
         None => Box::new(PlainDecoder::new(model.as_ref())),
     };
     let fusion_info = fusion.as_ref().map(|f| {

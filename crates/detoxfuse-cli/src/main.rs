@@ -5,6 +5,7 @@ mod bench;
 mod calibrate;
 mod eval;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,9 @@ enum Cmd {
     /// the fused model at several alphas, a word filter and a DExperts-style ensemble; toxicity,
     /// perplexity under another LM, diversity; JSON/Markdown/SVG report. Resumable.
     Eval(eval::EvalArgs),
+    /// Serve an OpenAI-compatible HTTP API (completions and chat, streaming) with a per-request
+    /// `alpha`.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -232,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Calibrate(a) => calibrate::calibrate(&cli.cache, a)?,
         Cmd::Probe(a) => calibrate::probe(&cli.cache, a)?,
         Cmd::Eval(a) => eval::run(&cli.cache, a)?,
+        Cmd::Serve(a) => serve::run(&cli.cache, a)?,
     }
     Ok(())
 }

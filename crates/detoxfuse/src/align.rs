@@ -332,6 +332,46 @@ pub fn retrieval_at_1(a: &Tensor, x: &Tensor, y: &Tensor) -> Result<f64> {
     Ok(hits as f64 / n as f64)
 }
 
+/// `A` before training: normal entries with standard deviation 1/sqrt(d_cal).
+pub fn initial_a(dc: usize, dt: usize, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
+    let std = 1.0 / (dc as f64).sqrt();
+    let init: Vec<f32> = (0..dc * dt)
+        .map(|_| {
+            // Box-Muller normal.
+            let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(init, (dc, dt), &Device::Cpu)?)
+}
+
+impl Alignment {
+    /// An untrained alignment (A at its initialisation, retrieval at chance) between two
+    /// models: for tests and smoke checks of the decoding machinery, never for detox.
+    pub fn untrained(calibration: ModelId, target: ModelId, seed: u64) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Ok(Self {
+            a: initial_a(calibration.width, target.width, &mut rng)?,
+            manifest: AlignManifest {
+                calibration,
+                target,
+                config: AlignConfig {
+                    epochs: 0,
+                    seed,
+                    ..AlignConfig::default()
+                },
+                common_vocab: 0,
+                train_pairs: 0,
+                held_out_pairs: 0,
+                // epochs 0 marks it untrained (JSON has no NaN)
+                final_loss: 0.0,
+                retrieval_at_1: 0.0,
+                retrieval_at_1_init: 0.0,
+            },
+        })
+    }
+}
+
 /// Learns `A` on the training pairs; returns it, the last epoch's mean loss and held-out
 /// accuracy@1 before and after.
 pub fn train(
@@ -352,15 +392,7 @@ pub fn train(
     let (hx, hy) = (rows(&pairs.x, &held_idx)?, rows(&pairs.y, &held_idx)?);
     let (dc, dt) = (x.dim(1)?, y.dim(1)?);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let std = 1.0 / (dc as f64).sqrt();
-    let init: Vec<f32> = (0..dc * dt)
-        .map(|_| {
-            // Box-Muller normal.
-            let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-        })
-        .collect();
-    let a = Var::from_tensor(&Tensor::from_vec(init, (dc, dt), &Device::Cpu)?)?;
+    let a = Var::from_tensor(&initial_a(dc, dt, &mut rng)?)?;
     let acc_init = retrieval_at_1(a.as_tensor(), &hx, &hy)?;
     let mut opt = AdamW::new(
         vec![a.clone()],

@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use detoxfuse::align::{AlignConfig, AlignManifest, Alignment, ModelId};
+use detoxfuse::align::{Alignment, ModelId};
 use detoxfuse::fuse::{fuse, same_tokenizer, FusedDecoder};
 use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::lm::export::{hf_llama_from_gguf, write_hf_dir};
@@ -233,22 +233,10 @@ fn mismatched_alignment_or_alpha_is_a_clear_error() {
     let smol = ModelId::of(&common::model("smollm2"), 576).unwrap();
     let gemma = ModelId::of(&common::model("gemma3"), 640).unwrap();
     let path = dir.path().join("a.safetensors");
-    Alignment {
-        a: random_a(576, 576),
-        manifest: AlignManifest {
-            calibration: cal_id.clone(),
-            target: smol.clone(),
-            config: AlignConfig::default(),
-            common_vocab: 0,
-            train_pairs: 0,
-            held_out_pairs: 0,
-            final_loss: 0.0,
-            retrieval_at_1: 0.0,
-            retrieval_at_1_init: 0.0,
-        },
-    }
-    .save(&path)
-    .unwrap();
+    Alignment::untrained(cal_id.clone(), smol.clone(), 11)
+        .unwrap()
+        .save(&path)
+        .unwrap();
     let e = Alignment::load(&path, &cal_id, &gemma)
         .err()
         .unwrap()
