@@ -14,6 +14,9 @@ pub enum BenchWhat {
     Train(TrainBenchArgs),
     /// Fused (target + calibration model) versus plain decoding throughput, per target.
     Fused(FusedBenchArgs),
+    /// Load test of `detoxfuse serve`: many requests at a fixed concurrency; throughput,
+    /// latency percentiles, status counts. Starts its own server unless --url is given.
+    Serve(crate::serve::load::LoadArgs),
 }
 
 #[derive(clap::Args)]
@@ -37,7 +40,6 @@ pub struct FusedBenchArgs {
 }
 
 pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
-    use detoxfuse::fuse::{same_tokenizer, FusedDecoder};
     println!(
         "threads {}, prompt {} tokens, decode {} tokens, batch {}, alpha {}, plain and fused alternating, medians of {} runs",
         candle_threads(), a.prompt_tokens, a.decode_tokens, a.batch, a.alpha, a.runs
@@ -69,19 +71,12 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             a.alpha,
             detoxfuse::align::Variant::Hidden,
         )?;
-        let cross = (!same_tokenizer(&tok, &f.tokenizer)).then_some((&tok, &f.tokenizer));
         let prompt = synthetic_prompt(a.prompt_tokens, tok.vocab_size().min(32_000), tok.bos);
         let (mut plain, mut fusedv) = (Vec::new(), Vec::new());
         for _ in 0..a.runs.max(1) {
             let mut p = PlainDecoder::new(model.as_ref());
             plain.push(measure(&mut p, &prompt, a.decode_tokens, a.batch, 1)?);
-            let mut d = FusedDecoder::new(
-                model.as_ref(),
-                f.model.as_ref(),
-                &f.aligned.a,
-                a.alpha,
-                cross,
-            )?;
+            let mut d = f.decoder(model.as_ref(), &tok, a.alpha)?;
             fusedv.push(measure(&mut d, &prompt, a.decode_tokens, a.batch, 1)?);
         }
         let med = |v: &[detoxfuse::bench::Speed], g: fn(&detoxfuse::bench::Speed) -> f64| {
@@ -98,7 +93,11 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
         println!(
             "{:<10} {:>6} {:>11.1} {:>11.1} {:>7.2} | {:>13.1} {:>13.1} {:>7.2}",
             name,
-            if cross.is_some() { "cross" } else { "shared" },
+            if detoxfuse::fuse::same_tokenizer(&tok, &f.tokenizer) {
+                "shared"
+            } else {
+                "cross"
+            },
             pd,
             fd,
             fd / pd,
@@ -241,6 +240,7 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
     match a.what {
         Some(BenchWhat::Train(t)) => return train(cache, t),
         Some(BenchWhat::Fused(f)) => return fused(cache, f),
+        Some(BenchWhat::Serve(l)) => return crate::serve::load::run(cache, l),
         None => {}
     }
     let threads = candle_threads();

@@ -7,6 +7,7 @@
 //! timeout) cancels its job at the next token.
 
 pub mod api;
+pub mod load;
 
 use std::net::SocketAddr;
 use std::path::Path;

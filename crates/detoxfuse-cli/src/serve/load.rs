@@ -1,0 +1,217 @@
+//! `detoxfuse bench serve`: a bounded load run against the server (our own small HTTP/1.1
+//! client on tokio: one connection per request, like many simple API clients).
+
+use std::io::BufRead;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// Server to load, e.g. http://127.0.0.1:8080 (default: start one on a free port with the
+    /// options below and stop it afterwards).
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Tokens per completion.
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// Request alpha (omit for the server's default).
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Queue size of the server this command starts.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// Calibration model of the server this command starts.
+    #[arg(long, default_value = "default")]
+    calibration: String,
+    #[arg(long, env = "DETOXFUSE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+/// What one request came back with.
+struct Outcome {
+    status: Option<u16>,
+    latency: Duration,
+}
+
+async fn request(host: &str, body: &str, key: Option<&str>) -> Result<u16> {
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let msg = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(msg.as_bytes()).await?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await?;
+    let text = String::from_utf8_lossy(&resp);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status in the response")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
+    let mut server = None;
+    let host = match &a.url {
+        Some(u) => u
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string(),
+        None => {
+            let mut child = std::process::Command::new(std::env::current_exe()?)
+                .arg("--cache")
+                .arg(cache)
+                .args(["serve", "--port", "0", "--model", &a.model, "--calibration"])
+                .arg(&a.calibration)
+                .args(["--queue", &a.queue.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting `detoxfuse serve`")?;
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().context("server stdout")?)
+                .read_line(&mut line)?;
+            let Some(addr) = line
+                .split("http://")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+            else {
+                let _ = child.kill();
+                bail!("the server did not start: {line:?}");
+            };
+            eprintln!("started {}", line.trim());
+            let addr = addr.to_string();
+            server = Some(child);
+            addr
+        }
+    };
+    let mut body = serde_json::json!({
+        "model": a.model, "prompt": "The most important thing about a good neighbour is",
+        "max_tokens": a.max_tokens, "temperature": 1.0, "top_p": 0.9,
+    });
+    if let Some(alpha) = a.alpha {
+        body["alpha"] = alpha.into();
+    }
+    let body = body.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let outcomes: Vec<Outcome> = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..a.concurrency.max(1) {
+            let (next, host, body, key, n) = (
+                next.clone(),
+                host.clone(),
+                body.clone(),
+                a.api_key.clone(),
+                a.requests,
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    let t = Instant::now();
+                    let status = request(&host, &body, key.as_deref()).await.ok();
+                    out.push(Outcome {
+                        status,
+                        latency: t.elapsed(),
+                    });
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    });
+    let wall = t0.elapsed();
+
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for o in &outcomes {
+        let k = o
+            .status
+            .map_or("connection error".to_string(), |s| s.to_string());
+        *counts.entry(k).or_default() += 1;
+    }
+    let mut ok: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.status == Some(200))
+        .map(|o| o.latency)
+        .collect();
+    ok.sort();
+    let mut busy: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| matches!(o.status, Some(429) | Some(503)))
+        .map(|o| o.latency)
+        .collect();
+    busy.sort();
+    println!(
+        "{} requests at concurrency {} ({} tokens each, alpha {}) in {:.1} s",
+        outcomes.len(),
+        a.concurrency,
+        a.max_tokens,
+        a.alpha.map_or("server default".into(), |x| x.to_string()),
+        wall.as_secs_f64()
+    );
+    println!(
+        "completed (200): {} = {:.2} req/s, {:.1} generated tok/s; latency p50 {:.0} ms, p99 {:.0} ms",
+        ok.len(),
+        ok.len() as f64 / wall.as_secs_f64(),
+        (ok.len() * a.max_tokens) as f64 / wall.as_secs_f64(),
+        percentile(&ok, 0.5).as_secs_f64() * 1e3,
+        percentile(&ok, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "rejected (429/503): {}; their latency p50 {:.1} ms, p99 {:.1} ms",
+        busy.len(),
+        percentile(&busy, 0.5).as_secs_f64() * 1e3,
+        percentile(&busy, 0.99).as_secs_f64() * 1e3
+    );
+    println!("status counts: {counts:?}");
+    let unexpected: usize = counts
+        .iter()
+        .filter(|(k, _)| !["200", "429", "503"].contains(&k.as_str()))
+        .map(|(_, v)| v)
+        .sum();
+    if let Some(mut child) = server {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait()?;
+        println!(
+            "server exit after SIGTERM: {status} (crashes: {})",
+            u8::from(!status.success())
+        );
+        if !status.success() {
+            bail!("the server did not exit cleanly: {status}");
+        }
+    }
+    if unexpected > 0 {
+        bail!("{unexpected} responses were neither 200 nor a deliberate 429/503");
+    }
+    Ok(())
+}
