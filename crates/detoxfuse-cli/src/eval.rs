@@ -66,9 +66,10 @@ pub struct EvalArgs {
     /// calibration model).
     #[arg(long, default_value = "default")]
     anti_expert: String,
-    /// DExperts strength: logits = base + beta · (expert − anti-expert).
-    #[arg(long, default_value_t = 2.0)]
-    dexperts_beta: f32,
+    /// DExperts strengths, one row each: logits = base + beta · (expert − anti-expert)
+    /// (DExperts' paper uses 2 with GPT-2-sized experts).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 2.0])]
+    dexperts_beta: Vec<f32>,
     /// Evaluator LM for perplexity; must not be the target (default: gemma3 for other
     /// targets, smollm2 for gemma3).
     #[arg(long)]
@@ -122,7 +123,14 @@ fn methods(a: &EvalArgs) -> Result<Vec<Method>> {
                 }
             }
             "wordfilter" => out.push(Method::WordFilter),
-            "dexperts" => out.push(Method::Dexperts(a.dexperts_beta)),
+            "dexperts" => {
+                for &beta in &a.dexperts_beta {
+                    if !(beta.is_finite() && beta >= 0.0) {
+                        bail!("--dexperts-beta: {beta} is not a finite number >= 0");
+                    }
+                    out.push(Method::Dexperts(beta));
+                }
+            }
             other => bail!(
                 "--methods: unknown method {other:?}; choose from base, fused, wordfilter, dexperts"
             ),

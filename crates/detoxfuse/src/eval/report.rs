@@ -159,16 +159,17 @@ pub fn svg(r: &Report) -> String {
         .filter(|m| !pts.iter().any(|(p, _, _)| p.method == m.method))
         .map(|m| m.method.as_str())
         .collect();
-    let xmax = pts.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let xmin = pts
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::INFINITY, f64::min)
-        .min(xmax)
-        * 0.9;
-    let xmin = if xmin.is_finite() { xmin } else { 0.0 };
+    // perplexity on a log axis: fused rows can be many times the base's
+    let lx: Vec<f64> = pts.iter().map(|p| p.1.max(1.0).ln()).collect();
+    let (lo, hi) = (
+        lx.iter().copied().fold(f64::INFINITY, f64::min),
+        lx.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    let pad = ((hi - lo) * 0.1).max(0.1);
+    let (xmin, xmax) = (lo - pad, hi + pad);
+    let sx = |x: f64| l + (x.max(1.0).ln() - xmin) / (xmax - xmin) * (w - l - rt);
     let ymax = (pts.iter().map(|p| p.2).fold(0.0, f64::max) * 1.1).clamp(0.1, 1.0);
-    let sx = |x: f64| l + (x - xmin) / (xmax - xmin).max(1e-9) * (w - l - rt);
     let sy = |y: f64| h - b - y / ymax * (h - t - b);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -195,9 +196,9 @@ pub fn svg(r: &Report) -> String {
             tx = l - 8.0,
             ty = sy(y) + 4.0
         ));
-        let x = xmin + (xmax - xmin) * i as f64 / 5.0;
+        let x = (xmin + (xmax - xmin) * i as f64 / 5.0).exp();
         s.push_str(&format!(
-            "<line x1=\"{px}\" y1=\"{y0}\" x2=\"{px}\" y2=\"{y1}\" stroke=\"black\"/><text x=\"{px}\" y=\"{ty}\" text-anchor=\"middle\">{x:.1}</text>\n",
+            "<line x1=\"{px}\" y1=\"{y0}\" x2=\"{px}\" y2=\"{y1}\" stroke=\"black\"/><text x=\"{px}\" y=\"{ty}\" text-anchor=\"middle\">{x:.0}</text>\n",
             px = sx(x),
             y0 = h - b,
             y1 = h - b + 5.0,
@@ -205,7 +206,7 @@ pub fn svg(r: &Report) -> String {
         ));
     }
     s.push_str(&format!(
-        "<text x=\"{cx}\" y=\"{y}\" text-anchor=\"middle\">perplexity under the evaluator LM (exp mean NLL) →  less fluent</text>\n\
+        "<text x=\"{cx}\" y=\"{y}\" text-anchor=\"middle\">perplexity under the evaluator LM (exp mean NLL, log scale) → less fluent</text>\n\
          <text transform=\"translate(18 {cy}) rotate(-90)\" text-anchor=\"middle\">expected maximum toxicity ↓</text>\n",
         cx = (l + w - rt) / 2.0,
         y = h - 20.0,
