@@ -36,12 +36,18 @@ pub struct LoadArgs {
     calibration: String,
     #[arg(long, env = "DETOXFUSE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// On 429/503 wait this many milliseconds and retry (as a polite client does); the
+    /// rejections are still counted. 0 = take the rejection as the answer.
+    #[arg(long, default_value_t = 0)]
+    retry_busy_ms: u64,
 }
 
 /// What one request came back with.
 struct Outcome {
     status: Option<u16>,
     latency: Duration,
+    /// 429/503 answers received before the final one.
+    rejections: usize,
 }
 
 async fn request(host: &str, body: &str, key: Option<&str>) -> Result<u16> {
@@ -122,21 +128,32 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
     let outcomes: Vec<Outcome> = rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency.max(1) {
-            let (next, host, body, key, n) = (
+            let (next, host, body, key, n, retry) = (
                 next.clone(),
                 host.clone(),
                 body.clone(),
                 a.api_key.clone(),
                 a.requests,
+                a.retry_busy_ms,
             );
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::new();
                 while next.fetch_add(1, Ordering::Relaxed) < n {
                     let t = Instant::now();
-                    let status = request(&host, &body, key.as_deref()).await.ok();
+                    let mut rejections = 0;
+                    let status = loop {
+                        let s = request(&host, &body, key.as_deref()).await.ok();
+                        if retry > 0 && matches!(s, Some(429) | Some(503)) {
+                            rejections += 1;
+                            tokio::time::sleep(Duration::from_millis(retry)).await;
+                            continue;
+                        }
+                        break s;
+                    };
                     out.push(Outcome {
                         status,
                         latency: t.elapsed(),
+                        rejections,
                     });
                 }
                 out
@@ -170,11 +187,12 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         .collect();
     busy.sort();
     println!(
-        "{} requests at concurrency {} ({} tokens each, alpha {}) in {:.1} s",
+        "{} requests at concurrency {} ({} tokens each, alpha {}, server queue {}) in {:.1} s",
         outcomes.len(),
         a.concurrency,
         a.max_tokens,
         a.alpha.map_or("server default".into(), |x| x.to_string()),
+        if a.url.is_some() { "?".to_string() } else { a.queue.to_string() },
         wall.as_secs_f64()
     );
     println!(
@@ -192,6 +210,13 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         percentile(&busy, 0.99).as_secs_f64() * 1e3
     );
     println!("status counts: {counts:?}");
+    if a.retry_busy_ms > 0 {
+        println!(
+            "429/503 answers retried after {} ms: {}",
+            a.retry_busy_ms,
+            outcomes.iter().map(|o| o.rejections).sum::<usize>()
+        );
+    }
     let unexpected: usize = counts
         .iter()
         .filter(|(k, _)| !["200", "429", "503"].contains(&k.as_str()))
