@@ -21,6 +21,9 @@ fn every_subcommand_has_help() {
         "corpus",
         "calibrate",
         "probe",
+        "eval",
+        "serve",
+        "align",
     ] {
         let o = detoxfuse(&[sub, "--help"]);
         assert!(o.status.success(), "{sub} --help failed");

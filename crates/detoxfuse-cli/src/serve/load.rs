@@ -192,7 +192,11 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         a.concurrency,
         a.max_tokens,
         a.alpha.map_or("server default".into(), |x| x.to_string()),
-        if a.url.is_some() { "?".to_string() } else { a.queue.to_string() },
+        if a.url.is_some() {
+            "?".to_string()
+        } else {
+            a.queue.to_string()
+        },
         wall.as_secs_f64()
     );
     println!(
