@@ -192,6 +192,28 @@ fn bar(total: usize, what: &str) -> ProgressBar {
     pb
 }
 
+/// Moves the bar; when stderr is not a terminal (a run under nohup, a log file) the bar is
+/// invisible, so a plain progress line goes out every 50 prompts instead.
+fn advance(pb: &ProgressBar, done: usize, total: usize) {
+    let resumed = pb.position() == 0 && done > 0;
+    pb.set_position(done as u64);
+    if resumed {
+        // prompts finished by an earlier run say nothing about this run's rate
+        pb.reset_eta();
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && done > 0
+        && (done % 50 == 0 || done == total)
+    {
+        eprintln!(
+            "{}: {done}/{total} prompts, {:.0} s elapsed, eta {:.0} s",
+            pb.prefix().trim(),
+            pb.elapsed().as_secs_f64(),
+            pb.eta().as_secs_f64()
+        );
+    }
+}
+
 fn model_id(path: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "path": path,
@@ -445,7 +467,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
             &cfg,
             scorer,
             &gen_path(&out, m),
-            &mut |done, _| pb.set_position(done as u64),
+            &mut |done, total| advance(&pb, done, total),
         )?;
         pb.finish_and_clear();
     }
@@ -463,7 +485,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
                 &gens,
                 per_prompt_ppl,
                 &out.join("fluency").join(format!("{}.jsonl", m.name())),
-                &mut |done, _| pb.set_position(done as u64),
+                &mut |done, total| advance(&pb, done, total),
             )?;
             pb.finish_and_clear();
         }
