@@ -203,7 +203,7 @@ fn advance(pb: &ProgressBar, done: usize, total: usize) {
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stderr())
         && done > 0
-        && (done % 50 == 0 || done == total)
+        && (done.is_multiple_of(50) || done == total)
     {
         eprintln!(
             "{}: {done}/{total} prompts, {:.0} s elapsed, eta {:.0} s",
