@@ -78,18 +78,8 @@ impl Sampler {
         if self.params.temperature == 0.0 || self.params.top_k == 1 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let cands = &mut self.scratch;
-        cands.clear();
-        // Tokens more than 30 nats below the best have weight < e^-30 each: over even a 262k
-        // vocabulary that is < 3e-8 of the total, below f32 resolution of the sums here. Leaving
-        // them out spares their exp and shrinks the nucleus search to a few thousand entries.
-        const NEGLIGIBLE: f32 = -30.0;
-        cands.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
-            let z = (l - max) * inv_t;
-            (z > NEGLIGIBLE).then(|| (z.exp(), i as u32))
-        }));
+        weights(logits, 1.0 / self.params.temperature, cands);
         let by_prob = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if self.params.top_k > 0 && self.params.top_k < cands.len() {
             let keep = self.params.top_k;
@@ -110,6 +100,31 @@ impl Sampler {
         }
         cands.last().map_or(0, |c| c.1)
     }
+}
+
+/// Token ids of the top-p nucleus of `logits` at temperature 1: the smallest set of most
+/// probable tokens (ties: lower id first) whose probability reaches `p`; the set the sampler
+/// draws from, in O(vocabulary).
+pub fn nucleus_ids(logits: &[f32], p: f32) -> Vec<TokenId> {
+    let mut cands = Vec::new();
+    weights(logits, 1.0, &mut cands);
+    let total: f32 = cands.iter().map(|c| c.0).sum();
+    nucleus(&mut cands, p * total, &mut Vec::new());
+    cands.into_iter().map(|c| c.1).collect()
+}
+
+/// Unnormalised weights `exp((l − max)·inv_t)` with their ids, into `out`. Tokens more than
+/// 30 nats below the best have weight < e^-30 each: over even a 262k vocabulary that is < 3e-8
+/// of the total, below f32 resolution of the sums here. Leaving them out spares their exp and
+/// shrinks the nucleus search to a few thousand entries.
+fn weights(logits: &[f32], inv_t: f32, out: &mut Vec<(f32, u32)>) {
+    const NEGLIGIBLE: f32 = -30.0;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    out.clear();
+    out.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
+        let z = (l - max) * inv_t;
+        (z > NEGLIGIBLE).then(|| (z.exp(), i as u32))
+    }));
 }
 
 /// Number of probability bins for the nucleus search (see [`nucleus`]).

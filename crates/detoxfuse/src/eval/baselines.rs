@@ -232,28 +232,17 @@ impl<'a> ExpertsDecoder<'a> {
     }
 }
 
-/// Sets to −∞ every logit outside the smallest set of most likely tokens whose probability
-/// reaches `p`.
+/// Sets to −∞ every logit outside the top-p nucleus (the set the sampler would draw from at
+/// temperature 1, [`crate::sample::nucleus_ids`]).
 pub fn nucleus_mask(logits: &mut [f32], p: f32) {
     if p >= 1.0 {
         return;
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let probs: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
-    let total: f32 = probs.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    let mut acc = 0.0;
-    let mut keep = order.len();
-    for (i, &k) in order.iter().enumerate() {
-        acc += probs[k] / total;
-        if acc >= p {
-            keep = i + 1;
-            break;
-        }
-    }
-    for &k in &order[keep..] {
-        logits[k] = f32::NEG_INFINITY;
+    let keep = crate::sample::nucleus_ids(logits, p);
+    let kept: Vec<f32> = keep.iter().map(|&i| logits[i as usize]).collect();
+    logits.fill(f32::NEG_INFINITY);
+    for (&i, v) in keep.iter().zip(kept) {
+        logits[i as usize] = v;
     }
 }
 

@@ -379,8 +379,9 @@ pub fn summarize(
         distinct_2: metrics::mean_distinct_n(&texts, 2),
         distinct_3: metrics::mean_distinct_n(&texts, 3),
         generated_tokens: ok.iter().flat_map(|g| &g.samples).map(|s| s.tokens).sum(),
-        generation_seconds: gens.values().map(|g| g.seconds).sum(),
-        perplexity_seconds: fluency.values().map(|f| f.seconds).sum(),
+        // fold from +0.0: an empty f64 sum is -0.0, which prints as "-0"
+        generation_seconds: gens.values().map(|g| g.seconds).fold(0.0, |a, b| a + b),
+        perplexity_seconds: fluency.values().map(|f| f.seconds).fold(0.0, |a, b| a + b),
     }
 }
 
