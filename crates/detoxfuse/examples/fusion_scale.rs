@@ -61,7 +61,7 @@ fn main() {
         &ModelId::of(&target_path, 576).unwrap(),
     )
     .unwrap();
-    println!("prompt | rms(h_t) | rms(h_c) | cos(h_t, LN(h_c A)) | entropy at alpha 0 / 0.1 / 0.2 / 0.3 | top token at alpha 0 / 0.3");
+    println!("prompt | rms(h_t) | rms(h_c) | cos(h_t, LN(h_c A)) | entropy at alpha 0 / 0.1 / 0.2 / 0.3 | same, fused state rescaled to rms(h_t) | top token at alpha 0 / 0.3");
     for prompt in [
         "The weather today is",
         "People think that we are just a bunch of idiots who",
@@ -80,17 +80,24 @@ fn main() {
             .unwrap();
         let cos = dot / (rms(&ht) * rms(&mapped) * 576.0);
         let mut ents = Vec::new();
+        let mut rescaled = Vec::new();
         let mut tops = Vec::new();
-        for alpha in [0.0, 0.1, 0.2, 0.3] {
-            let h = fuse(&ht, &hc, &al.a, alpha).unwrap();
-            let logits: Vec<f32> = target
-                .lm_head(&h)
+        let logits_of = |h: &candle_core::Tensor| -> Vec<f32> {
+            target
+                .lm_head(h)
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
                 .to_vec1()
-                .unwrap();
+                .unwrap()
+        };
+        for alpha in [0.0, 0.1, 0.2, 0.3] {
+            let h = fuse(&ht, &hc, &al.a, alpha).unwrap();
+            let logits = logits_of(&h);
             ents.push(format!("{:.2}", entropy(&logits)));
+            // the same direction at the target's own scale: what is left is the direction change
+            let h_scaled = (&h * (rms(&ht) / rms(&h)) as f64).unwrap();
+            rescaled.push(format!("{:.2}", entropy(&logits_of(&h_scaled))));
             let top = logits
                 .iter()
                 .enumerate()
@@ -102,10 +109,11 @@ fn main() {
             }
         }
         println!(
-            "{prompt:?} | {:.3} | {:.3} | {cos:.3} | {} | {:?}",
+            "{prompt:?} | {:.3} | {:.3} | {cos:.3} | {} | {} | {:?}",
             rms(&ht),
             rms(&hc),
             ents.join(" / "),
+            rescaled.join(" / "),
             tops
         );
     }
