@@ -251,6 +251,17 @@ impl Fusion {
         target_tok: &'a Tokenizer,
         alpha: f64,
     ) -> Result<detoxfuse::fuse::FusedDecoder<'a>> {
+        self.decoder_with(target, target_tok, alpha, detoxfuse::fuse::FusionNorm::Paper)
+    }
+
+    /// [`Fusion::decoder`] with a choice of how the fused state is scaled.
+    pub fn decoder_with<'a>(
+        &'a self,
+        target: &'a dyn CausalLm,
+        target_tok: &'a Tokenizer,
+        alpha: f64,
+        norm: detoxfuse::fuse::FusionNorm,
+    ) -> Result<detoxfuse::fuse::FusedDecoder<'a>> {
         let cross = (!detoxfuse::fuse::same_tokenizer(target_tok, &self.tokenizer))
             .then_some((target_tok, &self.tokenizer));
         Ok(detoxfuse::fuse::FusedDecoder::new(
@@ -259,7 +270,8 @@ impl Fusion {
             &self.aligned.a,
             alpha,
             cross,
-        )?)
+        )?
+        .with_norm(norm))
     }
 }
 

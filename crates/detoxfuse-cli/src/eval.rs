@@ -49,7 +49,9 @@ pub struct EvalArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Methods to run: base, fused (one row per --alphas value), wordfilter, dexperts.
+    /// Methods to run: base, fused (one row per --alphas value), fusednorm (the same, each
+    /// fused state rescaled to the target state's norm; not in the paper), wordfilter,
+    /// dexperts.
     #[arg(long, value_delimiter = ',', default_values_t = ["base".to_string(), "fused".into(), "wordfilter".into(), "dexperts".into()])]
     methods: Vec<String>,
     /// Fusion strengths for the fused rows.
@@ -94,6 +96,7 @@ pub struct EvalArgs {
 enum Method {
     Base,
     Fused(f64),
+    FusedNorm(f64),
     WordFilter,
     Dexperts(f32),
 }
@@ -103,6 +106,7 @@ impl Method {
         match self {
             Method::Base => "base".into(),
             Method::Fused(a) => format!("fused-a{a}"),
+            Method::FusedNorm(a) => format!("fused-norm-a{a}"),
             Method::WordFilter => "wordfilter".into(),
             Method::Dexperts(b) => format!("dexperts-b{b}"),
         }
@@ -114,12 +118,16 @@ fn methods(a: &EvalArgs) -> Result<Vec<Method>> {
     for m in &a.methods {
         match m.as_str() {
             "base" => out.push(Method::Base),
-            "fused" => {
+            "fused" | "fusednorm" => {
                 for &alpha in &a.alphas {
                     if !(0.0..=1.0).contains(&alpha) {
                         bail!("--alphas: {alpha} is outside [0, 1]");
                     }
-                    out.push(Method::Fused(alpha));
+                    out.push(if m == "fused" {
+                        Method::Fused(alpha)
+                    } else {
+                        Method::FusedNorm(alpha)
+                    });
                 }
             }
             "wordfilter" => out.push(Method::WordFilter),
@@ -132,7 +140,7 @@ fn methods(a: &EvalArgs) -> Result<Vec<Method>> {
                 }
             }
             other => bail!(
-                "--methods: unknown method {other:?}; choose from base, fused, wordfilter, dexperts"
+                "--methods: unknown method {other:?}; choose from base, fused, fusednorm, wordfilter, dexperts"
             ),
         }
     }
@@ -300,7 +308,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
     let tok = Tokenizer::for_model(&target_path)?;
     let needs_cal = methods
         .iter()
-        .any(|m| matches!(m, Method::Fused(_) | Method::Dexperts(_)));
+        .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_) | Method::Dexperts(_)));
     let fusion = if needs_cal {
         Some(crate::align::load_fusion(
             cache,
@@ -436,12 +444,18 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
     for m in &methods {
         let mut dec: Box<dyn Decoder + '_> = match m {
             Method::Base => Box::new(PlainDecoder::new(target.as_ref())),
-            Method::Fused(alpha) => {
-                Box::new(fusion.as_ref().expect("loaded for fused rows").decoder(
-                    target.as_ref(),
-                    &tok,
-                    *alpha,
-                )?)
+            Method::Fused(alpha) | Method::FusedNorm(alpha) => {
+                let norm = if matches!(m, Method::FusedNorm(_)) {
+                    detoxfuse::fuse::FusionNorm::KeepTargetNorm
+                } else {
+                    detoxfuse::fuse::FusionNorm::Paper
+                };
+                Box::new(
+                    fusion
+                        .as_ref()
+                        .expect("loaded for fused rows")
+                        .decoder_with(target.as_ref(), &tok, *alpha, norm)?,
+                )
             }
             Method::WordFilter => Box::new(WordFilterDecoder::new(
                 Box::new(PlainDecoder::new(target.as_ref())),

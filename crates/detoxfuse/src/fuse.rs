@@ -41,6 +41,26 @@ enum CalState<'m> {
     },
 }
 
+/// How the fused state is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FusionNorm {
+    /// The paper's formula as is.
+    #[default]
+    Paper,
+    /// The paper's formula, then each row rescaled to the target state's RMS. Not in the
+    /// paper: `(1 − alpha)·h_t` plus a nearly orthogonal unit-variance vector is a shorter
+    /// vector, which the LM head turns into a flatter (higher-temperature) distribution
+    /// (`examples/fusion_scale.rs`); this keeps only the change of direction.
+    KeepTargetNorm,
+}
+
+/// Rescales each row of `h` to the RMS of the same row of `h_target`.
+pub fn keep_norm(h: &Tensor, h_target: &Tensor) -> Result<Tensor> {
+    let rms = |x: &Tensor| -> Result<Tensor> { Ok(x.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?) };
+    Ok(h.broadcast_mul(&(rms(h_target)? / (rms(h)? + 1e-12)?)?)?)
+}
+
 /// Target + calibration model, fused before the target's LM head.
 pub struct FusedDecoder<'m> {
     target: &'m dyn CausalLm,
@@ -48,6 +68,7 @@ pub struct FusedDecoder<'m> {
     /// `(d_cal, d_target)`.
     a: Tensor,
     alpha: f64,
+    norm: FusionNorm,
     tcache: KvCache,
     state: CalState<'m>,
 }
@@ -108,9 +129,16 @@ impl<'m> FusedDecoder<'m> {
             cal,
             a: a.to_dtype(candle_core::DType::F32)?,
             alpha,
+            norm: FusionNorm::Paper,
             tcache: target.new_cache(),
             state,
         })
+    }
+
+    /// Chooses how the fused state is scaled (default: the paper's formula).
+    pub fn with_norm(mut self, norm: FusionNorm) -> Self {
+        self.norm = norm;
+        self
     }
 
     /// The calibration model's ids for each row (cross-tokenizer path; empty otherwise).
@@ -122,9 +150,12 @@ impl<'m> FusedDecoder<'m> {
     }
 
     fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
-        let h = match h_cal {
-            Some(hc) => fuse(h_target, &hc, &self.a, self.alpha)?,
-            None => h_target.clone(),
+        let h = match (h_cal, self.norm) {
+            (Some(hc), FusionNorm::Paper) => fuse(h_target, &hc, &self.a, self.alpha)?,
+            (Some(hc), FusionNorm::KeepTargetNorm) => {
+                keep_norm(&fuse(h_target, &hc, &self.a, self.alpha)?, h_target)?
+            }
+            (None, _) => h_target.clone(),
         };
         rows_of(&self.target.lm_head(&h)?)
     }
@@ -286,5 +317,21 @@ impl Decoder for FusedDecoder<'_> {
             }
         };
         self.logits(&ht, Some(hc))
+    }
+}
+
+#[cfg(test)]
+mod norm_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn keep_norm_rescales_each_row_to_the_target_rms_and_keeps_its_direction() {
+        let h = Tensor::new(&[[3.0f32, 4.0], [1.0, 0.0]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[0.0f32, 10.0], [2.0, 2.0]], &Device::Cpu).unwrap();
+        let out: Vec<Vec<f32>> = keep_norm(&h, &t).unwrap().to_vec2().unwrap();
+        // row 0: |h| = 5, |t| = 10 -> doubled; row 1: |h| = 1, |t| = sqrt(8)
+        assert!((out[0][0] - 6.0).abs() < 1e-5 && (out[0][1] - 8.0).abs() < 1e-5);
+        assert!((out[1][0] - 8f32.sqrt()).abs() < 1e-5 && out[1][1].abs() < 1e-6);
     }
 }

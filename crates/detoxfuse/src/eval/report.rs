@@ -213,24 +213,27 @@ pub fn svg(r: &Report) -> String {
         cy = (t + h - b) / 2.0
     ));
     // the fused alphas as a curve, in alpha order
-    let mut fused: Vec<&(&MethodSummary, f64, f64)> = pts
-        .iter()
-        .filter(|p| p.0.method == "base" || p.0.method.starts_with("fused"))
-        .collect();
-    fused.sort_by(|a, b| a.0.method.cmp(&b.0.method));
-    if fused.len() > 1 {
-        let d: Vec<String> = fused
+    for (prefix, color) in [("fused-a", "#1f77b4"), ("fused-norm-a", "#9467bd")] {
+        let mut curve: Vec<&(&MethodSummary, f64, f64)> = pts
             .iter()
-            .map(|p| format!("{:.1},{:.1}", sx(p.1), sy(p.2)))
+            .filter(|p| p.0.method == "base" || p.0.method.starts_with(prefix))
             .collect();
-        s.push_str(&format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-dasharray=\"4 3\"/>\n",
-            d.join(" ")
-        ));
+        curve.sort_by(|a, b| a.0.method.cmp(&b.0.method));
+        if curve.len() > 1 {
+            let d: Vec<String> = curve
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", sx(p.1), sy(p.2)))
+                .collect();
+            s.push_str(&format!(
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\n",
+                d.join(" ")
+            ));
+        }
     }
     for (m, x, y) in &pts {
         let color = match m.method.as_str() {
             "base" => "#444444",
+            n if n.starts_with("fused-norm") => "#9467bd",
             n if n.starts_with("fused") => "#1f77b4",
             n if n.starts_with("wordfilter") => "#d62728",
             _ => "#2ca02c",
