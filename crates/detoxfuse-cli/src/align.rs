@@ -251,7 +251,12 @@ impl Fusion {
         target_tok: &'a Tokenizer,
         alpha: f64,
     ) -> Result<detoxfuse::fuse::FusedDecoder<'a>> {
-        self.decoder_with(target, target_tok, alpha, detoxfuse::fuse::FusionNorm::Paper)
+        self.decoder_with(
+            target,
+            target_tok,
+            alpha,
+            detoxfuse::fuse::FusionNorm::Paper,
+        )
     }
 
     /// [`Fusion::decoder`] with a choice of how the fused state is scaled.

@@ -306,9 +306,12 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
 
     let target = lm::load(&target_path)?;
     let tok = Tokenizer::for_model(&target_path)?;
-    let needs_cal = methods
-        .iter()
-        .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_) | Method::Dexperts(_)));
+    let needs_cal = methods.iter().any(|m| {
+        matches!(
+            m,
+            Method::Fused(_) | Method::FusedNorm(_) | Method::Dexperts(_)
+        )
+    });
     let fusion = if needs_cal {
         Some(crate::align::load_fusion(
             cache,
