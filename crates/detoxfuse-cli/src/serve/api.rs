@@ -33,6 +33,11 @@ impl ApiError {
         self
     }
 
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
+    }
+
     pub fn status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -25,7 +26,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes_alias::Bytes;
 use detoxfuse::generate::{
     generate_streaming, Decoder, Generation, GenerationConfig, PlainDecoder,
 };
@@ -36,10 +36,6 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use api::{ApiError, ChatRequest, Common, CompletionRequest};
-
-mod bytes_alias {
-    pub use axum::body::Bytes;
-}
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -285,13 +281,13 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|k| constant_time_eq(k.as_bytes(), key.as_bytes()));
         if !ok {
-            let mut e = ApiError::invalid(
+            let e = ApiError::invalid(
                 "missing or wrong API key: send Authorization: Bearer <key>",
                 None,
             )
             .status(StatusCode::UNAUTHORIZED)
-            .with_code("invalid_api_key");
-            e.kind = "authentication_error";
+            .with_code("invalid_api_key")
+            .kind("authentication_error");
             return e.into_response();
         }
     }
@@ -441,28 +437,28 @@ fn submit(st: &AppState, p: &Prepared) -> Result<UnboundedReceiver<JobEvent>, Ap
     match st.queue.try_send(job) {
         Ok(()) => Ok(rx),
         Err(TrySendError::Full(_)) => {
-            let mut e = ApiError::invalid(
+            let e = ApiError::invalid(
                 "the server is busy (request queue full); retry shortly",
                 None,
             )
             .status(StatusCode::TOO_MANY_REQUESTS)
-            .with_code("queue_full");
-            e.kind = "rate_limit_error";
+            .with_code("queue_full")
+            .kind("rate_limit_error");
             Err(e)
         }
         Err(TrySendError::Disconnected(_)) => {
-            let mut e = ApiError::invalid("the server is shutting down", None)
-                .status(StatusCode::SERVICE_UNAVAILABLE);
-            e.kind = "server_error";
+            let e = ApiError::invalid("the server is shutting down", None)
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .kind("server_error");
             Err(e)
         }
     }
 }
 
 fn server_error(msg: String) -> ApiError {
-    let mut e = ApiError::invalid(msg, None).status(StatusCode::INTERNAL_SERVER_ERROR);
-    e.kind = "server_error";
-    e
+    ApiError::invalid(msg, None)
+        .status(StatusCode::INTERNAL_SERVER_ERROR)
+        .kind("server_error")
 }
 
 /// Waits for a job's result (non-streaming), within the request timeout.
@@ -481,11 +477,11 @@ async fn finished(
     tokio::time::timeout(st.timeout, wait)
         .await
         .unwrap_or_else(|_| {
-            let mut e =
+            Err(
                 ApiError::invalid("the request timed out (see the server's --timeout)", None)
-                    .status(StatusCode::GATEWAY_TIMEOUT);
-            e.kind = "timeout";
-            Err(e)
+                    .status(StatusCode::GATEWAY_TIMEOUT)
+                    .kind("timeout"),
+            )
         })
 }
 
