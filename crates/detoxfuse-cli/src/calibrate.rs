@@ -8,8 +8,8 @@ use detoxfuse::calibrate::corpus::{self, CorpusOptions};
 use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
-use detoxfuse::calibrate::probe;
-use detoxfuse::calibrate::train::{self, Base, Event, TrainConfig};
+use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
+use detoxfuse::calibrate::{lens, probe};
 use detoxfuse::eval::score::ProfanityCheck;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -250,14 +250,40 @@ pub struct CalibrateArgs {
     /// Train an untied LM head too.
     #[arg(long)]
     train_head: bool,
+    /// How the LM head starts: `lens` fits a linear map from the truncated model's final
+    /// hidden states to the whole base model's (a "tuned lens", ~2 minutes) and folds it into
+    /// an untied head, so the model starts as a language model; `tied` keeps the base's
+    /// tied head (the truncated stack then starts far from a language model; the default
+    /// calibration model was trained this way).
+    #[arg(long, value_enum, default_value = "tied")]
+    head_init: HeadInitArg,
+    /// Corpus texts whose hidden states fit the lens.
+    #[arg(long, default_value_t = 200)]
+    lens_texts: usize,
+    /// Ridge strength of the lens fit (relative to the mean eigenvalue of XᵀX).
+    #[arg(long, default_value_t = 1e-3)]
+    lens_ridge: f64,
     /// No progress bar; print one line per step instead.
     #[arg(long)]
     quiet: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum HeadInitArg {
+    Lens,
+    Tied,
+}
+
 impl CalibrateArgs {
     fn config(&self) -> TrainConfig {
+        let (head_init, lens_texts, lens_ridge) = match self.head_init {
+            HeadInitArg::Lens => (HeadInit::Lens, self.lens_texts, self.lens_ridge),
+            HeadInitArg::Tied => (HeadInit::Tied, 0, 0.0),
+        };
         TrainConfig {
+            head_init,
+            lens_texts,
+            lens_ridge,
             layers: self.layers,
             trainable: Trainable {
                 embeddings: self.train_embeddings,
@@ -374,6 +400,20 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
             pb.println(format!("step {step:>5}  validation loss {loss:.4}"));
         }
         Event::Checkpoint { .. } => {}
+        Event::Lens {
+            positions,
+            relative_error,
+            seconds,
+        } => match relative_error {
+            Some(e) => pb.println(format!(
+                "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
+                 (relative squared error {e:.3} against the whole base's hidden states)"
+            )),
+            None => pb.println(format!(
+                "tuned-lens head read back from {}",
+                train::LENS_FILE
+            )),
+        },
     })?;
     pb.finish_and_clear();
     println!(
@@ -426,7 +466,15 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     }
     .resolve(cache)?;
     let base = Base::load(&base_path, layers)?;
-    let init = base.init(layers, Trainable::default())?;
+    let mut init = base.init(layers, Trainable::default())?;
+    // A model trained from a tuned-lens head started with that head: rebuild it.
+    let lens_path = dir.join(train::LENS_FILE);
+    let lens_note = if lens_path.exists() {
+        init = lens::apply(init, &lens::read(&lens_path)?)?;
+        "its tuned-lens head"
+    } else {
+        "the base's tied head"
+    };
     drop(base);
     // The whole base LM, for scale: what a real language model assigns to the same text.
     let full = if a.full_base {
@@ -443,6 +491,9 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     println!(
         "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
         corpus::HELD_BACK_GROUPS
+    );
+    println!(
+        "init = the base's first {layers} layers, its final norm and {lens_note}, before training"
     );
     println!(
         "{:<8} {:>7} {:>8} {:>14} {:>15} {:>10} {:>16}",

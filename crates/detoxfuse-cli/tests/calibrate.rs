@@ -212,3 +212,44 @@ fn bad_input_is_a_message_and_leaves_no_checkpoint() {
 
     assert!(!bad_out.exists());
 }
+
+#[test]
+fn lens_head_starts_as_a_language_model_and_is_exported_beside_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let c = corpus.to_str().unwrap();
+    let initial_val = |out: &Path| -> f64 {
+        losses(out)
+            .into_iter()
+            .find(|(step, val, _)| *step == 0 && *val)
+            .unwrap()
+            .2
+            .parse()
+            .unwrap()
+    };
+    let short = |args: &mut Vec<&str>| {
+        let i = args.iter().position(|a| *a == "--steps").unwrap();
+        args[i + 1] = "2";
+    };
+    let tied = dir.path().join("tied");
+    let mut args = train_args(c, tied.to_str().unwrap());
+    short(&mut args);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let lens = dir.path().join("lens");
+    let mut args = train_args(c, lens.to_str().unwrap());
+    short(&mut args);
+    args.extend(["--head-init", "lens", "--lens-texts", "40"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (t, l) = (initial_val(&tied), initial_val(&lens));
+    // One layer under the tied head is far from a language model; the lens head is not.
+    assert!(l < t - 2.0, "initial validation loss: tied {t}, lens {l}");
+    assert!(lens.join("model/lens.safetensors").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lens.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["tie_word_embeddings"], false, "{config}");
+}

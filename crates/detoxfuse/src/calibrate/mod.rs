@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod corpus;
 pub mod data;
+pub mod lens;
 pub mod model;
 pub mod ops;
 pub mod optim;

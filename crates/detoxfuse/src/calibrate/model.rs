@@ -258,6 +258,31 @@ impl CalibrationModel {
         all
     }
 
+    /// Replaces the LM head by an untied `head` (`vocabulary × hidden`), trainable when
+    /// `trainable.head` says so (e.g. a tuned-lens head, [`super::lens`]).
+    pub fn with_untied_head(mut self, head: Tensor) -> Result<Self> {
+        let want = [self.config.vocab_size, self.config.hidden_size];
+        if head.dims() != want {
+            return Err(Error::Input(format!(
+                "an LM head of shape {:?} does not fit a model with vocabulary {} and width {}",
+                head.dims(),
+                want[0],
+                want[1]
+            )));
+        }
+        let head = head.to_dtype(self.dtype)?;
+        self.config.tie_word_embeddings = false;
+        self.vars.remove(HEAD);
+        self.frozen.remove(HEAD);
+        if self.trainable.head {
+            self.vars.insert(HEAD.to_string(), Var::from_tensor(&head)?);
+        } else {
+            self.frozen.insert(HEAD.to_string(), head);
+        }
+        self.check_shapes()?;
+        Ok(self)
+    }
+
     /// Number of trainable scalars.
     pub fn trainable_count(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
@@ -355,7 +380,8 @@ impl CalibrationModel {
         Ok((sum * scale, grads))
     }
 
-    fn scored_hidden(&self, batch: &Batch) -> Result<Tensor> {
+    /// Final hidden states at the batch's scored positions, `(scored, hidden)`.
+    pub fn scored_hidden(&self, batch: &Batch) -> Result<Tensor> {
         let h = self.forward_hidden(&batch.ids)?;
         let (b, t, d) = h.dims3()?;
         let idx = Tensor::from_slice(&batch.positions, batch.positions.len(), h.device())?;

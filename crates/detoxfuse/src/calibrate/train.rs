@@ -42,6 +42,33 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// How the LM head starts. Runs recorded before this option existed used the tied head.
+    #[serde(default = "HeadInit::tied")]
+    pub head_init: HeadInit,
+    /// Corpus texts whose hidden states fit the lens ([`HeadInit::Lens`]).
+    #[serde(default)]
+    pub lens_texts: usize,
+    /// Ridge strength of the lens fit, relative to the mean eigenvalue of `XᵀX`.
+    #[serde(default)]
+    pub lens_ridge: f64,
+}
+
+/// How the calibration model's LM head starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadInit {
+    /// The base's tied head over the truncated layer stack. Not a language model (about −18
+    /// nats per token on held-back text), so training raises the probability of everything.
+    Tied,
+    /// A tuned-lens head ([`super::lens`]): the truncated model starts as an approximation of
+    /// the whole base model.
+    Lens,
+}
+
+impl HeadInit {
+    fn tied() -> Self {
+        HeadInit::Tied
+    }
 }
 
 impl Default for TrainConfig {
@@ -59,6 +86,9 @@ impl Default for TrainConfig {
             eval_every: 40,
             checkpoint_every: 20,
             seed: 0,
+            head_init: HeadInit::Tied,
+            lens_texts: 0,
+            lens_ridge: 0.0,
         }
     }
 }
@@ -79,6 +109,12 @@ pub enum Event<'a> {
     },
     Checkpoint {
         step: usize,
+    },
+    /// The tuned-lens head was fitted (fresh runs) or read back (resumed runs).
+    Lens {
+        positions: usize,
+        relative_error: Option<f64>,
+        seconds: f64,
     },
 }
 
@@ -229,6 +265,13 @@ pub fn train(
         )));
     }
     let model = base.init(cfg.layers, cfg.trainable)?;
+    let model = match cfg.head_init {
+        HeadInit::Tied => model,
+        HeadInit::Lens => {
+            let w = lens_weights(base, &model, &train_ex, cfg, out, resume, progress)?;
+            super::lens::apply(model, &w)?
+        }
+    };
     let mut opt_cfg = cfg.optim;
     opt_cfg.total_steps = cfg.steps;
     let mut opt = AdamW::new(opt_cfg, model.vars())?;
@@ -344,6 +387,7 @@ pub fn train(
                    "validation_examples": val_ex.len(),
                    "manifest": read_corpus_manifest(corpus)},
         "train": cfg,
+        "lens": (cfg.head_init == HeadInit::Lens).then_some(LENS_FILE),
         "steps": state.step,
         "tokens": state.tokens,
         "initial_val_loss": state.initial_val_loss,
@@ -359,6 +403,11 @@ pub fn train(
         &model_dir,
         &[("calibration.json", serde_json::to_string_pretty(&manifest)?)],
     )?;
+    if cfg.head_init == HeadInit::Lens {
+        // The probe rebuilds the initialisation from it.
+        std::fs::copy(out.join(LENS_FILE), model_dir.join(LENS_FILE))
+            .ctx(|| format!("copying {LENS_FILE} into {}", model_dir.display()))?;
+    }
     Ok(TrainSummary {
         steps: state.step,
         initial_val_loss: state.initial_val_loss,
@@ -367,6 +416,62 @@ pub fn train(
         seconds: start.elapsed().as_secs_f64(),
         model_dir,
     })
+}
+
+/// The lens matrix `W` (`hidden × hidden`, tensor `lens`) in the run directory and in the
+/// exported model directory.
+pub const LENS_FILE: &str = "lens.safetensors";
+
+/// The lens of a run: read back when resuming, otherwise fitted on an even spread of
+/// `lens_texts` training examples and written atomically before the first step. Both paths
+/// read the file, so a resumed run starts from bit-identical weights.
+fn lens_weights(
+    base: &Base,
+    truncated: &CalibrationModel,
+    train_ex: &[Example],
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Tensor> {
+    let path = out.join(LENS_FILE);
+    let t0 = Instant::now();
+    let mut relative_error = None;
+    let mut positions = 0;
+    if !(resume && path.exists()) {
+        if cfg.lens_texts == 0 {
+            return Err(Error::Input(
+                "--lens-texts must be positive with --head-init lens".into(),
+            ));
+        }
+        let step = (train_ex.len() / cfg.lens_texts).max(1);
+        let sample: Vec<Example> = train_ex
+            .iter()
+            .step_by(step)
+            .take(cfg.lens_texts)
+            .cloned()
+            .collect();
+        let full = Base::load_full(&base.path)?;
+        let pad = base.model.tokenizer.eos.unwrap_or(0);
+        let d = truncated.config.hidden_size;
+        let (x, y, n) =
+            super::lens::hidden_pairs(truncated, &full, &sample, cfg.batch_tokens, pad)?;
+        drop(full);
+        let w = super::lens::fit(&x, &y, n, d, cfg.lens_ridge)?;
+        relative_error = Some(super::lens::relative_error(&x, &y, n, d, &w)?);
+        positions = n;
+        let tmp = out.join(format!("{LENS_FILE}.tmp"));
+        candle_core::safetensors::save(&HashMap::from([("lens".to_string(), w)]), &tmp)?;
+        sync(&tmp)?;
+        std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
+    }
+    let w = super::lens::read(&path)?;
+    progress(Event::Lens {
+        positions,
+        relative_error,
+        seconds: t0.elapsed().as_secs_f64(),
+    });
+    Ok(w)
 }
 
 /// The corpus manifest written by `detoxfuse corpus build` next to the corpus, if any.
