@@ -23,8 +23,7 @@ fn main() -> detoxfuse::error::Result<()> {
     let full = Base::load_full(&base_path)?;
     let (train, _val) = data::split(data::read_corpus(&corpus)?, 20);
     // Every k-th training record: a spread over sources.
-    let step = (train.len() / texts).max(1);
-    let sample: Vec<_> = train.iter().step_by(step).take(texts).cloned().collect();
+    let sample = lens::sample(&train, texts);
     let ex = data::tokenize(&sample, &tok, 128)?;
     let pad = tok.eos.unwrap_or(0);
     let (x, y, n) = lens::hidden_pairs(&init, &full, &ex, 4096, pad)?;
@@ -37,9 +36,7 @@ fn main() -> detoxfuse::error::Result<()> {
         lens::relative_error(&x, &y, n, d, &identity)?,
         lens::relative_error(&x, &y, n, d, &w)?
     );
-    let e = init.get("model.embed_tokens.weight")?;
-    let head = e.matmul(&w.t()?)?;
-    let lensed = base.init(3, Trainable::default())?.with_untied_head(head)?;
+    let lensed = lens::apply(base.init(3, Trainable::default())?, &w)?;
     for kind in ["hate", "neutral"] {
         let items = probe::items(&toxigen, kind, 200)?;
         let a = probe::mean_nll(&init, &tok, &items)?.mean();

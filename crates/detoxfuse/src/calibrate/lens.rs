@@ -17,6 +17,12 @@ use super::model::CalibrationModel;
 use super::train::make_batch;
 use crate::error::{Error, Result};
 
+/// The items a lens is fitted on: every `len / texts`-th from the start, at most `texts`.
+pub fn sample<T: Clone>(items: &[T], texts: usize) -> Vec<T> {
+    let step = (items.len() / texts.max(1)).max(1);
+    items.iter().step_by(step).take(texts).cloned().collect()
+}
+
 /// Hidden-state pairs `(truncated, full)` as row-major f64 matrices `(n, d)`, over every
 /// scored position of `examples`.
 pub fn hidden_pairs(

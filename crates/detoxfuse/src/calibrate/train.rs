@@ -444,13 +444,7 @@ fn lens_weights(
                 "--lens-texts must be positive with --head-init lens".into(),
             ));
         }
-        let step = (train_ex.len() / cfg.lens_texts).max(1);
-        let sample: Vec<Example> = train_ex
-            .iter()
-            .step_by(step)
-            .take(cfg.lens_texts)
-            .cloned()
-            .collect();
+        let sample = super::lens::sample(train_ex, cfg.lens_texts);
         let full = Base::load_full(&base.path)?;
         let pad = base.model.tokenizer.eos.unwrap_or(0);
         let d = truncated.config.hidden_size;
