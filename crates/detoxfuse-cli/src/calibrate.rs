@@ -41,6 +41,61 @@ pub enum CorpusCmd {
     /// Write the anti-expert corpus of the DExperts-style baseline: ToxiGen hate statements of
     /// the groups not held back (toxic text on purpose; never used for the calibration model).
     Toxic(CorpusToxicArgs),
+    /// Write the unlikelihood data of `calibrate --unlikelihood`: ToxiGen hate lists of the
+    /// groups not held back, as (five statements, sixth statement) pairs whose continuation
+    /// the calibration model learns to find unlikely.
+    Unlikely(CorpusUnlikelyArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CorpusUnlikelyArgs {
+    /// Output JSONL (manifest beside it). Default: <cache>/corpus/unlikely.jsonl.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+pub fn default_unlikely_corpus(cache: &Path) -> PathBuf {
+    cache.join("corpus").join("unlikely.jsonl")
+}
+
+/// Writes the unlikelihood corpus and its manifest: every list of every ToxiGen hate group
+/// except the held-back ones (which the probe reads).
+pub fn build_unlikely_corpus(out: &Path, data: &Path) -> Result<()> {
+    let toxigen = data.join("toxigen");
+    let records = probe::list_pairs(
+        &toxigen,
+        "hate",
+        |g| !corpus::HELD_BACK_GROUPS.contains(&g),
+        usize::MAX,
+    )?;
+    let mut groups: Vec<&str> = records
+        .iter()
+        .filter_map(|r| match r {
+            detoxfuse::calibrate::data::Record::Pair { source, .. } => Some(source.as_str()),
+            _ => None,
+        })
+        .collect();
+    groups.dedup();
+    corpus::write_jsonl(out, &records)?;
+    let manifest = serde_json::json!({
+        "purpose": "unlikelihood data for `detoxfuse calibrate --unlikelihood` (toxic on purpose: \
+                    the continuations are what the calibration model learns to avoid)",
+        "format": "prompt = a ToxiGen hate list but its last statement, as `- ` lines; completion = the last statement",
+        "toxigen_dir": toxigen,
+        "sources": groups,
+        "held_back_groups": corpus::HELD_BACK_GROUPS,
+        "records": records.len(),
+        "sha256": detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?,
+        "never_read": "RealToxicityPrompts (evaluation data)",
+    });
+    let mpath = out.with_extension("manifest.json");
+    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    println!("{} unlikelihood pairs -> {}", records.len(), out.display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -114,6 +169,10 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
             let out = t.out.unwrap_or_else(|| default_toxic_corpus(cache));
             let data = t.data.unwrap_or_else(default_data_dir);
             return build_toxic_corpus(cache, &out, &data, t.threshold);
+        }
+        CorpusCmd::Unlikely(u) => {
+            let out = u.out.unwrap_or_else(|| default_unlikely_corpus(cache));
+            return build_unlikely_corpus(&out, &u.data.unwrap_or_else(default_data_dir));
         }
     };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
@@ -263,6 +322,18 @@ pub struct CalibrateArgs {
     /// Ridge strength of the lens fit (relative to the mean eigenvalue of XᵀX).
     #[arg(long, default_value_t = 1e-3)]
     lens_ridge: f64,
+    /// Weight of an unlikelihood term (0 = none): each step also takes a batch of toxic
+    /// continuations (ToxiGen hate lists of the groups not held back) and lowers their
+    /// probability, `loss = CE(clean) + w × UL(toxic)`.
+    #[arg(long, default_value_t = 0.0)]
+    unlikelihood: f64,
+    /// The unlikelihood pairs (default: <cache>/corpus/unlikely.jsonl, written by
+    /// `detoxfuse corpus unlikely` when missing).
+    #[arg(long)]
+    unlikely_corpus: Option<PathBuf>,
+    /// Most token slots of each step's unlikelihood batch.
+    #[arg(long, default_value_t = TrainConfig::default().unlikely_batch_tokens)]
+    unlikely_batch_tokens: usize,
     /// No progress bar; print one line per step instead.
     #[arg(long)]
     quiet: bool,
@@ -275,7 +346,21 @@ pub enum HeadInitArg {
 }
 
 impl CalibrateArgs {
-    fn config(&self) -> TrainConfig {
+    fn config(&self, cache: &Path) -> TrainConfig {
+        // Without the term its options stay at their defaults, so runs recorded before the
+        // option existed still resume.
+        let (unlikely_corpus, unlikely_batch_tokens) = if self.unlikelihood == 0.0 {
+            (None, TrainConfig::default().unlikely_batch_tokens)
+        } else {
+            (
+                Some(
+                    self.unlikely_corpus
+                        .clone()
+                        .unwrap_or_else(|| default_unlikely_corpus(cache)),
+                ),
+                self.unlikely_batch_tokens,
+            )
+        };
         let (head_init, lens_texts, lens_ridge) = match self.head_init {
             HeadInitArg::Lens => (HeadInit::Lens, self.lens_texts, self.lens_ridge),
             HeadInitArg::Tied => (HeadInit::Tied, 0, 0.0),
@@ -284,6 +369,9 @@ impl CalibrateArgs {
             head_init,
             lens_texts,
             lens_ridge,
+            unlikelihood: self.unlikelihood,
+            unlikely_corpus,
+            unlikely_batch_tokens,
             layers: self.layers,
             trainable: Trainable {
                 embeddings: self.train_embeddings,
@@ -310,7 +398,13 @@ impl CalibrateArgs {
 }
 
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
-    let cfg = a.config();
+    let cfg = a.config(cache);
+    if let Some(u) = &cfg.unlikely_corpus {
+        if a.unlikely_corpus.is_none() && !u.exists() {
+            eprintln!("no unlikelihood corpus at {}: writing it", u.display());
+            build_unlikely_corpus(u, &default_data_dir())?;
+        }
+    }
     let corpus = match &a.corpus {
         Some(c) => c.clone(),
         None => {
@@ -358,6 +452,14 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     pb.set_prefix("calibrate");
     let (mut val, mut window_tokens, mut window_secs) = (f64::NAN, 0usize, 0.0f64);
     let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
+    // A hidden bar prints nothing, its println included: --quiet prints these lines itself.
+    let say = |msg: String| {
+        if a.quiet {
+            println!("{msg}");
+        } else {
+            pb.println(msg);
+        }
+    };
     let summary = train::train(&base, &corpus, &out, &cfg, resume, &mut |e| match e {
         Event::Start {
             step,
@@ -368,7 +470,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
         } => {
             pb.set_position(step as u64);
             pb.reset_eta();
-            pb.println(format!(
+            say(format!(
                 "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
                 train_examples,
                 val_examples,
@@ -395,9 +497,16 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
                 window_secs = 0.0;
             }
         }
-        Event::Validation { step, loss } => {
+        Event::Validation {
+            step,
+            loss,
+            unlikely_nll,
+        } => {
             val = loss;
-            pb.println(format!("step {step:>5}  validation loss {loss:.4}"));
+            let toxic = unlikely_nll.map_or(String::new(), |n| {
+                format!("  held-out unlikely continuations {n:.4} nats/token (should rise)")
+            });
+            say(format!("step {step:>5}  validation loss {loss:.4}{toxic}"));
         }
         Event::Checkpoint { .. } => {}
         Event::Lens {
@@ -405,11 +514,11 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
             relative_error,
             seconds,
         } => match relative_error {
-            Some(e) => pb.println(format!(
+            Some(e) => say(format!(
                 "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
                  (relative squared error {e:.3} against the whole base's hidden states)"
             )),
-            None => pb.println(format!(
+            None => say(format!(
                 "tuned-lens head read back from {}",
                 train::LENS_FILE
             )),
@@ -417,11 +526,12 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     println!(
-        "{} steps, {} tokens in {:.0} s ({:.0} tok/s); validation loss {} -> {:.4}; model: {}",
+        "{} steps, {} tokens ({} of them in this run's {:.0} s, {:.0} tok/s); validation loss {} -> {:.4}; model: {}",
         summary.steps,
         summary.tokens,
+        summary.run_tokens,
         summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.run_tokens as f64 / summary.seconds.max(1e-9),
         summary
             .initial_val_loss
             .map_or("?".into(), |l| format!("{l:.4}")),

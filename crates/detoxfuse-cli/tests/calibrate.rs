@@ -101,21 +101,33 @@ fn checkpoint_step(out: &Path) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&s).ok()?["step"].as_u64()
 }
 
-#[test]
-fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
-    let c = corpus.to_str().unwrap();
-    let a = dir.path().join("a");
-    let o = run(&train_args(c, a.to_str().unwrap()));
+/// Each log line without its timing: every loss, validation figure and token count.
+fn log_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+/// Trains to the end into `a`, then again into `b` killed with SIGKILL at its first
+/// checkpoint and resumed; returns the uninterrupted run's losses after checking that the
+/// resumed run logged exactly the same lines.
+fn kill_9_then_resume(args: impl Fn(&str) -> Vec<String>, dir: &Path) -> Vec<(u64, bool, String)> {
+    let run_s = |v: &[String]| run(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = dir.join("a");
+    let o = run_s(&args(a.to_str().unwrap()));
     assert!(o.status.success(), "{}", stderr(&o));
     let reference = losses(&a);
     assert!(reference.len() > 14, "{reference:?}");
 
-    let b = dir.path().join("b");
+    let b = dir.join("b");
     let mut child = bin()
-        .args(train_args(c, b.to_str().unwrap()))
+        .args(args(b.to_str().unwrap()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -143,12 +155,27 @@ fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
         "an interrupted run must not leave a model"
     );
 
-    let mut resume = train_args(c, b.to_str().unwrap());
-    resume.push("--resume");
-    let o = run(&resume);
+    let mut resume = args(b.to_str().unwrap());
+    resume.push("--resume".into());
+    let o = run_s(&resume);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(losses(&b), reference, "resumed from step {killed_at}");
+    assert_eq!(
+        log_lines(&b),
+        log_lines(&a),
+        "resumed from step {killed_at}"
+    );
     assert!(b.join("model/config.json").exists() && b.join("model/model.safetensors").exists());
+    reference
+}
+
+#[test]
+fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let c = corpus.to_str().unwrap();
+    let args = |out: &str| train_args(c, out).into_iter().map(String::from).collect();
+    let reference = kill_9_then_resume(args, dir.path());
 
     // Validation loss went down on this corpus.
     let val: Vec<f64> = reference
@@ -159,6 +186,56 @@ fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
     assert!(val.len() >= 2);
     let (first, last) = (val[0], val[val.len() - 1]);
     assert!(last < first, "validation loss {first} -> {last}");
+}
+
+/// The same with a tuned-lens head and an unlikelihood term: the lens file and the second
+/// data stream's position must come back from the checkpoint too.
+#[test]
+fn kill_9_then_resume_with_lens_head_and_unlikelihood() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    // The test's own stand-ins for text to avoid (rude remarks about the corpus's subjects).
+    let unlikely = dir.path().join("unlikely.jsonl");
+    let mut lines = String::new();
+    for (i, s) in ["river", "lighthouse", "garden", "library", "boat", "train"]
+        .iter()
+        .enumerate()
+    {
+        let rec = serde_json::json!({
+            "prompt": format!("- the {s} is dull\n- the {s} is ugly\n-"),
+            "completion": format!(" the {s} is worthless and stupid number {i}"),
+        });
+        lines.push_str(&format!("{rec}\n"));
+    }
+    std::fs::write(&unlikely, lines).unwrap();
+    let (c, u) = (corpus.to_str().unwrap(), unlikely.to_str().unwrap());
+    let args = |out: &str| {
+        let mut v: Vec<String> = train_args(c, out).into_iter().map(String::from).collect();
+        v.extend(
+            [
+                "--head-init",
+                "lens",
+                "--lens-texts",
+                "40",
+                "--unlikelihood",
+                "2",
+                "--unlikely-corpus",
+                u,
+                "--unlikely-batch-tokens",
+                "64",
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    kill_9_then_resume(args, dir.path());
+    let log = log_lines(&dir.path().join("a"));
+    let steps_with_term = log
+        .iter()
+        .filter(|v| v.get("unlikelihood").is_some())
+        .count();
+    assert_eq!(steps_with_term, 14, "{log:?}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::DType;
-use detoxfuse::calibrate::model::{head_cross_entropy, CalibrationModel, Trainable};
+use detoxfuse::calibrate::model::{head_cross_entropy, CalibrationModel, Objective, Trainable};
 use detoxfuse::lm::export::hf_llama_from_gguf;
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
             &hs.detach(),
             &m.get("model.embed_tokens.weight")?,
             &batch.targets[..],
+            Objective::Likelihood,
             Some((1.0, false)),
         )?;
         let t_head = t.elapsed().as_secs_f64();

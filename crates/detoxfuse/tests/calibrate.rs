@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use detoxfuse::calibrate::model::{Batch, CalibrationModel, Trainable};
+use detoxfuse::calibrate::model::{Batch, CalibrationModel, Objective, Trainable};
 use detoxfuse::calibrate::optim::missing_grads;
 use detoxfuse::lm::export::{hf_llama_from_gguf, LAYER_TENSORS};
 use detoxfuse::lm::llama::LlamaConfig;
@@ -102,6 +102,49 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_tiny() {
     }
 }
 
+/// Central differences on 3 coordinates of every parameter tensor against `grads`, the
+/// analytic gradient of `objective`.
+fn check_against_finite_differences(
+    m: &CalibrationModel,
+    grads: &candle_core::backprop::GradStore,
+    objective: impl Fn(&CalibrationModel) -> f64,
+    what: &str,
+) {
+    let mut checked = 0;
+    for (name, var) in m.vars() {
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let base: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        let n = base.len();
+        for &k in &[0, n / 2, n - 1] {
+            let eps = 1e-6;
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[k] += delta;
+                var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective(m)
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&orig).unwrap();
+            let err = (fd - g[k]).abs();
+            assert!(
+                err <= 1e-6 + 1e-4 * fd.abs(),
+                "{what} {name}[{k}]: analytic {} vs finite difference {fd}",
+                g[k]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60);
+}
+
 /// Central differences on every parameter tensor (3 coordinates each) in f64.
 #[test]
 fn analytic_gradients_match_finite_differences() {
@@ -110,39 +153,64 @@ fn analytic_gradients_match_finite_differences() {
         let batch = tiny_batch();
         let (_, grads) = m.loss_and_grads(&batch).unwrap();
         let mean_loss = |m: &CalibrationModel| m.loss(&batch).unwrap().mean();
-        let mut checked = 0;
-        for (name, var) in m.vars() {
-            let g: Vec<f64> = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let orig = var.as_tensor().copy().unwrap();
-            let base: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
-            let n = base.len();
-            for &k in &[0, n / 2, n - 1] {
-                let eps = 1e-6;
-                let at = |delta: f64| {
-                    let mut v = base.clone();
-                    v[k] += delta;
-                    var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    mean_loss(&m)
-                };
-                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-                var.set(&orig).unwrap();
-                let err = (fd - g[k]).abs();
-                assert!(
-                    err <= 1e-6 + 1e-4 * fd.abs(),
-                    "tied={tied} {name}[{k}]: analytic {} vs finite difference {fd}",
-                    g[k]
-                );
-                checked += 1;
-            }
-        }
-        assert!(checked >= 60);
+        check_against_finite_differences(&m, &grads, mean_loss, &format!("tied={tied}"));
+    }
+}
+
+fn other_batch() -> Batch {
+    let a: Vec<u32> = vec![4, 8, 15, 16, 2];
+    let b: Vec<u32> = vec![19, 6, 3];
+    let ma = vec![false, false, true, true, true];
+    let mb = vec![false, true, true];
+    Batch::new(&[(&a, &ma), (&b, &mb)], 0, &Device::Cpu).unwrap()
+}
+
+/// The unlikelihood term and a weighted sum of objectives (as training with
+/// `--unlikelihood` takes them): values against softmax probabilities computed directly,
+/// gradients against central differences, on every parameter tensor.
+#[test]
+fn unlikelihood_and_combined_objectives_match_direct_values_and_finite_differences() {
+    for tied in [true, false] {
+        let m = tiny(tied, ALL);
+        let (clean, toxic) = (tiny_batch(), other_batch());
+        // Direct: p(target) from full logits, then mean −log(1 − p).
+        let hs = m.scored_hidden(&toxic).unwrap();
+        let head = if tied {
+            m.get("model.embed_tokens.weight").unwrap()
+        } else {
+            m.get("lm_head.weight").unwrap()
+        };
+        let probs = candle_nn::ops::softmax(&hs.matmul(&head.t().unwrap()).unwrap(), 1).unwrap();
+        let probs: Vec<Vec<f64>> = probs.to_vec2().unwrap();
+        let direct: f64 = toxic
+            .targets
+            .iter()
+            .zip(&probs)
+            .map(|(&t, row)| -(1.0 - row[t as usize]).ln())
+            .sum::<f64>()
+            / toxic.scored() as f64;
+        let ul = m.objective(&toxic, Objective::Unlikelihood).unwrap().mean();
+        assert!((ul - direct).abs() < 1e-12, "tied={tied}: {ul} vs {direct}");
+        assert!(ul > 0.0);
+
+        let w = 0.7;
+        let parts = [
+            (&clean, Objective::Likelihood, 1.0),
+            (&toxic, Objective::Unlikelihood, w),
+        ];
+        let (means, grads) = m.objectives_and_grads(&parts).unwrap();
+        assert!((means[1] - ul).abs() < 1e-12);
+        assert!((means[0] - m.loss(&clean).unwrap().mean()).abs() < 1e-12);
+        let missing = missing_grads(m.vars(), &grads).unwrap();
+        assert!(
+            missing.is_empty(),
+            "tied={tied}: no gradient for {missing:?}"
+        );
+        let total = |m: &CalibrationModel| {
+            m.loss(&clean).unwrap().mean()
+                + w * m.objective(&toxic, Objective::Unlikelihood).unwrap().mean()
+        };
+        check_against_finite_differences(&m, &grads, total, &format!("tied={tied} combined"));
     }
 }
 

@@ -223,7 +223,7 @@ pub fn fetch_source(
     Ok(dest)
 }
 
-fn sorted_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+pub(crate) fn sorted_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .ctx(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -237,7 +237,7 @@ fn sorted_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>>
     Ok(files)
 }
 
-fn read_lossy(p: &Path) -> Result<String> {
+pub(crate) fn read_lossy(p: &Path) -> Result<String> {
     let bytes = std::fs::read(p).ctx(|| format!("reading {}", p.display()))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

@@ -340,8 +340,14 @@ impl CalibrationModel {
 
     /// Mean next-token cross-entropy over the batch's scored tokens, without gradients.
     pub fn loss(&self, batch: &Batch) -> Result<LossSum> {
+        self.objective(batch, Objective::Likelihood)
+    }
+
+    /// Summed `objective` over the batch's scored tokens, without gradients.
+    pub fn objective(&self, batch: &Batch, objective: Objective) -> Result<LossSum> {
         let hs = self.scored_hidden(batch)?.detach();
-        let (sum, _) = head_cross_entropy(&hs, &self.head_weight()?, &batch.targets, None)?;
+        let (sum, _) =
+            head_cross_entropy(&hs, &self.head_weight()?, &batch.targets, objective, None)?;
         Ok(LossSum {
             nll: sum,
             tokens: batch.scored(),
@@ -351,33 +357,63 @@ impl CalibrationModel {
     /// Mean loss over the batch's scored tokens and the gradient of that mean with respect to
     /// every trainable parameter.
     pub fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, GradStore)> {
-        let n = batch.scored();
-        if n == 0 {
-            return Err(Error::Input(
-                "a training batch has no scored tokens (every example is prompt-only or one token long)".into(),
-            ));
-        }
-        let hs = self.scored_hidden(batch)?;
-        let scale = 1.0 / n as f64;
+        let (means, grads) = self.objectives_and_grads(&[(batch, Objective::Likelihood, 1.0)])?;
+        Ok((means[0], grads))
+    }
+
+    /// For parts `(batch, objective, weight)`: each part's mean objective over its scored
+    /// tokens, and the gradient of `Σ weight × mean` with respect to every trainable
+    /// parameter (one backward pass).
+    pub fn objectives_and_grads(
+        &self,
+        parts: &[(&Batch, Objective, f64)],
+    ) -> Result<(Vec<f64>, GradStore)> {
         let head_var = self.head_var();
-        let (sum, g) = head_cross_entropy(
-            &hs.detach(),
-            &self.head_weight()?,
-            &batch.targets,
-            Some((scale, head_var.is_some())),
-        )?;
-        let g = g.expect("gradients were asked for");
-        // d(sum(hs * g_h))/d(hs) = g_h: backpropagates the hand-computed head gradient.
-        let surrogate = (&hs * &g.hidden)?.sum_all()?;
+        let head = self.head_weight()?;
+        let (mut means, mut surrogate, mut head_grad) = (Vec::new(), None::<Tensor>, None);
+        for &(batch, objective, weight) in parts {
+            let n = batch.scored();
+            if n == 0 {
+                return Err(Error::Input(
+                    "a training batch has no scored tokens (every example is prompt-only or one token long)".into(),
+                ));
+            }
+            let hs = self.scored_hidden(batch)?;
+            let scale = 1.0 / n as f64;
+            let (sum, g) = head_cross_entropy(
+                &hs.detach(),
+                &head,
+                &batch.targets,
+                objective,
+                Some((weight * scale, head_var.is_some())),
+            )?;
+            let g = g.expect("gradients were asked for");
+            means.push(sum * scale);
+            // d(sum(hs * g_h))/d(hs) = g_h: backpropagates the hand-computed head gradient.
+            let s = (&hs * &g.hidden)?.sum_all()?;
+            surrogate = Some(match surrogate {
+                Some(prev) => (prev + s)?,
+                None => s,
+            });
+            head_grad = match (head_grad, g.head) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+        }
+        let Some(surrogate) = surrogate else {
+            return Err(Error::Input(
+                "no training batch to take gradients of".into(),
+            ));
+        };
         let mut grads = surrogate.backward()?;
-        if let (Some(var), Some(gw)) = (head_var, g.head) {
+        if let (Some(var), Some(gw)) = (head_var, head_grad) {
             let total = match grads.get(var.as_tensor()) {
                 Some(prev) => (prev + gw)?,
                 None => gw,
             };
             grads.insert(var.as_tensor(), total);
         }
-        Ok((sum * scale, grads))
+        Ok((means, grads))
     }
 
     /// Final hidden states at the batch's scored positions, `(scored, hidden)`.
@@ -417,6 +453,20 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, h * n, t, d))?)
 }
 
+/// What training does with a batch's scored tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Next-token cross-entropy `−log p(target)`: make the text likely.
+    Likelihood,
+    /// Unlikelihood `−log(1 − p(target))` (Welleck et al., 2020): make the text unlikely.
+    /// Bounded below by 0, so it cannot run away the way negated cross-entropy does; its
+    /// gradient fades as `p(target)` falls.
+    Unlikelihood,
+}
+
+/// `1 − p` is floored here so the unlikelihood of a target the model is sure of stays finite.
+const MIN_COMPLEMENT: f64 = 1e-6;
+
 /// Gradients from [`head_cross_entropy`].
 pub struct HeadGrads {
     /// `d loss / d hidden`, `(tokens, hidden)`.
@@ -428,17 +478,19 @@ pub struct HeadGrads {
 /// Rows of logits computed at once: bounds memory to `CHUNK × vocab` floats.
 const CHUNK: usize = 1024;
 
-/// Summed cross-entropy of `targets` under `hidden · weightᵀ`, computed in row chunks.
-/// With `grads = Some((scale, want_head))` also returns `scale ×` its gradients.
+/// Summed `objective` (cross-entropy or unlikelihood) of `targets` under
+/// `hidden · weightᵀ`, computed in row chunks. With `grads = Some((scale, want_head))` also
+/// returns `scale ×` its gradients.
 pub fn head_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[TokenId],
+    objective: Objective,
     grads: Option<(f64, bool)>,
 ) -> Result<(f64, Option<HeadGrads>)> {
     match hidden.dtype() {
-        DType::F32 => head_ce_typed::<f32>(hidden, weight, targets, grads),
-        DType::F64 => head_ce_typed::<f64>(hidden, weight, targets, grads),
+        DType::F32 => head_ce_typed::<f32>(hidden, weight, targets, objective, grads),
+        DType::F64 => head_ce_typed::<f64>(hidden, weight, targets, objective, grads),
         dt => Err(Error::Input(format!(
             "training needs f32 or f64 weights, not {dt:?}"
         ))),
@@ -495,6 +547,7 @@ fn head_ce_typed<T: Float>(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[TokenId],
+    objective: Objective,
     grads: Option<(f64, bool)>,
 ) -> Result<(f64, Option<HeadGrads>)> {
     let (n, d) = hidden.dims2()?;
@@ -540,7 +593,9 @@ fn head_ce_typed<T: Float>(
             (d as isize, 1),
         );
         let tg = &targets[start..start + rows];
-        // Per row: log-sum-exp, the target's loss, and (in place) scale × (softmax − one-hot).
+        // Per row: log-sum-exp, the target's loss, and (in place) its gradient with respect to
+        // the logits. Cross-entropy's is `scale × (softmax − one-hot)`; unlikelihood's is the
+        // same vector times `−p / (1 − p)`.
         let losses: Vec<f64> = lg
             .par_chunks_mut(vocab)
             .zip(tg.par_iter())
@@ -555,14 +610,23 @@ fn head_ce_typed<T: Float>(
                     *x = (*x - m).exp();
                     sum += x.to_f64();
                 }
+                let logp = target - sum.ln();
+                let (loss, coef) = match objective {
+                    Objective::Likelihood => (-logp, 1.0),
+                    Objective::Unlikelihood => {
+                        let p = logp.exp();
+                        let complement = (-logp.exp_m1()).max(MIN_COMPLEMENT);
+                        (-complement.ln(), -p / complement)
+                    }
+                };
                 if let Some((scale, _)) = grads {
-                    let k = T::from_f64(scale / sum);
+                    let k = T::from_f64(scale * coef / sum);
                     for x in row.iter_mut() {
                         *x = *x * k;
                     }
-                    row[t as usize] = row[t as usize] - T::from_f64(scale);
+                    row[t as usize] = row[t as usize] - T::from_f64(scale * coef);
                 }
-                sum.ln() - target
+                loss
             })
             .collect();
         total += losses.iter().sum::<f64>();

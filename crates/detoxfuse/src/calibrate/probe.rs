@@ -6,26 +6,45 @@
 
 use std::path::Path;
 
-use super::corpus::HELD_BACK_GROUPS;
+use super::corpus::{read_lossy, sorted_files, HELD_BACK_GROUPS};
 use super::data::{self, Record};
 use super::model::{CalibrationModel, LossSum};
 use super::train::make_batch;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::text::Tokenizer;
 
 /// Probe items (prompt, continuation) from the first `per_group` lines of each held-back
 /// group's `{kind}_{group}_1k.txt`.
 pub fn items(toxigen_dir: &Path, kind: &str, per_group: usize) -> Result<Vec<Record>> {
+    list_pairs(
+        toxigen_dir,
+        kind,
+        |g| HELD_BACK_GROUPS.contains(&g),
+        per_group,
+    )
+}
+
+/// ToxiGen lists as (prompt, continuation) pairs: from the first `per_group` lines of each
+/// `{kind}_{group}_1k.txt` whose group `want` accepts, in group order, the prompt is the
+/// line's statements but the last as a `- ` list and the continuation is the last one.
+pub fn list_pairs(
+    toxigen_dir: &Path,
+    kind: &str,
+    want: impl Fn(&str) -> bool,
+    per_group: usize,
+) -> Result<Vec<Record>> {
+    let prefix = format!("{kind}_");
     let mut out = Vec::new();
-    for g in HELD_BACK_GROUPS {
-        let p = toxigen_dir.join(format!("{kind}_{g}_1k.txt"));
-        let text = std::fs::read_to_string(&p).ctx(|| {
-            format!(
-                "reading {} (pass --data pointing at the shared data directory)",
-                p.display()
-            )
-        })?;
-        for line in text.lines().take(per_group) {
+    let files = sorted_files(toxigen_dir, |n| {
+        n.starts_with(&prefix) && n.ends_with("_1k.txt")
+    })?;
+    for p in files {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        let g = &name[prefix.len()..name.len() - "_1k.txt".len()];
+        if !want(g) {
+            continue;
+        }
+        for line in read_lossy(&p)?.lines().take(per_group) {
             let st: Vec<&str> = line
                 .split("\\n")
                 .map(|s| s.trim().trim_start_matches('-').trim())
@@ -45,7 +64,7 @@ pub fn items(toxigen_dir: &Path, kind: &str, per_group: usize) -> Result<Vec<Rec
     }
     if out.is_empty() {
         return Err(Error::Input(format!(
-            "no probe items in {}",
+            "no ToxiGen {kind} lists in {}",
             toxigen_dir.display()
         )));
     }

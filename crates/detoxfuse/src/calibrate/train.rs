@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::data::{self, Example};
-use super::model::{Batch, CalibrationModel, LossSum, Trainable};
+use super::model::{Batch, CalibrationModel, LossSum, Objective, Trainable};
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::lm::export::{self, HfLlama};
@@ -51,6 +51,16 @@ pub struct TrainConfig {
     /// Ridge strength of the lens fit, relative to the mean eigenvalue of `XᵀX`.
     #[serde(default)]
     pub lens_ridge: f64,
+    /// Weight of the unlikelihood term on [`Self::unlikely_corpus`] (0: none). Each step then
+    /// minimises `CE(clean batch) + unlikelihood × UL(toxic batch)`.
+    #[serde(default)]
+    pub unlikelihood: f64,
+    /// Prompt/continuation pairs whose continuations the model should find unlikely.
+    #[serde(default)]
+    pub unlikely_corpus: Option<PathBuf>,
+    /// Upper bound on rows × longest row of each step's unlikelihood batch.
+    #[serde(default = "default_unlikely_batch_tokens")]
+    pub unlikely_batch_tokens: usize,
 }
 
 /// How the calibration model's LM head starts.
@@ -63,6 +73,10 @@ pub enum HeadInit {
     /// A tuned-lens head ([`super::lens`]): the truncated model starts as an approximation of
     /// the whole base model.
     Lens,
+}
+
+fn default_unlikely_batch_tokens() -> usize {
+    1024
 }
 
 impl HeadInit {
@@ -89,6 +103,9 @@ impl Default for TrainConfig {
             head_init: HeadInit::Tied,
             lens_texts: 0,
             lens_ridge: 0.0,
+            unlikelihood: 0.0,
+            unlikely_corpus: None,
+            unlikely_batch_tokens: default_unlikely_batch_tokens(),
         }
     }
 }
@@ -106,6 +123,9 @@ pub enum Event<'a> {
     Validation {
         step: usize,
         loss: f64,
+        /// Mean cross-entropy of the held-out unlikely continuations (rises as they become
+        /// unlikely), when training has an unlikelihood term.
+        unlikely_nll: Option<f64>,
     },
     Checkpoint {
         step: usize,
@@ -123,10 +143,14 @@ pub enum Event<'a> {
 pub struct StepLog {
     /// 1-based.
     pub step: usize,
+    /// Mean cross-entropy of the clean batch.
     pub loss: f64,
+    /// Mean unlikelihood of the toxic batch, when training has that term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlikelihood: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
-    /// Tokens read in this step (padding excluded).
+    /// Tokens read in this step, both batches (padding excluded).
     pub tokens: usize,
     pub seconds: f64,
 }
@@ -136,7 +160,10 @@ pub struct TrainSummary {
     pub steps: usize,
     pub initial_val_loss: Option<f64>,
     pub final_val_loss: f64,
+    /// Tokens read over the whole run, resumed parts included.
     pub tokens: usize,
+    /// Tokens read and seconds spent by this invocation (a resumed run's own part).
+    pub run_tokens: usize,
     pub seconds: f64,
     pub model_dir: PathBuf,
 }
@@ -152,6 +179,13 @@ struct CheckpointRecord {
     config: TrainConfig,
     base_sha256: String,
     corpus_sha256: String,
+    /// Position in the unlikelihood data's own epochs.
+    #[serde(default)]
+    unlikely_epoch: u64,
+    #[serde(default)]
+    unlikely_batch_in_epoch: usize,
+    #[serde(default)]
+    unlikely_sha256: Option<String>,
 }
 
 /// The base model a calibration model starts from: its file (GGUF) or directory, and hash.
@@ -264,6 +298,7 @@ pub fn train(
             cfg.batch_tokens
         )));
     }
+    let unlikely = UnlikelyData::load(cfg, tok)?;
     let model = base.init(cfg.layers, cfg.trainable)?;
     let model = match cfg.head_init {
         HeadInit::Tied => model,
@@ -287,6 +322,9 @@ pub fn train(
         config: cfg.clone(),
         base_sha256: base.sha256.clone(),
         corpus_sha256: corpus_sha256.clone(),
+        unlikely_epoch: 0,
+        unlikely_batch_in_epoch: 0,
+        unlikely_sha256: unlikely.as_ref().map(|u| u.sha256.clone()),
     };
     let log_path = out.join("log.jsonl");
     if resume {
@@ -311,21 +349,48 @@ pub fn train(
         val_examples: val_ex.len(),
         trainable_params: model.trainable_count(),
     });
-    let validate = |model: &CalibrationModel| -> Result<f64> {
+    let mean_loss = |model: &CalibrationModel, ex: &[Example], batch_tokens| -> Result<f64> {
         let mut sum = LossSum::default();
-        for b in data::ordered_batches(&val_ex, cfg.batch_tokens) {
-            sum.add(model.loss(&make_batch(&val_ex, &b, pad)?)?);
+        for b in data::ordered_batches(ex, batch_tokens) {
+            sum.add(model.loss(&make_batch(ex, &b, pad)?)?);
         }
         Ok(sum.mean())
     };
+    let validate = |model: &CalibrationModel| mean_loss(model, &val_ex, cfg.batch_tokens);
+    let validation = |model: &CalibrationModel,
+                      step: usize,
+                      write_log: &mut dyn FnMut(serde_json::Value) -> Result<()>,
+                      progress: &mut dyn FnMut(Event)|
+     -> Result<f64> {
+        let loss = validate(model)?;
+        let unlikely_nll = match &unlikely {
+            Some(u) if !u.val.is_empty() => {
+                Some(mean_loss(model, &u.val, cfg.unlikely_batch_tokens)?)
+            }
+            _ => None,
+        };
+        let mut line = serde_json::json!({"step": step, "val_loss": loss});
+        if let Some(n) = unlikely_nll {
+            line["val_unlikely_nll"] = n.into();
+        }
+        write_log(line)?;
+        progress(Event::Validation {
+            step,
+            loss,
+            unlikely_nll,
+        });
+        Ok(loss)
+    };
     if state.step == 0 && !val_ex.is_empty() {
-        let loss = validate(&model)?;
-        state.initial_val_loss = Some(loss);
-        write_log(serde_json::json!({"step": 0, "val_loss": loss}))?;
-        progress(Event::Validation { step: 0, loss });
+        state.initial_val_loss = Some(validation(&model, 0, &mut write_log, progress)?);
     }
     let start = Instant::now();
+    let start_tokens = state.tokens;
     let mut batches = data::epoch_batches(&train_ex, cfg.batch_tokens, cfg.seed, state.epoch);
+    let mut unlikely_batches = match &unlikely {
+        Some(u) => u.epoch(cfg, state.unlikely_epoch),
+        None => Vec::new(),
+    };
     while state.step < cfg.steps {
         if state.batch_in_epoch >= batches.len() {
             state.epoch += 1;
@@ -335,21 +400,37 @@ pub fn train(
         let t0 = Instant::now();
         let idx = &batches[state.batch_in_epoch];
         let batch = make_batch(&train_ex, idx, pad)?;
-        let (loss, grads) = model.loss_and_grads(&batch)?;
-        if !loss.is_finite() {
+        let mut tokens: usize = idx.iter().map(|&i| train_ex[i].ids.len()).sum();
+        let mut parts = vec![(&batch, Objective::Likelihood, 1.0)];
+        let toxic;
+        if let Some(u) = &unlikely {
+            if state.unlikely_batch_in_epoch >= unlikely_batches.len() {
+                state.unlikely_epoch += 1;
+                state.unlikely_batch_in_epoch = 0;
+                unlikely_batches = u.epoch(cfg, state.unlikely_epoch);
+            }
+            let uidx = &unlikely_batches[state.unlikely_batch_in_epoch];
+            state.unlikely_batch_in_epoch += 1;
+            tokens += uidx.iter().map(|&i| u.train[i].ids.len()).sum::<usize>();
+            toxic = make_batch(&u.train, uidx, pad)?;
+            parts.push((&toxic, Objective::Unlikelihood, cfg.unlikelihood));
+        }
+        let (means, grads) = model.objectives_and_grads(&parts)?;
+        let (loss, unlikelihood) = (means[0], means.get(1).copied());
+        if !means.iter().all(|l| l.is_finite()) {
             return Err(Error::Input(format!(
-                "the loss became {loss} at step {}; lower --lr (the last checkpoint is intact)",
+                "the loss became {means:?} at step {}; lower --lr (the last checkpoint is intact)",
                 state.step + 1
             )));
         }
         let info = opt.step(model.vars(), &grads)?;
         state.step += 1;
         state.batch_in_epoch += 1;
-        let tokens: usize = idx.iter().map(|&i| train_ex[i].ids.len()).sum();
         state.tokens += tokens;
         let entry = StepLog {
             step: state.step,
             loss,
+            unlikelihood,
             lr: info.lr,
             grad_norm: info.grad_norm,
             tokens,
@@ -361,12 +442,7 @@ pub fn train(
         if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) || last)
             && !val_ex.is_empty()
         {
-            let loss = validate(&model)?;
-            write_log(serde_json::json!({"step": state.step, "val_loss": loss}))?;
-            progress(Event::Validation {
-                step: state.step,
-                loss,
-            });
+            validation(&model, state.step, &mut write_log, progress)?;
         }
         if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) || last {
             save_checkpoint(out, &mut state, &model, &opt)?;
@@ -388,6 +464,10 @@ pub fn train(
                    "manifest": read_corpus_manifest(corpus)},
         "train": cfg,
         "lens": (cfg.head_init == HeadInit::Lens).then_some(LENS_FILE),
+        "unlikely_corpus": unlikely.as_ref().map(|u| serde_json::json!({
+            "path": cfg.unlikely_corpus, "sha256": u.sha256,
+            "train_examples": u.train.len(), "validation_examples": u.val.len(),
+        })),
         "steps": state.step,
         "tokens": state.tokens,
         "initial_val_loss": state.initial_val_loss,
@@ -413,9 +493,75 @@ pub fn train(
         initial_val_loss: state.initial_val_loss,
         final_val_loss,
         tokens: state.tokens,
+        run_tokens: state.tokens - start_tokens,
         seconds: start.elapsed().as_secs_f64(),
         model_dir,
     })
+}
+
+/// The unlikelihood data of a run: tokenized pairs split like the corpus, in their own
+/// seeded epochs.
+struct UnlikelyData {
+    train: Vec<Example>,
+    val: Vec<Example>,
+    sha256: String,
+}
+
+impl UnlikelyData {
+    fn load(cfg: &TrainConfig, tok: &crate::text::Tokenizer) -> Result<Option<Self>> {
+        if cfg.unlikelihood == 0.0 {
+            return Ok(None);
+        }
+        if !(cfg.unlikelihood.is_finite() && cfg.unlikelihood > 0.0) {
+            return Err(Error::Input(format!(
+                "--unlikelihood {} must be a finite number >= 0",
+                cfg.unlikelihood
+            )));
+        }
+        let Some(path) = &cfg.unlikely_corpus else {
+            return Err(Error::Input(
+                "--unlikelihood needs an unlikelihood corpus (--unlikely-corpus)".into(),
+            ));
+        };
+        let (train, val) = data::split(data::read_corpus(path)?, cfg.val_per_mille);
+        // Lists of statements run longer than clean passages: room for the continuation.
+        let len = 2 * cfg.max_len;
+        let train = data::tokenize(&train, tok, len)?;
+        let mut val = data::tokenize(&val, tok, len)?;
+        val.truncate(cfg.val_max_examples);
+        if train.is_empty() {
+            return Err(Error::Input(format!(
+                "unlikelihood corpus {} has no example with a continuation left after truncation",
+                path.display()
+            )));
+        }
+        if let Some(e) = train
+            .iter()
+            .find(|e| e.ids.len() > cfg.unlikely_batch_tokens)
+        {
+            return Err(Error::Input(format!(
+                "an unlikelihood example of {} tokens does not fit --unlikely-batch-tokens {}",
+                e.ids.len(),
+                cfg.unlikely_batch_tokens
+            )));
+        }
+        Ok(Some(Self {
+            train,
+            val,
+            sha256: sha256_path(path)?,
+        }))
+    }
+
+    /// Batches of one epoch, in an order independent of the clean data's.
+    fn epoch(&self, cfg: &TrainConfig, epoch: u64) -> Vec<Vec<usize>> {
+        const STREAM: u64 = 0x756e_6c69_6b65_6c79; // "unlikely"
+        data::epoch_batches(
+            &self.train,
+            cfg.unlikely_batch_tokens,
+            cfg.seed ^ STREAM,
+            epoch,
+        )
+    }
 }
 
 /// The lens matrix `W` (`hidden × hidden`, tensor `lens`) in the run directory and in the
@@ -552,6 +698,12 @@ fn load_checkpoint(
             "--resume: the corpus changed since the checkpoint in {} (sha256 {}); pass the same --corpus",
             out.display(),
             rec.corpus_sha256
+        )));
+    }
+    if rec.unlikely_sha256 != fresh.unlikely_sha256 {
+        return Err(Error::Input(format!(
+            "--resume: the unlikelihood corpus changed since the checkpoint in {}; pass the same one",
+            out.display()
         )));
     }
     if rec.config != fresh.config {
