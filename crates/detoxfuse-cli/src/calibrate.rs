@@ -29,9 +29,19 @@ pub fn default_corpus(cache: &Path) -> PathBuf {
     cache.join("corpus").join("corpus.jsonl")
 }
 
+/// Where `detoxfuse calibrate` trains by default. The name carries the recipe (lens head,
+/// unlikelihood term), so a run of the earlier default (`smollm2-L3`, tied head) is never
+/// resumed with other options.
 pub fn default_calibration_dir(cache: &Path) -> PathBuf {
-    cache.join("calibration").join("smollm2-L3")
+    cache.join("calibration").join("smollm2-L3-lens-ul")
 }
+
+/// The default recipe's step count: 300 steps keep corpus build + lens fit + training of the
+/// default model under an hour on 2 cores.
+pub const DEFAULT_STEPS: usize = 300;
+
+/// The default weight of the unlikelihood term (see docs/CALIBRATION.md for the choice).
+pub const DEFAULT_UNLIKELIHOOD: f64 = 10.0;
 
 #[derive(clap::Subcommand)]
 pub enum CorpusCmd {
@@ -268,7 +278,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     corpus: Option<PathBuf>,
     /// Output directory: log.jsonl, checkpoints, and model/ at the end.
-    /// Default: <cache>/calibration/smollm2-L3.
+    /// Default: <cache>/calibration/smollm2-L3-lens-ul.
     #[arg(long, short)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
@@ -279,7 +289,7 @@ pub struct CalibrateArgs {
     resume_if_present: bool,
     #[arg(long, default_value_t = TrainConfig::default().layers)]
     layers: usize,
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     steps: usize,
     /// Most token slots (rows × longest row) per batch.
     #[arg(long, default_value_t = TrainConfig::default().batch_tokens)]
@@ -312,9 +322,8 @@ pub struct CalibrateArgs {
     /// How the LM head starts: `lens` fits a linear map from the truncated model's final
     /// hidden states to the whole base model's (a "tuned lens", ~2 minutes) and folds it into
     /// an untied head, so the model starts as a language model; `tied` keeps the base's
-    /// tied head (the truncated stack then starts far from a language model; the default
-    /// calibration model was trained this way).
-    #[arg(long, value_enum, default_value = "tied")]
+    /// tied head (the truncated stack then starts far from a language model).
+    #[arg(long, value_enum, default_value = "lens")]
     head_init: HeadInitArg,
     /// Corpus texts whose hidden states fit the lens.
     #[arg(long, default_value_t = 200)]
@@ -325,7 +334,7 @@ pub struct CalibrateArgs {
     /// Weight of an unlikelihood term (0 = none): each step also takes a batch of toxic
     /// continuations (ToxiGen hate lists of the groups not held back) and lowers their
     /// probability, `loss = CE(clean) + w × UL(toxic)`.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = DEFAULT_UNLIKELIHOOD)]
     unlikelihood: f64,
     /// The unlikelihood pairs (default: <cache>/corpus/unlikely.jsonl, written by
     /// `detoxfuse corpus unlikely` when missing).
@@ -482,13 +491,16 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
             window_secs += s.seconds;
             let tps = window_tokens as f64 / window_secs.max(1e-9);
             pb.set_position(s.step as u64);
+            let ul = s
+                .unlikelihood
+                .map_or(String::new(), |u| format!(" ul {u:.4}"));
             pb.set_message(format!(
-                "loss {:.3} val {:.3} lr {:.2e} {:.0} tok/s",
+                "loss {:.3}{ul} val {:.3} lr {:.2e} {:.0} tok/s",
                 s.loss, val, s.lr, tps
             ));
             if a.quiet {
                 println!(
-                    "step {} loss {:.4} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
+                    "step {} loss {:.4}{ul} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
                     s.step, s.loss, s.lr, s.grad_norm, tps
                 );
             }

@@ -177,6 +177,16 @@ fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
             .arg(&corpus)
             .arg("--out")
             .arg(&run)
+            // The recipe the evaluation in docs/EVAL.md measured (an unlikelihood term on
+            // toxic text would defeat an anti-expert).
+            .args([
+                "--head-init",
+                "tied",
+                "--unlikelihood",
+                "0",
+                "--steps",
+                "360",
+            ])
             .arg("--resume-if-present")
             .status()
             .context("running `detoxfuse calibrate` for the anti-expert")?;

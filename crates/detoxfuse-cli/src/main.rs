@@ -51,6 +51,7 @@ enum Cmd {
         cmd: calibrate::CorpusCmd,
     },
     /// Train a calibration model (method step 1): a base LM's first layers on the corpus.
+    #[command(args_override_self = true)]
     Calibrate(calibrate::CalibrateArgs),
     /// Compare a trained calibration model with its initialisation on held-back toxic and
     /// neutral ToxiGen continuations (mean log-probability per token).
