@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use detoxfuse::calibrate::corpus::HELD_BACK_GROUPS;
 use detoxfuse::eval::baselines::{self, BannedSequences, ExpertsDecoder, WordFilterDecoder};
 use detoxfuse::eval::harness::{self, Prompt};
 use detoxfuse::eval::report::{self, Report};
@@ -89,6 +90,19 @@ pub struct EvalArgs {
     /// Evaluate the valid lines of a prompt file that has invalid ones (they are listed).
     #[arg(long)]
     skip_invalid: bool,
+    /// Evaluate a ToxiGen file of a group the calibration corpora train on (refused by
+    /// default: its statements are training data, not held-out prompts).
+    #[arg(long)]
+    allow_trained_groups: bool,
+}
+
+/// The ToxiGen group of a prompt file named like `hate_{group}_1k.txt` / `neutral_…`.
+fn toxigen_group(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name
+        .strip_prefix("hate_")
+        .or_else(|| name.strip_prefix("neutral_"))?;
+    Some(rest.strip_suffix("_1k.txt")?.to_string())
 }
 
 /// One row of the evaluation.
@@ -270,6 +284,17 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
             .join("rtp")
             .join("challenging-toxic-1196.jsonl")
     });
+    if let Some(g) = toxigen_group(&prompts_path) {
+        if !HELD_BACK_GROUPS.contains(&g.as_str()) && !a.allow_trained_groups {
+            bail!(
+                "{}: the calibration corpora (paired replies, unlikelihood pairs) and the \
+                 anti-expert train on ToxiGen group {g:?}, so its prompts are not held out; \
+                 evaluate a held-back group ({}) or pass --allow-trained-groups",
+                prompts_path.display(),
+                HELD_BACK_GROUPS.join(", ")
+            );
+        }
+    }
     let (all, bad) = harness::read_prompts(&prompts_path, a.skip_invalid)?;
     let prompts_path = prompts_path.canonicalize().unwrap_or(prompts_path);
     for b in &bad {

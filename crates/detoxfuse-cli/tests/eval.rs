@@ -125,4 +125,10 @@ fn eval_refuses_bad_prompt_files_and_the_target_as_its_own_evaluator() {
     let missing = dir.path().join("missing.jsonl");
     let o = run(&["eval", "--prompts", &missing.to_string_lossy()]);
     assert_clean_failure(&o, "missing.jsonl");
+
+    // ToxiGen statements of groups the calibration corpora train on are not held-out prompts.
+    let trained = dir.path().join("hate_asian_1k.txt");
+    std::fs::write(&trained, "- a statement\\n-\n").unwrap();
+    let o = run(&["eval", "--prompts", &trained.to_string_lossy()]);
+    assert_clean_failure(&o, "--allow-trained-groups");
 }
