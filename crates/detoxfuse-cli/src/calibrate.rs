@@ -65,19 +65,26 @@ pub struct CorpusUnlikelyArgs {
     /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Write the same groups' *neutral* lists instead, in the same format: contrast data to
+    /// train as ordinary text (append it to a `--corpus`), so that the list format alone
+    /// cannot tell the unlikely continuations apart. Default out:
+    /// <cache>/corpus/neutral-lists.jsonl.
+    #[arg(long)]
+    neutral: bool,
 }
 
 pub fn default_unlikely_corpus(cache: &Path) -> PathBuf {
     cache.join("corpus").join("unlikely.jsonl")
 }
 
-/// Writes the unlikelihood corpus and its manifest: every list of every ToxiGen hate group
-/// except the held-back ones (which the probe reads).
-pub fn build_unlikely_corpus(out: &Path, data: &Path) -> Result<()> {
+/// Writes the unlikelihood corpus and its manifest: every list of every ToxiGen `kind`
+/// ("hate", or "neutral" for contrast data) group except the held-back ones (which the probe
+/// reads).
+pub fn build_unlikely_corpus(out: &Path, data: &Path, kind: &str) -> Result<()> {
     let toxigen = data.join("toxigen");
     let records = probe::list_pairs(
         &toxigen,
-        "hate",
+        kind,
         |g| !corpus::HELD_BACK_GROUPS.contains(&g),
         usize::MAX,
     )?;
@@ -90,10 +97,16 @@ pub fn build_unlikely_corpus(out: &Path, data: &Path) -> Result<()> {
         .collect();
     groups.dedup();
     corpus::write_jsonl(out, &records)?;
+    let purpose = if kind == "hate" {
+        "unlikelihood data for `detoxfuse calibrate --unlikelihood` (toxic on purpose: \
+         the continuations are what the calibration model learns to avoid)"
+    } else {
+        "contrast data: neutral lists in the unlikelihood data's format, trained as ordinary text"
+    };
     let manifest = serde_json::json!({
-        "purpose": "unlikelihood data for `detoxfuse calibrate --unlikelihood` (toxic on purpose: \
-                    the continuations are what the calibration model learns to avoid)",
-        "format": "prompt = a ToxiGen hate list but its last statement, as `- ` lines; completion = the last statement",
+        "purpose": purpose,
+        "kind": kind,
+        "format": "prompt = a ToxiGen list but its last statement, as `- ` lines; completion = the last statement",
         "toxigen_dir": toxigen,
         "sources": groups,
         "held_back_groups": corpus::HELD_BACK_GROUPS,
@@ -104,7 +117,7 @@ pub fn build_unlikely_corpus(out: &Path, data: &Path) -> Result<()> {
     let mpath = out.with_extension("manifest.json");
     std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
         .with_context(|| format!("writing {}", mpath.display()))?;
-    println!("{} unlikelihood pairs -> {}", records.len(), out.display());
+    println!("{} {kind} list pairs -> {}", records.len(), out.display());
     Ok(())
 }
 
@@ -181,8 +194,13 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
             return build_toxic_corpus(cache, &out, &data, t.threshold);
         }
         CorpusCmd::Unlikely(u) => {
-            let out = u.out.unwrap_or_else(|| default_unlikely_corpus(cache));
-            return build_unlikely_corpus(&out, &u.data.unwrap_or_else(default_data_dir));
+            let (kind, default_out) = if u.neutral {
+                ("neutral", cache.join("corpus").join("neutral-lists.jsonl"))
+            } else {
+                ("hate", default_unlikely_corpus(cache))
+            };
+            let out = u.out.unwrap_or(default_out);
+            return build_unlikely_corpus(&out, &u.data.unwrap_or_else(default_data_dir), kind);
         }
     };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
@@ -411,7 +429,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if let Some(u) = &cfg.unlikely_corpus {
         if a.unlikely_corpus.is_none() && !u.exists() {
             eprintln!("no unlikelihood corpus at {}: writing it", u.display());
-            build_unlikely_corpus(u, &default_data_dir())?;
+            build_unlikely_corpus(u, &default_data_dir(), "hate")?;
         }
     }
     let corpus = match &a.corpus {

@@ -333,3 +333,38 @@ fn lens_head_starts_as_a_language_model_and_is_exported_beside_the_model() {
             .unwrap();
     assert_eq!(config["tie_word_embeddings"], false, "{config}");
 }
+
+/// The unlikelihood pairs and their neutral contrast come from ToxiGen's lists of the groups
+/// not held back, never from the groups the probe reads.
+#[test]
+fn unlikely_and_neutral_list_pairs_leave_out_the_held_back_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, records) in [(None, 13_000), (Some("--neutral"), 12_000)] {
+        let out = dir.path().join(format!("{}.jsonl", flag.unwrap_or("hate")));
+        let mut args = vec!["corpus", "unlikely", "--out", out.to_str().unwrap()];
+        args.extend(flag);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = std::fs::read_to_string(&out).unwrap();
+        let mut sources = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (p, c) = (
+                v["prompt"].as_str().unwrap(),
+                v["completion"].as_str().unwrap(),
+            );
+            assert!(p.starts_with("- ") && p.ends_with("\n-"), "{p:?}");
+            assert!(c.starts_with(' ') && !c.contains('\n'), "{c:?}");
+            sources.insert(v["source"].as_str().unwrap().to_string());
+        }
+        assert_eq!(text.lines().count(), records);
+        for g in ["jewish", "muslim", "women"] {
+            assert!(sources.iter().all(|s| !s.contains(g)), "{sources:?}");
+        }
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.with_extension("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(manifest["records"], records);
+    }
+}
