@@ -1,9 +1,9 @@
 //! Diagnostic: how large is the target's final hidden state next to the unit-variance
 //! `LayerNorm(h_c·A)` the fusion mixes in, how aligned are they, and what does mixing do to
-//! the next-token distribution? Reads the default calibration model and hidden alignment from
-//! the cache.
+//! the next-token distribution? Reads a calibration run's model and hidden alignment from the
+//! cache (default: the default calibration model's run directory).
 //!
-//! `cargo run --release --example fusion_scale`
+//! `cargo run --release --example fusion_scale [-- RUN_DIR]`
 
 use detoxfuse::align::{Alignment, ModelId};
 use detoxfuse::fuse::{fuse, layer_norm};
@@ -49,9 +49,13 @@ fn main() {
     let cache = detoxfuse::fetch::default_cache_dir();
     let target_path =
         detoxfuse::fetch::model_path(&cache, &detoxfuse::fetch::spec("smollm2").unwrap());
-    let cal_dir = cache.join("calibration/smollm2-L3/model");
-    let a_path =
-        cache.join("calibration/smollm2-L3/align/SmolLM2-135M-Instruct.Q4_1.hidden.safetensors");
+    // A calibration run directory (default: the default model's) holding model/ and align/.
+    let run = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache.join("calibration/smollm2-L3-lens-ul"));
+    let cal_dir = run.join("model");
+    let a_path = run.join("align/SmolLM2-135M-Instruct.Q4_1.hidden.safetensors");
     let target = lm::load(&target_path).unwrap();
     let cal = lm::load(&cal_dir).unwrap();
     let tok = Tokenizer::for_model(&target_path).unwrap();
