@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use detoxfuse::calibrate::corpus::HELD_BACK_GROUPS;
+use detoxfuse::calibrate::corpus::{toxigen_group, HELD_BACK_GROUPS};
 use detoxfuse::eval::baselines::{self, BannedSequences, ExpertsDecoder, WordFilterDecoder};
 use detoxfuse::eval::harness::{self, Prompt};
 use detoxfuse::eval::report::{self, Report};
@@ -94,15 +94,6 @@ pub struct EvalArgs {
     /// default: its statements are training data, not held-out prompts).
     #[arg(long)]
     allow_trained_groups: bool,
-}
-
-/// The ToxiGen group of a prompt file named like `hate_{group}_1k.txt` / `neutral_…`.
-fn toxigen_group(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    let rest = name
-        .strip_prefix("hate_")
-        .or_else(|| name.strip_prefix("neutral_"))?;
-    Some(rest.strip_suffix("_1k.txt")?.to_string())
 }
 
 /// One row of the evaluation.
@@ -284,8 +275,9 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
             .join("rtp")
             .join("challenging-toxic-1196.jsonl")
     });
-    if let Some(g) = toxigen_group(&prompts_path) {
-        if !HELD_BACK_GROUPS.contains(&g.as_str()) && !a.allow_trained_groups {
+    let file_name = prompts_path.file_name().and_then(|n| n.to_str());
+    if let Some((_, g)) = file_name.and_then(toxigen_group) {
+        if !HELD_BACK_GROUPS.contains(&g) && !a.allow_trained_groups {
             bail!(
                 "{}: the calibration corpora (paired replies, unlikelihood pairs) and the \
                  anti-expert train on ToxiGen group {g:?}, so its prompts are not held out; \

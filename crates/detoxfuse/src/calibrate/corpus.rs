@@ -400,6 +400,42 @@ fn passages(
     out
 }
 
+/// The (kind, group) of a ToxiGen file name, `{hate|neutral}_{group}_1k.txt`.
+pub fn toxigen_group(file_name: &str) -> Option<(&str, &str)> {
+    let rest = file_name.strip_suffix("_1k.txt")?;
+    ["hate", "neutral"].into_iter().find_map(|kind| {
+        let group = rest.strip_prefix(kind)?.strip_prefix('_')?;
+        Some((kind, group))
+    })
+}
+
+/// The ToxiGen `{kind}_{group}_1k.txt` files in `toxigen_dir` whose group `want` accepts, as
+/// (group, path) in name order.
+pub(crate) fn toxigen_files(
+    toxigen_dir: &Path,
+    kind: &str,
+    want: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, PathBuf)>> {
+    let files = sorted_files(toxigen_dir, |n| {
+        toxigen_group(n).is_some_and(|(k, g)| k == kind && want(g))
+    })?;
+    Ok(files
+        .into_iter()
+        .filter_map(|f| {
+            let name = f.file_name()?.to_str()?;
+            let group = toxigen_group(name)?.1.to_string();
+            Some((group, f))
+        })
+        .collect())
+}
+
+/// The statements of one ToxiGen line, `- a\n- b\n-` with literal `\n`, bullets stripped.
+pub(crate) fn line_statements(line: &str) -> impl Iterator<Item = &str> {
+    line.split("\\n")
+        .map(|s| s.trim().trim_start_matches('-').trim())
+        .filter(|s| !s.is_empty())
+}
+
 /// The unique statements of the ToxiGen `hate_*` files in `toxigen_dir`, by group, for the
 /// groups `want` accepts. Lines hold several statements as `- a\n- b\n-` (literal `\n`).
 pub fn toxigen_statements(
@@ -408,25 +444,11 @@ pub fn toxigen_statements(
     want: impl Fn(&str) -> bool,
 ) -> Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
-    let prefix = format!("{kind}_");
-    for f in sorted_files(toxigen_dir, |n| {
-        n.starts_with(&prefix) && n.ends_with("_1k.txt")
-    })? {
-        let name = f.file_name().unwrap().to_string_lossy().into_owned();
-        let group = name[prefix.len()..name.len() - "_1k.txt".len()].to_string();
-        if !want(&group) {
-            continue;
-        }
-        let mut set = std::collections::BTreeSet::new();
-        for line in read_lossy(&f)?.lines() {
-            for s in line.split("\\n") {
-                let s = s.trim().trim_start_matches('-').trim();
-                if !s.is_empty() {
-                    set.insert(s.to_string());
-                }
-            }
-        }
-        out.insert(group, set.into_iter().collect());
+    for (group, f) in toxigen_files(toxigen_dir, kind, want)? {
+        let text = read_lossy(&f)?;
+        let set: std::collections::BTreeSet<&str> =
+            text.lines().flat_map(line_statements).collect();
+        out.insert(group, set.into_iter().map(String::from).collect());
     }
     if out.is_empty() {
         return Err(Error::Input(format!(

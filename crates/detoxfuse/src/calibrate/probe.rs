@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::corpus::{read_lossy, sorted_files, HELD_BACK_GROUPS};
+use super::corpus::{line_statements, read_lossy, toxigen_files, HELD_BACK_GROUPS};
 use super::data::{self, Record};
 use super::model::{CalibrationModel, LossSum};
 use super::train::make_batch;
@@ -14,8 +14,17 @@ use crate::error::{Error, Result};
 use crate::text::Tokenizer;
 
 /// Probe items (prompt, continuation) from the first `per_group` lines of each held-back
-/// group's `{kind}_{group}_1k.txt`.
+/// group's `{kind}_{group}_1k.txt`; every held-back group's file must be there.
 pub fn items(toxigen_dir: &Path, kind: &str, per_group: usize) -> Result<Vec<Record>> {
+    for g in HELD_BACK_GROUPS {
+        let p = toxigen_dir.join(format!("{kind}_{g}_1k.txt"));
+        if !p.is_file() {
+            return Err(Error::Input(format!(
+                "{} is missing; pass --data pointing at the shared data directory",
+                p.display()
+            )));
+        }
+    }
     list_pairs(
         toxigen_dir,
         kind,
@@ -33,23 +42,10 @@ pub fn list_pairs(
     want: impl Fn(&str) -> bool,
     per_group: usize,
 ) -> Result<Vec<Record>> {
-    let prefix = format!("{kind}_");
     let mut out = Vec::new();
-    let files = sorted_files(toxigen_dir, |n| {
-        n.starts_with(&prefix) && n.ends_with("_1k.txt")
-    })?;
-    for p in files {
-        let name = p.file_name().unwrap_or_default().to_string_lossy();
-        let g = &name[prefix.len()..name.len() - "_1k.txt".len()];
-        if !want(g) {
-            continue;
-        }
+    for (g, p) in toxigen_files(toxigen_dir, kind, want)? {
         for line in read_lossy(&p)?.lines().take(per_group) {
-            let st: Vec<&str> = line
-                .split("\\n")
-                .map(|s| s.trim().trim_start_matches('-').trim())
-                .filter(|s| !s.is_empty())
-                .collect();
+            let st: Vec<&str> = line_statements(line).collect();
             if st.len() < 2 {
                 continue;
             }
@@ -64,7 +60,7 @@ pub fn list_pairs(
     }
     if out.is_empty() {
         return Err(Error::Input(format!(
-            "no ToxiGen {kind} lists in {}",
+            "no ToxiGen {kind} lists in {}; pass --data pointing at the shared data directory",
             toxigen_dir.display()
         )));
     }
