@@ -73,6 +73,14 @@ pub struct CorpusUnlikelyArgs {
     neutral: bool,
 }
 
+/// Writes `manifest` beside the corpus file `out` (as `*.manifest.json`) and returns its path.
+fn write_manifest(out: &Path, manifest: &serde_json::Value) -> Result<PathBuf> {
+    let mpath = out.with_extension("manifest.json");
+    std::fs::write(&mpath, serde_json::to_string_pretty(manifest)?)
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    Ok(mpath)
+}
+
 pub fn default_unlikely_corpus(cache: &Path) -> PathBuf {
     cache.join("corpus").join("unlikely.jsonl")
 }
@@ -114,9 +122,7 @@ pub fn build_unlikely_corpus(out: &Path, data: &Path, kind: &str) -> Result<()> 
         "sha256": detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?,
         "never_read": "RealToxicityPrompts (evaluation data)",
     });
-    let mpath = out.with_extension("manifest.json");
-    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", mpath.display()))?;
+    write_manifest(out, &manifest)?;
     println!("{} {kind} list pairs -> {}", records.len(), out.display());
     Ok(())
 }
@@ -151,9 +157,7 @@ pub fn build_toxic_corpus(cache: &Path, out: &Path, data: &Path, threshold: f64)
     corpus::write_jsonl(out, &records)?;
     manifest["corpus"] = serde_json::json!(out);
     manifest["sha256"] = detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?.into();
-    let mpath = out.with_extension("manifest.json");
-    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", mpath.display()))?;
+    write_manifest(out, &manifest)?;
     println!("{} toxic records -> {}", records.len(), out.display());
     Ok(())
 }
@@ -256,9 +260,7 @@ pub fn build_corpus(
         "never_read": "RealToxicityPrompts (evaluation data)",
         "seconds": t0.elapsed().as_secs_f64(),
     });
-    let mpath = out.with_extension("manifest.json");
-    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", mpath.display()))?;
+    let mpath = write_manifest(out, &manifest)?;
     for s in manifest["sources"].as_array().into_iter().flatten() {
         println!(
             "{:<13} {}",
