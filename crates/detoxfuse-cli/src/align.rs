@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use detoxfuse::align::{self, AlignConfig, AlignManifest, Alignment, ModelId, Variant};
 use detoxfuse::calibrate::data::{self, Record};
+use detoxfuse::calibrate::fused;
+use detoxfuse::fuse::FusionMap;
 use detoxfuse::lm::{self, CausalLm};
 use detoxfuse::text::vocab::CommonVocab;
 use detoxfuse::text::Tokenizer;
@@ -77,7 +79,7 @@ pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
         let status = std::process::Command::new(std::env::current_exe()?)
             .arg("--cache")
             .arg(cache)
-            .args(["calibrate", "--resume-if-present"])
+            .args(["calibrate", "--recipe", "paper", "--resume-if-present"])
             .status()
             .context("running `detoxfuse calibrate`")?;
         if !status.success() {
@@ -233,12 +235,14 @@ pub fn align(
     Ok(manifest)
 }
 
-/// A calibration model and alignment ready to fuse with a target.
+/// A calibration model and the map into a target, ready to fuse.
 pub struct Fusion {
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
-    pub aligned: Alignment,
+    /// `A` and the LayerNorm's parameters (none for the paper's recipe).
+    pub map: FusionMap,
     pub calibration: PathBuf,
+    /// The alignment file (paper recipe) or the target's map file (fused recipe).
     pub alignment: PathBuf,
 }
 
@@ -269,15 +273,42 @@ impl Fusion {
     ) -> Result<detoxfuse::fuse::FusedDecoder<'a>> {
         let cross = (!detoxfuse::fuse::same_tokenizer(target_tok, &self.tokenizer))
             .then_some((target_tok, &self.tokenizer));
-        Ok(detoxfuse::fuse::FusedDecoder::new(
+        Ok(detoxfuse::fuse::FusedDecoder::with_map(
             target,
             self.model.as_ref(),
-            &self.aligned.a,
+            self.map.clone(),
             alpha,
             cross,
         )?
         .with_norm(norm))
     }
+}
+
+/// The fused recipe's artifact directory for `arg` ("fused": the default one, trained now
+/// if missing), or `None` when `arg` names a paper-recipe calibration model.
+pub fn fused_artifact_dir(cache: &Path, arg: &str) -> Result<Option<PathBuf>> {
+    if arg == "fused" {
+        let dir = crate::fused::default_fused_dir(cache);
+        let art = dir.join("artifact");
+        if !art.join(fused::CALIBRATION_MANIFEST).exists() {
+            eprintln!(
+                "the fused calibration is not in {}: training it now (`detoxfuse calibrate --recipe fused` is the same)",
+                art.display()
+            );
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .arg("--cache")
+                .arg(cache)
+                .args(["calibrate", "--recipe", "fused", "--resume-if-present"])
+                .status()
+                .context("running `detoxfuse calibrate --recipe fused`")?;
+            if !status.success() {
+                bail!("training the fused calibration failed ({status})");
+            }
+        }
+        return Ok(Some(art));
+    }
+    let p = PathBuf::from(arg);
+    Ok(p.join(fused::CALIBRATION_MANIFEST).exists().then_some(p))
 }
 
 /// Loads (making on first use, for the defaults) what `generate --calibration` needs, and
@@ -293,6 +324,40 @@ pub fn load_fusion(
 ) -> Result<Fusion> {
     if !(0.0..=1.0).contains(&alpha) {
         bail!("--alpha {alpha} is outside [0, 1]; 0 is the untouched target (the default is 0.2)");
+    }
+    if let Some(dir) = fused_artifact_dir(cache, calibration)? {
+        if alignment.is_some() {
+            bail!("--alignment applies to paper-recipe calibration models; {} carries its own map per target", dir.display());
+        }
+        let base = ModelArg {
+            model: "smollm2".into(),
+        }
+        .resolve(cache)?;
+        let art = fused::load_artifact(&dir, &base, target_path)?;
+        let (dc, dt) = art.map.dims()?;
+        if dt != target.info().hidden_size {
+            bail!(
+                "the fusion map in {} maps {dc} -> {dt} but the target is {} wide; train one for this target with `detoxfuse calibrate --recipe fused --target ...`",
+                dir.display(),
+                target.info().hidden_size
+            );
+        }
+        let model = detoxfuse::lm::llama::Llama::from_hf_weights(
+            art.calibration.config.clone(),
+            art.calibration.tensors,
+            "fused-calibration",
+            &dir,
+            detoxfuse::lm::LoadOptions::default(),
+        )?;
+        return Ok(Fusion {
+            model: Box::new(model),
+            tokenizer: art.calibration.tokenizer,
+            map: art.map,
+            calibration: dir.clone(),
+            alignment: dir
+                .join("targets")
+                .join(format!("{}.safetensors", fused::target_key(target_path))),
+        });
     }
     let cal_dir = calibration_dir(cache, calibration)?;
     let model = lm::load(&cal_dir)
@@ -319,7 +384,7 @@ pub fn load_fusion(
     Ok(Fusion {
         model,
         tokenizer,
-        aligned: al,
+        map: FusionMap::paper(&al.a)?,
         calibration: cal_dir,
         alignment: path,
     })

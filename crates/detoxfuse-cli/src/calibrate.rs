@@ -9,6 +9,8 @@ use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
+use detoxfuse::calibrate::guard::LeakageGuard;
+use detoxfuse::calibrate::selfgen::{self, SelfGenConfig};
 use detoxfuse::calibrate::{lens, probe};
 use detoxfuse::eval::score::ProfanityCheck;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,6 +57,111 @@ pub enum CorpusCmd {
     /// groups not held back, as (five statements, sixth statement) pairs whose continuation
     /// the calibration model learns to find unlikely.
     Unlikely(CorpusUnlikelyArgs),
+    /// Write the self-generated data of `calibrate --recipe fused`: toxic-leaning and neutral
+    /// sentence halves from HH-RLHF and ToxiGen (never RealToxicityPrompts: the leakage guard
+    /// drops any match), each continued by the target and every continuation scored.
+    Selfgen(SelfgenArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SelfgenArgs {
+    /// The model whose continuations are sampled.
+    #[arg(long, short, default_value = "smollm2")]
+    target: String,
+    /// Output directory (prompts.jsonl, samples.jsonl, manifest.json).
+    /// Default: <cache>/corpus/selfgen-<target stem>.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA or ../shared/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = SelfGenConfig::default().toxic_prompts)]
+    toxic_prompts: usize,
+    #[arg(long, default_value_t = SelfGenConfig::default().neutral_prompts)]
+    neutral_prompts: usize,
+    /// Continuations per prompt.
+    #[arg(long, default_value_t = SelfGenConfig::default().samples)]
+    samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn default_selfgen_dir(cache: &Path, target: &Path) -> PathBuf {
+    let stem = target
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "target".into());
+    cache.join("corpus").join(format!("selfgen-{stem}"))
+}
+
+/// Builds (or resumes) the self-generated data in `out` and returns the samples file.
+pub fn build_selfgen(
+    target: &Path,
+    out: &Path,
+    data: &Path,
+    cfg: &SelfGenConfig,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let t0 = Instant::now();
+    let scorer = ProfanityCheck::shared();
+    let guard = LeakageGuard::from_rtp_dir(&data.join("rtp"))?;
+    let (prompts, stats) = selfgen::build_prompts(
+        &data.join("hh-rlhf").join("harmless-base-test.jsonl.gz"),
+        &data.join("toxigen"),
+        &guard,
+        scorer,
+        cfg,
+    )?;
+    let model = detoxfuse::lm::load(target)?;
+    let tok = detoxfuse::text::Tokenizer::for_model(target)?;
+    let samples_path = out.join("samples.jsonl");
+    let pb = ProgressBar::new(prompts.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("sampling [{bar:30}] {pos}/{len} prompts eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let recs = selfgen::sample_prompts(
+        model.as_ref(),
+        &tok,
+        &prompts,
+        scorer,
+        cfg,
+        &samples_path,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let n: usize = recs.iter().map(|r| r.samples.len()).sum();
+    let toxic = recs
+        .iter()
+        .flat_map(|r| &r.samples)
+        .filter(|s| s.toxicity >= cfg.toxic_threshold)
+        .count();
+    let manifest = serde_json::json!({
+        "purpose": "self-generated data of `calibrate --recipe fused` (toxic on purpose: the toxic continuations are what the fused model learns to avoid)",
+        "target": target,
+        "target_sha256": detoxfuse::fetch::sha256_file(target, &mut detoxfuse::fetch::Silent)?,
+        "data_dir": data,
+        "config": cfg,
+        "prompts": stats,
+        "held_back_groups": corpus::HELD_BACK_GROUPS,
+        "leakage_guard": {"files": guard.files, "prompts": guard.len()},
+        "records": recs.len(),
+        "samples": n,
+        "toxic_samples": toxic,
+        "samples_sha256": detoxfuse::fetch::sha256_file(&samples_path, &mut detoxfuse::fetch::Silent)?,
+        "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
+    });
+    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", out.join("manifest.json").display()))?;
+    println!(
+        "{} prompts, {n} continuations ({toxic} at toxicity >= {}) -> {} in {:.0} s",
+        recs.len(),
+        cfg.toxic_threshold,
+        samples_path.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(samples_path)
 }
 
 #[derive(clap::Args)]
@@ -197,6 +304,22 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
             let data = t.data.unwrap_or_else(default_data_dir);
             return build_toxic_corpus(cache, &out, &data, t.threshold);
         }
+        CorpusCmd::Selfgen(g) => {
+            let target = ModelArg { model: g.target }.resolve(cache)?;
+            let out = g
+                .out
+                .unwrap_or_else(|| default_selfgen_dir(cache, &target));
+            let cfg = SelfGenConfig {
+                toxic_prompts: g.toxic_prompts,
+                neutral_prompts: g.neutral_prompts,
+                samples: g.samples,
+                seed: g.seed,
+                ..SelfGenConfig::default()
+            };
+            let data = g.data.unwrap_or_else(default_data_dir);
+            build_selfgen(&target, &out, &data, &cfg)?;
+            return Ok(());
+        }
         CorpusCmd::Unlikely(u) => {
             let (kind, default_out) = if u.neutral {
                 ("neutral", cache.join("corpus").join("neutral-lists.jsonl"))
@@ -293,79 +416,99 @@ pub struct CalibrateArgs {
     /// Base model whose embeddings and first layers start the calibration model: a llama
     /// GGUF, a Hugging Face Llama directory, or a fetched name.
     #[arg(long, default_value = "smollm2")]
-    base: String,
+    pub(crate) base: String,
     /// Corpus JSONL (default: <cache>/corpus/corpus.jsonl, made by `detoxfuse corpus build`).
     #[arg(long)]
-    corpus: Option<PathBuf>,
+    pub(crate) corpus: Option<PathBuf>,
     /// Output directory: log.jsonl, checkpoints, and model/ at the end.
     /// Default: <cache>/calibration/smollm2-L3-lens-ul.
     #[arg(long, short)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Resume when --out holds a checkpoint, start otherwise.
     #[arg(long, conflicts_with = "resume")]
-    resume_if_present: bool,
+    pub(crate) resume_if_present: bool,
     #[arg(long, default_value_t = TrainConfig::default().layers)]
-    layers: usize,
-    #[arg(long, default_value_t = DEFAULT_STEPS)]
-    steps: usize,
+    pub(crate) layers: usize,
+    /// Optimizer steps (default: 300 for the paper recipe, 200 for fused).
+    #[arg(long)]
+    pub(crate) steps: Option<usize>,
     /// Most token slots (rows × longest row) per batch.
     #[arg(long, default_value_t = TrainConfig::default().batch_tokens)]
-    batch_tokens: usize,
+    pub(crate) batch_tokens: usize,
     #[arg(long, default_value_t = TrainConfig::default().max_len)]
-    max_len: usize,
-    #[arg(long, default_value_t = AdamWConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().warmup)]
-    warmup: usize,
-    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
-    weight_decay: f64,
+    pub(crate) max_len: usize,
+    /// Peak learning rate (default: 5e-4 paper, 1e-3 fused).
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    /// Warmup steps (default: 20 paper, 10 fused).
+    #[arg(long)]
+    pub(crate) warmup: Option<usize>,
+    /// AdamW weight decay (default: 0.01 paper, 0 fused).
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f64>,
     /// Global gradient-norm clip (0 = off).
     #[arg(long, default_value_t = AdamWConfig::default().clip)]
-    clip: f64,
-    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
-    eval_every: usize,
+    pub(crate) clip: f64,
+    /// Validate every N steps (default: 40 paper, 50 fused).
+    #[arg(long)]
+    pub(crate) eval_every: Option<usize>,
     #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
-    checkpoint_every: usize,
+    pub(crate) checkpoint_every: usize,
     #[arg(long, default_value_t = TrainConfig::default().val_max_examples)]
-    val_examples: usize,
+    pub(crate) val_examples: usize,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Train the token embeddings (and a tied LM head) too.
     #[arg(long)]
-    train_embeddings: bool,
+    pub(crate) train_embeddings: bool,
     /// Train an untied LM head too.
     #[arg(long)]
-    train_head: bool,
+    pub(crate) train_head: bool,
     /// How the LM head starts: `lens` fits a linear map from the truncated model's final
     /// hidden states to the whole base model's (a "tuned lens", ~2 minutes) and folds it into
     /// an untied head, so the model starts as a language model; `tied` keeps the base's
     /// tied head (the truncated stack then starts far from a language model).
     #[arg(long, value_enum, default_value = "lens")]
-    head_init: HeadInitArg,
+    pub(crate) head_init: HeadInitArg,
     /// Corpus texts whose hidden states fit the lens.
     #[arg(long, default_value_t = 200)]
-    lens_texts: usize,
+    pub(crate) lens_texts: usize,
     /// Ridge strength of the lens fit (relative to the mean eigenvalue of XᵀX).
     #[arg(long, default_value_t = 1e-3)]
-    lens_ridge: f64,
+    pub(crate) lens_ridge: f64,
     /// Weight of an unlikelihood term (0 = none): each step also takes a batch of toxic
     /// continuations (ToxiGen hate lists of the groups not held back) and lowers their
     /// probability, `loss = CE(clean) + w × UL(toxic)`.
     #[arg(long, default_value_t = DEFAULT_UNLIKELIHOOD)]
-    unlikelihood: f64,
+    pub(crate) unlikelihood: f64,
     /// The unlikelihood pairs (default: <cache>/corpus/unlikely.jsonl, written by
     /// `detoxfuse corpus unlikely` when missing).
     #[arg(long)]
-    unlikely_corpus: Option<PathBuf>,
+    pub(crate) unlikely_corpus: Option<PathBuf>,
     /// Most token slots of each step's unlikelihood batch.
     #[arg(long, default_value_t = TrainConfig::default().unlikely_batch_tokens)]
-    unlikely_batch_tokens: usize,
+    pub(crate) unlikely_batch_tokens: usize,
     /// No progress bar; print one line per step instead.
     #[arg(long)]
-    quiet: bool,
+    pub(crate) quiet: bool,
+    /// `fused`: train LoRA adapters on the calibration layers, the map A and
+    /// the LayerNorm's affine parameters through the target's frozen LM head, on the fused
+    /// distribution (keep the target on its own clean continuations, unlikelihood on toxic
+    /// tokens). `paper`: the paper's recipe (the calibration model as a language model on
+    /// the clean corpus; A learned afterwards by `detoxfuse align`).
+    #[arg(long, value_enum, default_value = "paper")]
+    pub(crate) recipe: RecipeArg,
+    #[command(flatten)]
+    pub(crate) fused: crate::fused::FusedArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecipeArg {
+    Fused,
+    Paper,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -407,17 +550,19 @@ impl CalibrateArgs {
                 head: self.train_head,
             },
             optim: AdamWConfig {
-                lr: self.lr,
-                warmup: self.warmup,
-                weight_decay: self.weight_decay,
+                lr: self.lr.unwrap_or(AdamWConfig::default().lr),
+                warmup: self.warmup.unwrap_or(AdamWConfig::default().warmup),
+                weight_decay: self
+                    .weight_decay
+                    .unwrap_or(AdamWConfig::default().weight_decay),
                 clip: self.clip,
-                total_steps: self.steps,
+                total_steps: self.steps.unwrap_or(DEFAULT_STEPS),
                 ..AdamWConfig::default()
             },
-            steps: self.steps,
+            steps: self.steps.unwrap_or(DEFAULT_STEPS),
             batch_tokens: self.batch_tokens,
             max_len: self.max_len,
-            eval_every: self.eval_every,
+            eval_every: self.eval_every.unwrap_or(TrainConfig::default().eval_every),
             checkpoint_every: self.checkpoint_every,
             val_max_examples: self.val_examples,
             seed: self.seed,
@@ -427,6 +572,9 @@ impl CalibrateArgs {
 }
 
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
+    if a.recipe == RecipeArg::Fused {
+        return crate::fused::calibrate_fused(cache, &a);
+    }
     let cfg = a.config(cache);
     if let Some(u) = &cfg.unlikely_corpus {
         if a.unlikely_corpus.is_none() && !u.exists() {

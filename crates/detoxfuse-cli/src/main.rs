@@ -4,6 +4,7 @@ mod align;
 mod bench;
 mod calibrate;
 mod eval;
+mod fused;
 mod generate;
 mod serve;
 

@@ -11,7 +11,10 @@
 //! stop agreeing with the old ones, and only the changed tail is run again. Bytes of an
 //! unfinished UTF-8 character wait until the character is complete.
 
-use candle_core::{Tensor, D};
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::generate::{rows_of, Decoder};
@@ -65,15 +68,16 @@ pub fn keep_norm(h: &Tensor, h_target: &Tensor) -> Result<Tensor> {
 pub struct FusedDecoder<'m> {
     target: &'m dyn CausalLm,
     cal: &'m dyn CausalLm,
-    /// `(d_cal, d_target)`.
-    a: Tensor,
+    /// `A` (`d_cal × d_target`) and the LayerNorm's affine parameters.
+    map: FusionMap,
     alpha: f64,
     norm: FusionNorm,
     tcache: KvCache,
     state: CalState<'m>,
 }
 
-/// Parameter-free LayerNorm over the last dimension (eps 1e-5).
+/// Parameter-free LayerNorm over the last dimension (eps 1e-5), from elementary ops so that
+/// training can differentiate it (candle's fused `LayerNorm` has no backward pass).
 pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let c = x.broadcast_sub(&mean)?;
@@ -85,6 +89,109 @@ pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
 pub fn fuse(h_target: &Tensor, h_cal: &Tensor, a: &Tensor, alpha: f64) -> Result<Tensor> {
     let mapped = layer_norm(&h_cal.matmul(a)?)?;
     Ok(((mapped * alpha)? + (h_target * (1.0 - alpha))?)?)
+}
+
+/// The per-target part of a fused calibration: `A` (`d_cal × d_target`) and the LayerNorm's
+/// affine parameters (`d_target` each).
+#[derive(Debug, Clone)]
+pub struct FusionMap {
+    pub a: Tensor,
+    pub gamma: Tensor,
+    pub beta: Tensor,
+}
+
+pub const MAP_A: &str = "fusion.a";
+pub const MAP_GAMMA: &str = "fusion.gamma";
+pub const MAP_BETA: &str = "fusion.beta";
+
+impl FusionMap {
+    /// The paper's map: `A` and a LayerNorm without parameters (`γ = 1`, `β = 0`).
+    pub fn paper(a: &Tensor) -> Result<Self> {
+        let a = a.to_dtype(DType::F32)?;
+        let dt = a.dim(1)?;
+        Ok(Self {
+            gamma: Tensor::ones(dt, DType::F32, a.device())?,
+            beta: Tensor::zeros(dt, DType::F32, a.device())?,
+            a,
+        })
+    }
+
+    /// `γ ⊙ LN(h_c·A) + β` for `(n, d_cal)` rows.
+    pub fn mapped(&self, h_cal: &Tensor) -> Result<Tensor> {
+        let u = layer_norm(&h_cal.matmul(&self.a)?)?;
+        Ok(u.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)?)
+    }
+
+    /// `α·mapped + (1 − α)·h_t` with one α per row (`alpha`: `(n, 1)`).
+    pub fn fuse_rows(&self, h_target: &Tensor, h_cal: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+        let m = self.mapped(h_cal)?;
+        let one_minus = alpha.affine(-1.0, 1.0)?;
+        Ok((m.broadcast_mul(alpha)? + h_target.broadcast_mul(&one_minus)?)?)
+    }
+
+    /// `α·mapped + (1 − α)·h_t` with one α for all rows (the decoder's rule).
+    pub fn fuse(&self, h_target: &Tensor, h_cal: &Tensor, alpha: f64) -> Result<Tensor> {
+        let m = self.mapped(h_cal)?;
+        Ok(((m * alpha)? + (h_target * (1.0 - alpha))?)?)
+    }
+
+    /// (d_cal, d_target).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(self.a.dims2()?)
+    }
+
+    fn check(&self) -> Result<()> {
+        let (_, dt) = self.dims()?;
+        if self.gamma.dims() != [dt] || self.beta.dims() != [dt] {
+            return Err(Error::Input(format!(
+                "fusion map: A maps to width {dt} but gamma is {:?} and beta {:?}",
+                self.gamma.dims(),
+                self.beta.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads a map written by [`FusionMap::save`], in f32.
+    pub fn load(path: &Path) -> Result<Self> {
+        let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::Input(format!(
+                "fusion map {} is unreadable ({e}); retrain it with `detoxfuse calibrate --recipe fused`",
+                path.display()
+            ))
+        })?;
+        let get = |k: &str| -> Result<Tensor> {
+            Ok(t.get(k)
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "fusion map {} lacks tensor {k}; retrain it with `detoxfuse calibrate --recipe fused`",
+                        path.display()
+                    ))
+                })?
+                .to_dtype(DType::F32)?)
+        };
+        let m = Self {
+            a: get(MAP_A)?,
+            gamma: get(MAP_GAMMA)?,
+            beta: get(MAP_BETA)?,
+        };
+        m.check()
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        Ok(m)
+    }
+
+    /// Writes the map in f16 (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let t: HashMap<String, Tensor> = [
+            (MAP_A, &self.a),
+            (MAP_GAMMA, &self.gamma),
+            (MAP_BETA, &self.beta),
+        ]
+        .into_iter()
+        .map(|(k, v)| Ok((k.to_string(), v.to_dtype(DType::F16)?)))
+        .collect::<Result<_>>()?;
+        crate::calibrate::fused::save_tensors(&t, path)
+    }
 }
 
 /// True when two tokenizers map every text to the same ids (same vocabulary and rules).
@@ -106,8 +213,19 @@ impl<'m> FusedDecoder<'m> {
         alpha: f64,
         cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
     ) -> Result<Self> {
+        Self::with_map(target, cal, FusionMap::paper(a)?, alpha, cross)
+    }
+
+    /// [`FusedDecoder::new`] with a trained map (LayerNorm with affine parameters).
+    pub fn with_map(
+        target: &'m dyn CausalLm,
+        cal: &'m dyn CausalLm,
+        map: FusionMap,
+        alpha: f64,
+        cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
+    ) -> Result<Self> {
         check_alpha(alpha)?;
-        let (dc, dt) = a.dims2()?;
+        let (dc, dt) = map.dims()?;
         let (wc, wt) = (cal.info().hidden_size, target.info().hidden_size);
         if (dc, dt) != (wc, wt) {
             return Err(Error::Input(format!(
@@ -127,7 +245,7 @@ impl<'m> FusedDecoder<'m> {
         Ok(Self {
             target,
             cal,
-            a: a.to_dtype(candle_core::DType::F32)?,
+            map,
             alpha,
             norm: FusionNorm::Paper,
             tcache: target.new_cache(),
@@ -151,9 +269,9 @@ impl<'m> FusedDecoder<'m> {
 
     fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
         let h = match (h_cal, self.norm) {
-            (Some(hc), FusionNorm::Paper) => fuse(h_target, &hc, &self.a, self.alpha)?,
+            (Some(hc), FusionNorm::Paper) => self.map.fuse(h_target, &hc, self.alpha)?,
             (Some(hc), FusionNorm::KeepTargetNorm) => {
-                keep_norm(&fuse(h_target, &hc, &self.a, self.alpha)?, h_target)?
+                keep_norm(&self.map.fuse(h_target, &hc, self.alpha)?, h_target)?
             }
             (None, _) => h_target.clone(),
         };

@@ -3,74 +3,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use detoxfuse::calibrate::model::{Batch, CalibrationModel, Objective, Trainable};
 use detoxfuse::calibrate::optim::missing_grads;
-use detoxfuse::lm::export::{hf_llama_from_gguf, LAYER_TENSORS};
-use detoxfuse::lm::llama::LlamaConfig;
+use detoxfuse::lm::export::hf_llama_from_gguf;
 use detoxfuse::lm::{self, ids_tensor, LoadOptions};
-use rand::{Rng, SeedableRng};
 
-/// A tiny random llama (numerics only: vocabulary 23, width 8, 2 layers, GQA 4:2).
 fn tiny(tied: bool, trainable: Trainable) -> CalibrationModel {
-    let config = LlamaConfig {
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        vocab_size: 23,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: tied,
-        head_dim: Some(4),
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut rand_t = |shape: &[usize], gain: bool| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                let r: f64 = rng.random_range(-0.5..0.5);
-                if gain {
-                    1.0 + r
-                } else {
-                    r
-                }
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    };
-    let mut t = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".to_string(),
-        rand_t(&[23, 8], false),
-    );
-    t.insert("model.norm.weight".to_string(), rand_t(&[8], true));
-    if !tied {
-        t.insert("lm_head.weight".to_string(), rand_t(&[23, 8], false));
-    }
-    for i in 0..2 {
-        for (_, hf) in LAYER_TENSORS {
-            let shape: Vec<usize> = match hf {
-                "input_layernorm" | "post_attention_layernorm" => vec![8],
-                "self_attn.q_proj" => vec![16, 8],
-                "self_attn.k_proj" | "self_attn.v_proj" => vec![8, 8],
-                "self_attn.o_proj" => vec![8, 16],
-                "mlp.gate_proj" | "mlp.up_proj" => vec![12, 8],
-                "mlp.down_proj" => vec![8, 12],
-                other => panic!("unexpected {other}"),
-            };
-            let gain = shape.len() == 1;
-            t.insert(
-                format!("model.layers.{i}.{hf}.weight"),
-                rand_t(&shape, gain),
-            );
-        }
-    }
-    CalibrationModel::new(config, &t, trainable, DType::F64).unwrap()
+    common::tiny_calibration(tied, trainable)
 }
 
 fn tiny_batch() -> Batch {
@@ -102,46 +43,13 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_tiny() {
     }
 }
 
-/// Central differences on 3 coordinates of every parameter tensor against `grads`, the
-/// analytic gradient of `objective`.
 fn check_against_finite_differences(
     m: &CalibrationModel,
     grads: &candle_core::backprop::GradStore,
     objective: impl Fn(&CalibrationModel) -> f64,
     what: &str,
 ) {
-    let mut checked = 0;
-    for (name, var) in m.vars() {
-        let g: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let orig = var.as_tensor().copy().unwrap();
-        let base: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
-        let n = base.len();
-        for &k in &[0, n / 2, n - 1] {
-            let eps = 1e-6;
-            let at = |delta: f64| {
-                let mut v = base.clone();
-                v[k] += delta;
-                var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                objective(m)
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&orig).unwrap();
-            let err = (fd - g[k]).abs();
-            assert!(
-                err <= 1e-6 + 1e-4 * fd.abs(),
-                "{what} {name}[{k}]: analytic {} vs finite difference {fd}",
-                g[k]
-            );
-            checked += 1;
-        }
-    }
+    let checked = common::check_finite_differences(m.vars(), grads, || objective(m), what);
     assert!(checked >= 60);
 }
 

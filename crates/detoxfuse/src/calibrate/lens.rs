@@ -54,36 +54,51 @@ pub fn hidden_pairs(
 /// Ridge regression `W = (XᵀX + λI)⁻¹ XᵀY` with `λ = ridge · trace(XᵀX) / d`, returned as
 /// an f32 `(d, d)` tensor such that `x · W ≈ y`.
 pub fn fit(x: &[f64], y: &[f64], n: usize, d: usize, ridge: f64) -> Result<Tensor> {
-    if n < d {
+    fit_map(x, y, n, (d, d), ridge)
+}
+
+/// [`fit`] for a map between widths: `x` is `(n, dx)`, `y` is `(n, dy)`, the result `(dx, dy)`.
+pub fn fit_map(
+    x: &[f64],
+    y: &[f64],
+    n: usize,
+    (dx, dy): (usize, usize),
+    ridge: f64,
+) -> Result<Tensor> {
+    if n < dx {
         return Err(Error::Input(format!(
-            "fitting the lens needs at least {d} token positions, got {n}; use more text"
+            "fitting the lens needs at least {dx} token positions, got {n}; use more text"
         )));
     }
-    let mut g = vec![0.0f64; d * d];
-    let mut r = vec![0.0f64; d * d];
+    let mut g = vec![0.0f64; dx * dx];
+    let mut r = vec![0.0f64; dx * dy];
     for t in 0..n {
-        let (xr, yr) = (&x[t * d..(t + 1) * d], &y[t * d..(t + 1) * d]);
-        for i in 0..d {
+        let (xr, yr) = (&x[t * dx..(t + 1) * dx], &y[t * dy..(t + 1) * dy]);
+        for i in 0..dx {
             let xi = xr[i];
-            let (gi, ri) = (&mut g[i * d..(i + 1) * d], &mut r[i * d..(i + 1) * d]);
-            for j in 0..d {
+            let gi = &mut g[i * dx..(i + 1) * dx];
+            for j in 0..dx {
                 gi[j] += xi * xr[j];
+            }
+            let ri = &mut r[i * dy..(i + 1) * dy];
+            for j in 0..dy {
                 ri[j] += xi * yr[j];
             }
         }
     }
-    let trace: f64 = (0..d).map(|i| g[i * d + i]).sum();
-    let lambda = ridge * trace / d as f64;
-    for i in 0..d {
-        g[i * d + i] += lambda;
+    let trace: f64 = (0..dx).map(|i| g[i * dx + i]).sum();
+    let lambda = ridge * trace / dx as f64;
+    for i in 0..dx {
+        g[i * dx + i] += lambda;
     }
+    let d = dx;
     let l = cholesky(&g, d)?;
     // Solve G · W = R column by column: L z = r, Lᵀ w = z.
-    let mut w = vec![0.0f64; d * d];
+    let mut w = vec![0.0f64; dx * dy];
     let mut col = vec![0.0f64; d];
-    for c in 0..d {
+    for c in 0..dy {
         for i in 0..d {
-            let mut s = r[i * d + c];
+            let mut s = r[i * dy + c];
             for k in 0..i {
                 s -= l[i * d + k] * col[k];
             }
@@ -92,13 +107,13 @@ pub fn fit(x: &[f64], y: &[f64], n: usize, d: usize, ridge: f64) -> Result<Tenso
         for i in (0..d).rev() {
             let mut s = col[i];
             for k in i + 1..d {
-                s -= l[k * d + i] * w[k * d + c];
+                s -= l[k * d + i] * w[k * dy + c];
             }
-            w[i * d + c] = s / l[i * d + i];
+            w[i * dy + c] = s / l[i * d + i];
         }
     }
     let w: Vec<f32> = w.into_iter().map(|v| v as f32).collect();
-    Ok(Tensor::from_vec(w, (d, d), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(w, (dx, dy), &candle_core::Device::Cpu)?)
 }
 
 /// Lower-triangular `L` with `L Lᵀ = a` (symmetric positive definite, row-major).

@@ -3,9 +3,12 @@
 pub mod bench;
 pub mod corpus;
 pub mod data;
+pub mod fused;
+pub mod guard;
 pub mod lens;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod probe;
+pub mod selfgen;
 pub mod train;

@@ -45,6 +45,25 @@ impl Default for Trainable {
     }
 }
 
+/// How the decoder layers (and the final norm) are trained.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LayerTraining {
+    /// Every layer weight is trained.
+    #[default]
+    Full,
+    /// The layer weights stay the base's; a low-rank delta `B·A` (rank `rank`, `B` starting
+    /// at zero) is trained on each projection matrix (LoRA, Hu et al. 2021).
+    Lora { rank: usize },
+    /// Nothing in the layers is trained.
+    Frozen,
+}
+
+/// Name of the LoRA factor `which` ("a": `rank × in`, "b": `out × rank`) of weight `name`.
+pub fn lora_name(name: &str, which: &str) -> String {
+    format!("lora.{name}.{which}")
+}
+
 const EMBED: &str = "model.embed_tokens.weight";
 const HEAD: &str = "lm_head.weight";
 
@@ -283,6 +302,110 @@ impl CalibrationModel {
         Ok(self)
     }
 
+    /// Sets how the layers train: `Frozen` and `Lora` move every layer weight (and the final
+    /// norm) out of the trainable set; `Lora` then adds seeded adapters on each projection.
+    pub fn with_layer_training(mut self, mode: LayerTraining, seed: u64) -> Result<Self> {
+        if mode == LayerTraining::Full {
+            return Ok(self);
+        }
+        let layer_names: Vec<String> = self
+            .vars
+            .keys()
+            .filter(|n| n.as_str() != EMBED && n.as_str() != HEAD && !n.starts_with("lora."))
+            .cloned()
+            .collect();
+        for n in layer_names {
+            let v = self.vars.remove(&n).expect("listed");
+            self.frozen.insert(n, v.as_tensor().clone());
+        }
+        if let LayerTraining::Lora { rank } = mode {
+            if rank == 0 {
+                return Err(Error::Input("--lora-rank must be at least 1".into()));
+            }
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+            for i in 0..self.config.num_hidden_layers {
+                for (_, hf) in LAYER_TENSORS {
+                    let name = format!("model.layers.{i}.{hf}.weight");
+                    let w = self.get(&name)?;
+                    if w.rank() != 2 {
+                        continue;
+                    }
+                    let (out, inp) = w.dims2()?;
+                    // Kaiming-uniform A, zero B: the adapted model starts as the base.
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    let a: Vec<f64> = (0..rank * inp)
+                        .map(|_| rand::Rng::random_range(&mut rng, -bound..bound))
+                        .collect();
+                    let a = Tensor::from_vec(a, (rank, inp), w.device())?.to_dtype(self.dtype)?;
+                    let b = Tensor::zeros((out, rank), self.dtype, w.device())?;
+                    self.vars.insert(lora_name(&name, "a"), Var::from_tensor(&a)?);
+                    self.vars.insert(lora_name(&name, "b"), Var::from_tensor(&b)?);
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// A weight as the forward pass uses it: the stored one plus its LoRA delta, if any.
+    pub fn weight(&self, name: &str) -> Result<Tensor> {
+        let w = self.get(name)?;
+        match (
+            self.vars.get(&lora_name(name, "a")),
+            self.vars.get(&lora_name(name, "b")),
+        ) {
+            (Some(a), Some(b)) => Ok((w + b.as_tensor().matmul(a.as_tensor())?)?),
+            _ => Ok(w),
+        }
+    }
+
+    /// Every parameter with the LoRA deltas folded into their weights (no `lora.*` tensors):
+    /// a plain Llama for inference and export.
+    pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (k, t) in self.tensors() {
+            if k.starts_with("lora.") {
+                continue;
+            }
+            let w = self.weight(&k)?;
+            out.insert(k, if w.dims() == t.dims() { w } else { t });
+        }
+        Ok(out)
+    }
+
+    /// Adds LoRA factors (e.g. read from a shipped artifact) as frozen deltas.
+    pub fn with_frozen_adapters(mut self, adapters: &HashMap<String, Tensor>) -> Result<Self> {
+        for k in adapters.keys() {
+            let Some(rest) = k.strip_prefix("lora.") else {
+                continue;
+            };
+            if rest.ends_with(".b") {
+                continue; // handled with its `.a` factor
+            }
+            let base = rest
+                .strip_suffix(".a")
+                .ok_or_else(|| Error::Input(format!("adapter tensor {k} is not a LoRA factor")))?;
+            let w = self.get(base)?;
+            let (a, b) = (lora_name(base, "a"), lora_name(base, "b"));
+            let (ta, tb) = match (adapters.get(&a), adapters.get(&b)) {
+                (Some(ta), Some(tb)) => (ta, tb),
+                _ => return Err(Error::Input(format!("adapter {base} lacks its a or b factor"))),
+            };
+            let (out, inp) = w.dims2()?;
+            let (r, ia) = ta.dims2()?;
+            let (ob, rb) = tb.dims2()?;
+            if ia != inp || ob != out || rb != r {
+                return Err(Error::Input(format!(
+                    "adapter {base} has factors {:?} and {:?}, which do not fit a weight of shape {:?}",
+                    ta.dims(), tb.dims(), w.dims()
+                )));
+            }
+            let delta = tb.to_dtype(self.dtype)?.matmul(&ta.to_dtype(self.dtype)?)?;
+            self.frozen.insert(base.to_string(), (w + delta)?);
+            self.vars.remove(base);
+        }
+        Ok(self)
+    }
+
     /// Number of trainable scalars.
     pub fn trainable_count(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
@@ -312,7 +435,7 @@ impl CalibrationModel {
         let mut x = self.get(EMBED)?.index_select(&ids.flatten_all()?, 0)?;
         let eps = c.rms_norm_eps;
         for i in 0..c.num_hidden_layers {
-            let w = |n: &str| self.get(&format!("model.layers.{i}.{n}.weight"));
+            let w = |n: &str| self.weight(&format!("model.layers.{i}.{n}.weight"));
             let h = ops::rms_norm(&x, &w("input_layernorm")?, eps)?;
             // (b, t, heads, hd) projections; RoPE before moving heads in front of positions.
             let proj = |p: &str, n: usize| -> Result<Tensor> {
@@ -465,7 +588,7 @@ pub enum Objective {
 }
 
 /// `1 − p` is floored here so the unlikelihood of a target the model is sure of stays finite.
-const MIN_COMPLEMENT: f64 = 1e-6;
+pub(crate) const MIN_COMPLEMENT: f64 = 1e-6;
 
 /// Gradients from [`head_cross_entropy`].
 pub struct HeadGrads {
@@ -499,7 +622,7 @@ pub fn head_cross_entropy(
 
 /// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Float>(
+pub(crate) fn gemm_into<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_strides: (isize, isize),

@@ -240,7 +240,7 @@ pub fn sha256_path(path: &Path) -> Result<String> {
 }
 
 /// Makes sure `dir` exists and is writable before hours of work depend on it.
-fn check_writable(dir: &Path) -> Result<()> {
+pub(crate) fn check_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| {
         Error::Input(format!(
             "cannot create output directory {}: {e}; choose a writable --out",
@@ -637,27 +637,79 @@ fn save_checkpoint(
     model: &CalibrationModel,
     opt: &AdamW,
 ) -> Result<()> {
+    let previous = std::mem::take(&mut state.file);
+    state.file = save_state(out, state.step, model.vars(), opt)?;
+    commit_record(out, state, &previous, &state.file)
+}
+
+/// Writes parameters and optimizer moments as `checkpoint-{step}.safetensors` (temporary
+/// file, fsync, rename) and returns the file name. Nothing refers to it until
+/// [`commit_record`] names it.
+pub(crate) fn save_state(
+    out: &Path,
+    step: usize,
+    vars: &std::collections::BTreeMap<String, candle_core::Var>,
+    opt: &AdamW,
+) -> Result<String> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    for (name, var) in model.vars() {
+    for (name, var) in vars {
         t.insert(format!("param.{name}"), var.as_tensor().clone());
         t.insert(format!("m.{name}"), opt.m[name].clone());
         t.insert(format!("v.{name}"), opt.v[name].clone());
     }
-    let previous = std::mem::take(&mut state.file);
-    state.file = format!("checkpoint-{:06}.safetensors", state.step);
-    let final_path = out.join(&state.file);
-    let tmp = out.join(format!("{}.tmp", state.file));
+    let file = format!("checkpoint-{step:06}.safetensors");
+    let final_path = out.join(&file);
+    let tmp = out.join(format!("{file}.tmp"));
     candle_core::safetensors::save(&t, &tmp)?;
     sync(&tmp)?;
     rename(&tmp, &final_path)?;
+    Ok(file)
+}
+
+/// Atomically replaces `checkpoint.json` by `record` (the commit point of a checkpoint),
+/// then removes the previous checkpoint's tensor file.
+pub(crate) fn commit_record<R: serde::Serialize>(
+    out: &Path,
+    record: &R,
+    previous: &str,
+    current: &str,
+) -> Result<()> {
     let rec_tmp = out.join("checkpoint.json.tmp");
-    std::fs::write(&rec_tmp, serde_json::to_string_pretty(state)?)
+    std::fs::write(&rec_tmp, serde_json::to_string_pretty(record)?)
         .ctx(|| format!("writing {}", rec_tmp.display()))?;
     sync(&rec_tmp)?;
     rename(&rec_tmp, &out.join("checkpoint.json"))?;
-    if !previous.is_empty() && previous != state.file {
+    if !previous.is_empty() && previous != current {
         let _ = std::fs::remove_file(out.join(previous));
     }
+    Ok(())
+}
+
+/// Reads parameters and optimizer moments written by [`save_state`] back into `vars` and
+/// `opt`.
+pub(crate) fn load_state(
+    file: &Path,
+    vars: &std::collections::BTreeMap<String, candle_core::Var>,
+    opt: &mut AdamW,
+    step: usize,
+) -> Result<()> {
+    let t = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
+        Error::Input(format!(
+            "--resume: {} is unreadable ({e}); start again without --resume",
+            file.display()
+        ))
+    })?;
+    for (name, var) in vars {
+        let get = |k: String| {
+            t.get(&k)
+                .cloned()
+                .ok_or_else(|| Error::Input(format!("--resume: {} lacks {k}", file.display())))
+        };
+        var.set(&get(format!("param.{name}"))?)?;
+        opt.m.insert(name.clone(), get(format!("m.{name}"))?);
+        opt.v.insert(name.clone(), get(format!("v.{name}"))?);
+    }
+    opt.step = step;
     Ok(())
 }
 
@@ -712,24 +764,12 @@ fn load_checkpoint(
             serde_json::to_string(&rec.config)?
         )));
     }
-    let file = out.join(&rec.file);
-    let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
-    for (name, var) in model.vars() {
-        let get = |k: String| {
-            t.get(&k)
-                .cloned()
-                .ok_or_else(|| Error::Input(format!("--resume: {} lacks {k}", file.display())))
-        };
-        var.set(&get(format!("param.{name}"))?)?;
-        opt.m.insert(name.clone(), get(format!("m.{name}"))?);
-        opt.v.insert(name.clone(), get(format!("v.{name}"))?);
-    }
-    opt.step = rec.step;
+    load_state(&out.join(&rec.file), model.vars(), opt, rec.step)?;
     Ok(rec)
 }
 
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).
-fn truncate_log(path: &Path, step: usize) -> Result<()> {
+pub(crate) fn truncate_log(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };

@@ -275,11 +275,28 @@ impl Llama {
     /// Loads a Hugging Face Llama checkpoint directory. Matrices are quantized to Q8_0 (the
     /// fast kernels) unless `opts.dequantize` asks for the exact f32 weights.
     pub fn from_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Self> {
+        let (cfg, weights) = super::export::read_hf_weights(dir)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "llama".into());
+        Self::from_hf_weights(cfg, weights, &name, dir, opts)
+    }
+
+    /// Builds the model from Hugging Face-named f32 weights already in memory (`origin` names
+    /// where they came from, for errors).
+    pub fn from_hf_weights(
+        cfg: LlamaConfig,
+        mut weights: std::collections::HashMap<String, Tensor>,
+        name: &str,
+        origin: &Path,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let dir = origin;
         let bad = |reason: String| Error::BadModelDir {
             path: dir.to_path_buf(),
             reason,
         };
-        let (cfg, mut weights) = super::export::read_hf_weights(dir)?;
         let mut take = |name: &str| -> Result<Tensor> {
             let t = weights
                 .remove(name)
@@ -340,13 +357,9 @@ impl Llama {
         } else {
             Linear::load(opts, QTensor::quantize(&head_w, GgmlDType::Q8_0)?)?
         };
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "llama".into());
         Self::assemble(
             cfg,
-            name,
+            name.to_string(),
             Embedding::Dense(embed_w),
             blocks,
             norm,

@@ -95,6 +95,25 @@ pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Box<dyn CausalLm>> {
     }
 }
 
+/// The LM head weight `(vocab, hidden)` of a model file, dequantized to f32 (what training
+/// through a frozen head multiplies by).
+pub fn head_weight(path: &Path) -> Result<Tensor> {
+    if path.is_dir() {
+        let (cfg, mut w) = export::read_hf_weights(path)?;
+        let name = match w.contains_key("lm_head.weight") {
+            true => "lm_head.weight",
+            false if cfg.tie_word_embeddings => "model.embed_tokens.weight",
+            false => "lm_head.weight",
+        };
+        return w.remove(name).ok_or_else(|| Error::BadModelDir {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name} is missing"),
+        });
+    }
+    let mut file = GgufFile::open(path)?;
+    Ok(file.lm_head_tensor()?.dequantize(&Device::Cpu)?)
+}
+
 /// Puts token ids on the CPU as a `(batch, seq)` tensor.
 pub fn ids_tensor(rows: &[Vec<TokenId>]) -> Result<Tensor> {
     let b = rows.len();

@@ -1,0 +1,1204 @@
+//! The fusion-aware recipe: train the calibration model and the map into the target through
+//! the target's frozen LM head, on the fused distribution itself.
+//!
+//! Inference keeps the paper's rule, `h = α·LN(h_c·A) + (1 − α)·h_t` → the target's head,
+//! with LN carrying learned elementwise affine parameters (`γ`, `β`, PyTorch's
+//! `nn.LayerNorm` default). In logit space this is `p_α ∝ p_t^{1−α} · q^α` with
+//! `q = softmax(W·LN(h_c·A))`: a product of the target and a second expert that lives in the
+//! target's own head, so α is an interpolation weight and α = 0 is exactly the target.
+//!
+//! Training (the target, its head and the embeddings frozen; trained: LoRA adapters on the
+//! calibration layers or the layers themselves, `A`, `γ`, `β`), with α drawn per row from
+//! `[alpha_min, alpha_max]`:
+//! - *keep*: `KL(p_t ‖ p_α)` at every position of the target's own non-toxic continuations
+//!   (and of toxic ones before their first toxic token), so fluency stays the target's;
+//! - *detox*: unlikelihood `−log(1 − p_α(y))` of each toxic token `y`: the tokens at which
+//!   the scorer's toxicity of the text so far jumps past the threshold (the whole word), in
+//!   the target's toxic continuations and in the toxic-leaning prompts themselves.
+//!
+//! Data comes from [`super::selfgen`]; batches hold `keep_rows` rows from the keep stream and
+//! `detox_rows` from the detox stream, each in its own seeded epochs, so the rare toxic tokens
+//! are seen as often as the budget allows. Checkpoints and resume follow [`super::train`]:
+//! everything that decides a step is a function of the seed and the checkpoint.
+//!
+//! The result is small: adapters (or layers) shared by all targets, and per target `A`, `γ`,
+//! `β` ([`FusionMap`]), saved in f16 with manifests ([`save_artifact`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::data::stable_hash;
+use super::guard::LeakageGuard;
+use super::model::{gemm_into, CalibrationModel, LayerTraining, MIN_COMPLEMENT};
+use super::ops::{self, Float};
+use super::optim::{AdamW, AdamWConfig};
+use super::selfgen::{Lean, SampledPrompt};
+use super::train::{self, Base};
+pub use crate::fuse::{layer_norm, FusionMap, MAP_A, MAP_BETA, MAP_GAMMA};
+use crate::error::{Error, IoContext, Result};
+use crate::eval::score::ToxicityScorer;
+use crate::lm::{CausalLm, TokenId};
+use crate::text::Tokenizer;
+
+pub(crate) fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(t, &tmp)?;
+    std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Data: which positions keep the target and which tokens are toxic.
+
+/// One training row: token ids and the positions scored (position `p` predicts `ids[p+1]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedExample {
+    pub ids: Vec<TokenId>,
+    /// Positions where the fused distribution should stay the target's.
+    pub keep: Vec<u32>,
+    /// Positions whose next token is toxic.
+    pub detox: Vec<u32>,
+    /// Hash of the prompt, for the train/validation split.
+    pub group: u64,
+}
+
+/// True when token `id` starts a word (its text begins with whitespace or a non-alphanumeric
+/// character), so a toxic word is found by walking back to such a token.
+fn starts_word(tok: &Tokenizer, id: TokenId) -> bool {
+    let b = tok.token_bytes(id, false);
+    b.first().is_none_or(|&c| !c.is_ascii_alphanumeric())
+}
+
+/// Indices of the toxic tokens of `ids` (decoded without specials): each token at which the
+/// scorer's toxicity of the text so far reaches `threshold` and rose by at least `rise`,
+/// together with the earlier tokens of the same word.
+pub fn toxic_tokens(
+    tok: &Tokenizer,
+    scorer: &dyn ToxicityScorer,
+    ids: &[TokenId],
+    threshold: f64,
+    rise: f64,
+) -> Vec<usize> {
+    let texts: Vec<String> = (0..ids.len()).map(|j| tok.decode(&ids[..=j], false)).collect();
+    let scores = scorer.score(&texts.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut marks: Vec<usize> = Vec::new();
+    let mut prev = 0.0;
+    for (j, &s) in scores.iter().enumerate() {
+        if s >= threshold && s - prev >= rise {
+            let mut k = j;
+            while k > 0 && !starts_word(tok, ids[k]) {
+                k -= 1;
+            }
+            for i in k..=j {
+                if marks.last().is_none_or(|&l| l < i) {
+                    marks.push(i);
+                }
+            }
+        }
+        prev = s;
+    }
+    marks
+}
+
+/// What [`examples`] found.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DataStats {
+    pub prompts: usize,
+    pub samples: usize,
+    pub toxic_samples: usize,
+    pub keep_positions: usize,
+    pub detox_positions: usize,
+    pub detox_from_prompts: usize,
+}
+
+/// Training rows from self-generated records (one row per continuation). The prompt's own
+/// toxic tokens (toxic-leaning prompts) go with its first continuation.
+pub fn examples(
+    records: &[SampledPrompt],
+    tok: &Tokenizer,
+    scorer: &dyn ToxicityScorer,
+    threshold: f64,
+    rise: f64,
+) -> (Vec<FusedExample>, DataStats) {
+    let per: Vec<(Vec<FusedExample>, DataStats)> = records
+        .par_iter()
+        .map(|rec| {
+            let mut st = DataStats {
+                prompts: 1,
+                ..DataStats::default()
+            };
+            let p = rec.prompt_ids.len();
+            let mut out = Vec::new();
+            if p == 0 {
+                return (out, st);
+            }
+            let prompt_marks: Vec<u32> = if rec.prompt.lean == Lean::Toxic {
+                toxic_tokens(tok, scorer, &rec.prompt_ids, threshold, rise)
+                    .into_iter()
+                    .filter(|&j| j >= 1)
+                    .map(|j| (j - 1) as u32)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let group = stable_hash(rec.prompt.text.as_bytes());
+            for (si, s) in rec.samples.iter().enumerate() {
+                st.samples += 1;
+                let marks = toxic_tokens(tok, scorer, &s.ids, threshold, rise);
+                if !marks.is_empty() {
+                    st.toxic_samples += 1;
+                }
+                let first = marks.first().copied().unwrap_or(s.ids.len());
+                let keep: Vec<u32> = (0..first).map(|j| (p + j - 1) as u32).collect();
+                let mut detox: Vec<u32> = marks.iter().map(|&j| (p + j - 1) as u32).collect();
+                if si == 0 {
+                    st.detox_from_prompts += prompt_marks.len();
+                    detox.extend(&prompt_marks);
+                    detox.sort_unstable();
+                }
+                st.keep_positions += keep.len();
+                st.detox_positions += detox.len();
+                if keep.is_empty() && detox.is_empty() {
+                    continue;
+                }
+                let mut ids = rec.prompt_ids.clone();
+                ids.extend(&s.ids);
+                out.push(FusedExample {
+                    ids,
+                    keep,
+                    detox,
+                    group,
+                });
+            }
+            (out, st)
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut stats = DataStats::default();
+    for (ex, st) in per {
+        all.extend(ex);
+        stats.prompts += st.prompts;
+        stats.samples += st.samples;
+        stats.toxic_samples += st.toxic_samples;
+        stats.keep_positions += st.keep_positions;
+        stats.detox_positions += st.detox_positions;
+        stats.detox_from_prompts += st.detox_from_prompts;
+    }
+    (all, stats)
+}
+
+// ---------------------------------------------------------------------------------------
+// The loss through the target's head.
+
+/// What a scored position contributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Term {
+    Keep,
+    Detox,
+}
+
+/// Sums of the two terms over a batch and their counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TermSums {
+    pub kl: f64,
+    pub keep: usize,
+    pub unlikelihood: f64,
+    /// Σ p_α(toxic token).
+    pub toxic_prob: f64,
+    pub detox: usize,
+}
+
+impl TermSums {
+    pub fn add(&mut self, o: TermSums) {
+        self.kl += o.kl;
+        self.keep += o.keep;
+        self.unlikelihood += o.unlikelihood;
+        self.toxic_prob += o.toxic_prob;
+        self.detox += o.detox;
+    }
+    pub fn mean_kl(&self) -> f64 {
+        self.kl / self.keep.max(1) as f64
+    }
+    pub fn mean_unlikelihood(&self) -> f64 {
+        self.unlikelihood / self.detox.max(1) as f64
+    }
+    pub fn mean_toxic_prob(&self) -> f64 {
+        self.toxic_prob / self.detox.max(1) as f64
+    }
+}
+
+/// Rows of logits computed at once.
+const CHUNK: usize = 256;
+
+/// The two terms for fused states `h` (`(n, d)`) against target states `h_t` under the head
+/// `weight` (`(vocab, d)`): `KL(p_t ‖ p_h)` at `Keep` rows, `−log(1 − p_h(target))` at
+/// `Detox` rows. With `grad = Some((w_keep, w_detox))`, also the gradient with respect to `h`
+/// of `w_keep · mean KL + w_detox · mean unlikelihood`.
+pub fn head_terms(
+    h: &Tensor,
+    h_t: &Tensor,
+    weight: &Tensor,
+    terms: &[(Term, TokenId)],
+    grad: Option<(f64, f64)>,
+) -> Result<(TermSums, Option<Tensor>)> {
+    match h.dtype() {
+        DType::F32 => head_terms_typed::<f32>(h, h_t, weight, terms, grad),
+        DType::F64 => head_terms_typed::<f64>(h, h_t, weight, terms, grad),
+        dt => Err(Error::Input(format!("training needs f32 or f64, not {dt:?}"))),
+    }
+}
+
+fn log_softmax_in_place<T: Float>(row: &mut [T]) {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    let sum: f64 = row.iter().map(|&x| (x.to_f64() - max).exp()).sum();
+    let lse = T::from_f64(max + sum.ln());
+    for x in row.iter_mut() {
+        *x = *x - lse;
+    }
+}
+
+#[allow(clippy::assign_op_pattern)]
+fn head_terms_typed<T: Float>(
+    h: &Tensor,
+    h_t: &Tensor,
+    weight: &Tensor,
+    terms: &[(Term, TokenId)],
+    grad: Option<(f64, f64)>,
+) -> Result<(TermSums, Option<Tensor>)> {
+    let (n, d) = h.dims2()?;
+    let vocab = weight.dim(0)?;
+    if h_t.dims() != [n, d] || terms.len() != n || weight.dim(1)? != d {
+        return Err(Error::Input(format!(
+            "head terms: fused {:?}, target {:?}, head {:?} and {} terms do not agree",
+            h.dims(),
+            h_t.dims(),
+            weight.dims(),
+            terms.len()
+        )));
+    }
+    if let Some(&(_, bad)) = terms.iter().find(|(_, t)| *t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the target's vocabulary of {vocab}"
+        )));
+    }
+    let hv: Vec<T> = ops::values(h)?;
+    let tv: Vec<T> = ops::values(h_t)?;
+    let w: Vec<T> = ops::values(weight)?;
+    let n_keep = terms.iter().filter(|(k, _)| *k == Term::Keep).count();
+    let n_detox = n - n_keep;
+    let (s_keep, s_detox) = match grad {
+        Some((wk, wd)) => (wk / n_keep.max(1) as f64, wd / n_detox.max(1) as f64),
+        None => (0.0, 0.0),
+    };
+    let chunk = CHUNK.min(n.max(1));
+    let mut lf: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
+    let mut lt: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
+    let mut grad_h: Vec<T> = if grad.is_some() {
+        vec![T::from_f64(0.0); n * d]
+    } else {
+        Vec::new()
+    };
+    let mut sums = TermSums::default();
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let mm = |src: &[T], dst: &mut [T]| {
+            gemm_into(
+                (rows, vocab, d),
+                dst,
+                (1, vocab as isize),
+                false,
+                &src[start * d..(start + rows) * d],
+                (1, d as isize),
+                &w,
+                (d as isize, 1),
+            )
+        };
+        mm(&hv, &mut lf[..rows * vocab]);
+        mm(&tv, &mut lt[..rows * vocab]);
+        let tc = &terms[start..start + rows];
+        let parts: Vec<TermSums> = lf[..rows * vocab]
+            .par_chunks_mut(vocab)
+            .zip(lt[..rows * vocab].par_chunks_mut(vocab))
+            .zip(tc.par_iter())
+            .map(|((f, t), &(term, target))| {
+                log_softmax_in_place(f);
+                let mut out = TermSums::default();
+                match term {
+                    Term::Keep => {
+                        log_softmax_in_place(t);
+                        let mut kl = 0.0f64;
+                        for (x, y) in f.iter_mut().zip(t.iter()) {
+                            let (lq, lp) = (x.to_f64(), y.to_f64());
+                            let p = lp.exp();
+                            kl += p * (lp - lq);
+                            // d KL / d logit_f = p_f − p_t
+                            *x = T::from_f64(s_keep * (lq.exp() - p));
+                        }
+                        out.kl = kl;
+                        out.keep = 1;
+                    }
+                    Term::Detox => {
+                        let lp = f[target as usize].to_f64();
+                        let p = lp.exp();
+                        let complement = (-lp.exp_m1()).max(MIN_COMPLEMENT);
+                        out.unlikelihood = -complement.ln();
+                        out.toxic_prob = p;
+                        out.detox = 1;
+                        // d(−log(1 − p))/d logits = −p/(1 − p) · (softmax − onehot)
+                        let coef = s_detox * (-p / complement);
+                        for x in f.iter_mut() {
+                            *x = T::from_f64(coef * x.to_f64().exp());
+                        }
+                        f[target as usize] = f[target as usize] - T::from_f64(coef);
+                    }
+                }
+                out
+            })
+            .collect();
+        for p in parts {
+            sums.add(p);
+        }
+        if grad.is_some() {
+            gemm_into(
+                (rows, d, vocab),
+                &mut grad_h[start * d..(start + rows) * d],
+                (1, d as isize),
+                false,
+                &lf[..rows * vocab],
+                (1, vocab as isize),
+                &w,
+                (1, d as isize),
+            );
+        }
+    }
+    let g = match grad {
+        Some(_) => Some(Tensor::from_vec(grad_h, (n, d), h.device())?),
+        None => None,
+    };
+    Ok((sums, g))
+}
+
+// ---------------------------------------------------------------------------------------
+// The model being trained: calibration layers + fusion map, against a frozen target.
+
+/// The frozen target as training needs it: its final hidden states and its head weight.
+pub struct FrozenTarget<'m> {
+    pub model: &'m dyn CausalLm,
+    /// `(vocab, d_target)`, f32 (dequantized from the file).
+    pub head: Tensor,
+}
+
+impl FrozenTarget<'_> {
+    /// Final hidden states at `positions` (flat `row * len + pos`) of right-padded `ids`.
+    pub fn hidden_at(&self, ids: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let mut cache = self.model.new_cache();
+        let h = self.model.forward_hidden(ids, &mut cache)?;
+        gather(&h, positions)
+    }
+}
+
+fn gather(h: &Tensor, positions: &[u32]) -> Result<Tensor> {
+    let (b, t, d) = h.dims3()?;
+    let idx = Tensor::from_slice(positions, positions.len(), h.device())?;
+    Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
+}
+
+/// Trainable fusion map (as [`Var`]s).
+pub struct FusionVars {
+    pub a: Var,
+    pub gamma: Var,
+    pub beta: Var,
+}
+
+impl FusionVars {
+    pub fn new(map: &FusionMap) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(&map.a)?,
+            gamma: Var::from_tensor(&map.gamma)?,
+            beta: Var::from_tensor(&map.beta)?,
+        })
+    }
+    pub fn map(&self) -> FusionMap {
+        FusionMap {
+            a: self.a.as_tensor().clone(),
+            gamma: self.gamma.as_tensor().clone(),
+            beta: self.beta.as_tensor().clone(),
+        }
+    }
+    fn insert_into(&self, vars: &mut BTreeMap<String, Var>) {
+        vars.insert(MAP_A.into(), self.a.clone());
+        vars.insert(MAP_GAMMA.into(), self.gamma.clone());
+        vars.insert(MAP_BETA.into(), self.beta.clone());
+    }
+}
+
+/// A batch in both models' ids (the same here: one tokenizer), with its scored positions.
+pub struct FusedBatch {
+    pub ids: Tensor,
+    pub positions: Vec<u32>,
+    pub terms: Vec<(Term, TokenId)>,
+    /// α of each scored position's row, `(n, 1)`.
+    pub alpha: Tensor,
+}
+
+/// Builds a batch from rows with one α per row.
+pub fn make_batch(
+    rows: &[&FusedExample],
+    alphas: &[f64],
+    pad: TokenId,
+    dtype: DType,
+) -> Result<FusedBatch> {
+    let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let mut flat = Vec::with_capacity(rows.len() * len);
+    let (mut positions, mut terms, mut alpha) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, (ex, &a)) in rows.iter().zip(alphas).enumerate() {
+        flat.extend_from_slice(&ex.ids);
+        flat.extend(std::iter::repeat_n(pad, len - ex.ids.len()));
+        let mut scored: Vec<(u32, Term)> = ex
+            .keep
+            .iter()
+            .map(|&p| (p, Term::Keep))
+            .chain(ex.detox.iter().map(|&p| (p, Term::Detox)))
+            .collect();
+        scored.sort_by_key(|&(p, _)| p);
+        for (p, term) in scored {
+            positions.push((r * len) as u32 + p);
+            terms.push((term, ex.ids[p as usize + 1]));
+            alpha.push(a);
+        }
+    }
+    let n = alpha.len();
+    Ok(FusedBatch {
+        ids: Tensor::from_vec(flat, (rows.len(), len), &Device::Cpu)?,
+        positions,
+        terms,
+        alpha: Tensor::from_vec(alpha, (n, 1), &Device::Cpu)?.to_dtype(dtype)?,
+    })
+}
+
+/// The fused training objective of one batch: term sums and, when `grad` is `Some((w_keep,
+/// w_detox))`, the gradients of `w_keep · mean KL + w_detox · mean unlikelihood` with respect
+/// to every variable of `cal` and `map`.
+pub fn batch_objective(
+    cal: &CalibrationModel,
+    map: &FusionMap,
+    h_t: &Tensor,
+    head: &Tensor,
+    batch: &FusedBatch,
+    grad: Option<(f64, f64)>,
+) -> Result<(TermSums, Option<GradStore>)> {
+    if batch.positions.is_empty() {
+        return Err(Error::Input("a fused training batch has no scored position".into()));
+    }
+    let h_c = gather(&cal.forward_hidden(&batch.ids)?, &batch.positions)?;
+    let h = map.fuse_rows(&h_t.to_dtype(cal.dtype())?, &h_c, &batch.alpha)?;
+    let head = head.to_dtype(cal.dtype())?;
+    let (sums, g) = head_terms(
+        &h.detach(),
+        &h_t.to_dtype(cal.dtype())?,
+        &head,
+        &batch.terms,
+        grad,
+    )?;
+    let grads = match g {
+        Some(g) => Some((&h * &g)?.sum_all()?.backward()?),
+        None => None,
+    };
+    Ok((sums, grads))
+}
+
+// ---------------------------------------------------------------------------------------
+// Initialisation and training.
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FusedConfig {
+    /// Decoder layers of the base that make the calibration model.
+    pub layers: usize,
+    pub layer_training: LayerTraining,
+    pub optim: AdamWConfig,
+    pub steps: usize,
+    /// Rows per step from the keep stream and from the detox stream.
+    pub keep_rows: usize,
+    pub detox_rows: usize,
+    /// α of each row is drawn uniformly from this range.
+    pub alpha_min: f64,
+    pub alpha_max: f64,
+    /// Weights of the mean KL and the mean unlikelihood.
+    pub keep_weight: f64,
+    pub detox_weight: f64,
+    /// A token is toxic when the text so far scores at least this…
+    pub toxic_threshold: f64,
+    /// …and its score rose by at least this with the token's word.
+    pub toxic_rise: f64,
+    /// Prompts held out for validation, in thousandths.
+    pub val_per_mille: u64,
+    /// Validation rows of each stream (at most).
+    pub val_rows: usize,
+    /// α values validation reports.
+    pub val_alphas: Vec<f64>,
+    /// Rows whose hidden states fit the initial `A` (ridge regression onto the target's
+    /// states) and `γ`, `β` (per-dimension least squares).
+    pub init_rows: usize,
+    pub init_ridge: f64,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+impl Default for FusedConfig {
+    fn default() -> Self {
+        Self {
+            layers: 3,
+            layer_training: LayerTraining::Lora { rank: 16 },
+            optim: AdamWConfig {
+                lr: 1e-3,
+                warmup: 10,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+            steps: 200,
+            keep_rows: 48,
+            detox_rows: 16,
+            alpha_min: 0.05,
+            alpha_max: 0.5,
+            keep_weight: 1.0,
+            detox_weight: 1.0,
+            toxic_threshold: 0.5,
+            toxic_rise: 0.1,
+            val_per_mille: 50,
+            val_rows: 64,
+            val_alphas: vec![0.1, 0.3],
+            init_rows: 96,
+            init_ridge: 1e-3,
+            eval_every: 50,
+            checkpoint_every: 20,
+            seed: 0,
+        }
+    }
+}
+
+/// The initial map: `A` by ridge regression of the target's hidden states on the
+/// calibration model's (the paper's A learns a retrieval task elsewhere; this one starts
+/// where fusion happens), then `γ`, `β` per dimension by least squares of the target state
+/// on `LN(h_c·A)`. So `q` starts as the best linear read-out of the target from the
+/// calibration model, and `p_α` near the target at every α.
+pub fn init_map(
+    cal: &CalibrationModel,
+    target: &FrozenTarget,
+    rows: &[&FusedExample],
+    pad: TokenId,
+    ridge: f64,
+) -> Result<FusionMap> {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for chunk in rows.chunks(32) {
+        let alphas = vec![0.0; chunk.len()];
+        let b = make_batch(chunk, &alphas, pad, DType::F32)?;
+        let hc = gather(&cal.forward_hidden(&b.ids)?, &b.positions)?;
+        let ht = target.hidden_at(&b.ids, &b.positions)?;
+        xs.extend(hc.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        ys.extend(ht.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+    }
+    let dc = cal.config.hidden_size;
+    let dt = target.head.dim(1)?;
+    let n = xs.len() / dc;
+    let a = super::lens::fit_map(&xs, &ys, n, (dc, dt), ridge)?;
+    let x = Tensor::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, dc), &Device::Cpu)?;
+    let u: Vec<f64> = layer_norm(&x.matmul(&a)?)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let (mut gamma, mut beta) = (vec![0f32; dt], vec![0f32; dt]);
+    for j in 0..dt {
+        let (mut su, mut sy, mut suu, mut suy) = (0.0, 0.0, 0.0, 0.0);
+        for t in 0..n {
+            let (uj, yj) = (u[t * dt + j], ys[t * dt + j]);
+            su += uj;
+            sy += yj;
+            suu += uj * uj;
+            suy += uj * yj;
+        }
+        let nf = n as f64;
+        let var = suu / nf - (su / nf).powi(2);
+        let g = if var > 1e-12 {
+            (suy / nf - su / nf * sy / nf) / var
+        } else {
+            0.0
+        };
+        gamma[j] = g as f32;
+        beta[j] = (sy / nf - g * su / nf) as f32;
+    }
+    Ok(FusionMap {
+        a,
+        gamma: Tensor::from_vec(gamma, dt, &Device::Cpu)?,
+        beta: Tensor::from_vec(beta, dt, &Device::Cpu)?,
+    })
+}
+
+/// What the trainer reports.
+pub enum FusedEvent<'a> {
+    Start {
+        step: usize,
+        steps: usize,
+        keep_rows: usize,
+        detox_rows: usize,
+        trainable_params: usize,
+        stats: &'a DataStats,
+    },
+    Step(&'a FusedStepLog),
+    Validation(&'a serde_json::Value),
+    Checkpoint { step: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FusedStepLog {
+    pub step: usize,
+    /// Mean KL(p_t ‖ p_α) over the keep positions.
+    pub kl: f64,
+    /// Mean unlikelihood over the detox positions.
+    pub unlikelihood: f64,
+    /// Mean p_α of the toxic tokens.
+    pub toxic_prob: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub positions: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FusedRecord {
+    step: usize,
+    keep_epoch: u64,
+    keep_pos: usize,
+    detox_epoch: u64,
+    detox_pos: usize,
+    file: String,
+    config: FusedConfig,
+    base_sha256: String,
+    target_sha256: String,
+    samples_sha256: String,
+}
+
+/// Where a fused run's inputs live.
+pub struct FusedInputs<'a> {
+    pub base: &'a Base,
+    pub target: &'a dyn CausalLm,
+    pub target_path: &'a Path,
+    pub target_sha256: String,
+    /// The self-generated data ([`super::selfgen::sample_prompts`]).
+    pub samples: &'a Path,
+    pub guard: &'a LeakageGuard,
+    pub scorer: &'a dyn ToxicityScorer,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FusedSummary {
+    pub steps: usize,
+    pub seconds: f64,
+    pub stats: DataStats,
+    pub final_validation: serde_json::Value,
+    pub artifact: PathBuf,
+}
+
+/// A stream's order for one epoch.
+fn epoch_order(n: usize, seed: u64, stream: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ stream ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
+/// The next `k` indices of a stream, moving through its epochs.
+fn take_rows(
+    n: usize,
+    k: usize,
+    seed: u64,
+    stream: u64,
+    epoch: &mut u64,
+    pos: &mut usize,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(k);
+    let mut order = epoch_order(n, seed, stream, *epoch);
+    while out.len() < k && n > 0 {
+        if *pos >= n {
+            *epoch += 1;
+            *pos = 0;
+            order = epoch_order(n, seed, stream, *epoch);
+        }
+        out.push(order[*pos]);
+        *pos += 1;
+    }
+    out
+}
+
+/// α of row `row` of step `step`: uniform in the configured range, from the seed.
+fn row_alpha(cfg: &FusedConfig, step: usize, row: usize) -> f64 {
+    let h = stable_hash(format!("{}:{step}:{row}", cfg.seed).as_bytes());
+    let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+    cfg.alpha_min + (cfg.alpha_max - cfg.alpha_min) * u
+}
+
+fn check_config(cfg: &FusedConfig) -> Result<()> {
+    let ok_alpha = |a: f64| (0.0..=1.0).contains(&a);
+    if !(ok_alpha(cfg.alpha_min) && ok_alpha(cfg.alpha_max) && cfg.alpha_min <= cfg.alpha_max) {
+        return Err(Error::Input(format!(
+            "--alpha-min {} and --alpha-max {} must satisfy 0 <= min <= max <= 1",
+            cfg.alpha_min, cfg.alpha_max
+        )));
+    }
+    if cfg.steps == 0 || cfg.keep_rows + cfg.detox_rows == 0 {
+        return Err(Error::Input(
+            "--steps and --keep-rows + --detox-rows must be positive".into(),
+        ));
+    }
+    if !(cfg.detox_weight >= 0.0 && cfg.keep_weight >= 0.0) {
+        return Err(Error::Input("--keep-weight and --detox-weight must be >= 0".into()));
+    }
+    Ok(())
+}
+
+/// Trains the fused calibration for one target, writing the run to `out` and the artifact to
+/// `out/artifact`.
+pub fn train(
+    inputs: &FusedInputs,
+    out: &Path,
+    cfg: &FusedConfig,
+    resume: bool,
+    progress: &mut dyn FnMut(FusedEvent),
+) -> Result<FusedSummary> {
+    check_config(cfg)?;
+    train::check_writable(out)?;
+    let record_path = out.join("checkpoint.json");
+    if !resume && record_path.exists() {
+        return Err(Error::Input(format!(
+            "{} already holds a training run; pass --resume to continue it, or choose another --out",
+            out.display()
+        )));
+    }
+    let tok = &inputs.base.model.tokenizer;
+    let records = super::selfgen::read_samples(inputs.samples)?;
+    inputs.guard.refuse(
+        &format!("{}", inputs.samples.display()),
+        records.iter().map(|r| r.prompt.text.as_str()),
+    )?;
+    let (all, stats) = examples(
+        &records,
+        tok,
+        inputs.scorer,
+        cfg.toxic_threshold,
+        cfg.toxic_rise,
+    );
+    let (train_ex, val_ex): (Vec<&FusedExample>, Vec<&FusedExample>) = all
+        .iter()
+        .partition(|e| e.group % 1000 >= cfg.val_per_mille);
+    let keep: Vec<&FusedExample> = train_ex.iter().copied().filter(|e| !e.keep.is_empty()).collect();
+    let detox: Vec<&FusedExample> = train_ex.iter().copied().filter(|e| !e.detox.is_empty()).collect();
+    if keep.is_empty() || (cfg.detox_rows > 0 && detox.is_empty()) {
+        return Err(Error::Input(format!(
+            "{} gives {} keep rows and {} detox rows for training: too little data; regenerate it with more prompts",
+            inputs.samples.display(),
+            keep.len(),
+            detox.len()
+        )));
+    }
+    // Validation rows: keep-only views and detox-only views of held-out rows.
+    let val_keep: Vec<FusedExample> = val_ex
+        .iter()
+        .filter(|e| !e.keep.is_empty())
+        .take(cfg.val_rows)
+        .map(|e| FusedExample { detox: vec![], ..(*e).clone() })
+        .collect();
+    let val_detox: Vec<FusedExample> = val_ex
+        .iter()
+        .filter(|e| !e.detox.is_empty())
+        .take(cfg.val_rows)
+        .map(|e| FusedExample { keep: vec![], ..(*e).clone() })
+        .collect();
+
+    let target = FrozenTarget {
+        model: inputs.target,
+        head: crate::lm::head_weight(inputs.target_path)?,
+    };
+    let pad = tok.eos.unwrap_or(0);
+    let cal = inputs
+        .base
+        .init(cfg.layers, Default::default())?
+        .with_layer_training(cfg.layer_training, cfg.seed)?;
+    let init_rows: Vec<&FusedExample> = super::lens::sample(&keep, cfg.init_rows);
+    let map0 = init_map(&cal, &target, &init_rows, pad, cfg.init_ridge)?;
+    let fv = FusionVars::new(&map0)?;
+    let mut vars = cal.vars().clone();
+    fv.insert_into(&mut vars);
+    let mut opt_cfg = cfg.optim;
+    opt_cfg.total_steps = cfg.steps;
+    let mut opt = AdamW::new(opt_cfg, &vars)?;
+    let samples_sha256 = train::sha256_path(inputs.samples)?;
+    let mut state = FusedRecord {
+        step: 0,
+        keep_epoch: 0,
+        keep_pos: 0,
+        detox_epoch: 0,
+        detox_pos: 0,
+        file: String::new(),
+        config: cfg.clone(),
+        base_sha256: inputs.base.sha256.clone(),
+        target_sha256: inputs.target_sha256.clone(),
+        samples_sha256,
+    };
+    let log_path = out.join("log.jsonl");
+    if resume && record_path.exists() {
+        let text = std::fs::read_to_string(&record_path)
+            .ctx(|| format!("reading {}", record_path.display()))?;
+        let rec: FusedRecord = serde_json::from_str(&text).map_err(|e| {
+            Error::Input(format!("--resume: {} is damaged: {e}", record_path.display()))
+        })?;
+        let same = rec.config == state.config
+            && rec.base_sha256 == state.base_sha256
+            && rec.target_sha256 == state.target_sha256
+            && rec.samples_sha256 == state.samples_sha256;
+        if !same {
+            return Err(Error::Input(format!(
+                "--resume: the run in {} was made with other options, models or data; pass the same ones or choose another --out",
+                out.display()
+            )));
+        }
+        train::load_state(&out.join(&rec.file), &vars, &mut opt, rec.step)?;
+        state = rec;
+        train::truncate_log(&log_path, state.step)?;
+    } else if log_path.exists() {
+        std::fs::remove_file(&log_path).ctx(|| format!("removing {}", log_path.display()))?;
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .ctx(|| format!("opening {}", log_path.display()))?;
+    let mut write_log = |v: &serde_json::Value| -> Result<()> {
+        writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
+    };
+    progress(FusedEvent::Start {
+        step: state.step,
+        steps: cfg.steps,
+        keep_rows: keep.len(),
+        detox_rows: detox.len(),
+        trainable_params: vars.values().map(|v| v.elem_count()).sum(),
+        stats: &stats,
+    });
+
+    // Target states of the validation rows are fixed: computed once.
+    let val_batches: Vec<(FusedBatch, Tensor)> = [&val_keep, &val_detox]
+        .into_iter()
+        .flat_map(|set| set.chunks(32).map(|c| c.iter().collect::<Vec<_>>()).collect::<Vec<_>>())
+        .map(|rows| {
+            let b = make_batch(&rows, &vec![0.0; rows.len()], pad, DType::F32)?;
+            let ht = target.hidden_at(&b.ids, &b.positions)?;
+            Ok((b, ht))
+        })
+        .collect::<Result<_>>()?;
+    let validate = |step: usize| -> Result<serde_json::Value> {
+        let map = fv.map();
+        let mut line = serde_json::json!({"step": step});
+        for &alpha in std::iter::once(&0.0).chain(&cfg.val_alphas) {
+            let mut sums = TermSums::default();
+            for (b, ht) in &val_batches {
+                let n = b.positions.len();
+                let b = FusedBatch {
+                    ids: b.ids.clone(),
+                    positions: b.positions.clone(),
+                    terms: b.terms.clone(),
+                    alpha: Tensor::full(alpha as f32, (n, 1), &Device::Cpu)?,
+                };
+                sums.add(batch_objective(&cal, &map, ht, &target.head, &b, None)?.0);
+            }
+            line[format!("a{alpha}")] = serde_json::json!({
+                "kl": sums.mean_kl(), "toxic_prob": sums.mean_toxic_prob(),
+                "unlikelihood": sums.mean_unlikelihood(),
+                "keep_positions": sums.keep, "detox_positions": sums.detox,
+            });
+        }
+        Ok(line)
+    };
+    let mut last_val = serde_json::Value::Null;
+    if state.step == 0 && !val_batches.is_empty() {
+        last_val = validate(0)?;
+        write_log(&last_val)?;
+        progress(FusedEvent::Validation(&last_val));
+    }
+    let t_start = Instant::now();
+    const KEEP_STREAM: u64 = 0x6b65_6570; // "keep"
+    const DETOX_STREAM: u64 = 0x6465_746f_78; // "detox"
+    while state.step < cfg.steps {
+        let t0 = Instant::now();
+        let ki = take_rows(
+            keep.len(),
+            cfg.keep_rows,
+            cfg.seed,
+            KEEP_STREAM,
+            &mut state.keep_epoch,
+            &mut state.keep_pos,
+        );
+        let di = take_rows(
+            detox.len(),
+            cfg.detox_rows,
+            cfg.seed,
+            DETOX_STREAM,
+            &mut state.detox_epoch,
+            &mut state.detox_pos,
+        );
+        // Keep rows train only their keep positions, detox rows only their toxic tokens.
+        let rows: Vec<FusedExample> = ki
+            .iter()
+            .map(|&i| FusedExample { detox: vec![], ..keep[i].clone() })
+            .chain(di.iter().map(|&i| FusedExample { keep: vec![], ..detox[i].clone() }))
+            .collect();
+        let alphas: Vec<f64> = (0..rows.len()).map(|r| row_alpha(cfg, state.step, r)).collect();
+        let refs: Vec<&FusedExample> = rows.iter().collect();
+        let batch = make_batch(&refs, &alphas, pad, DType::F32)?;
+        let ht = target.hidden_at(&batch.ids, &batch.positions)?;
+        let (sums, grads) = batch_objective(
+            &cal,
+            &fv.map(),
+            &ht,
+            &target.head,
+            &batch,
+            Some((cfg.keep_weight, cfg.detox_weight)),
+        )?;
+        let grads = grads.expect("gradients were asked for");
+        if !(sums.kl.is_finite() && sums.unlikelihood.is_finite()) {
+            return Err(Error::Input(format!(
+                "the loss became non-finite at step {}; lower --lr (the last checkpoint is intact)",
+                state.step + 1
+            )));
+        }
+        let info = opt.step(&vars, &grads)?;
+        state.step += 1;
+        let entry = FusedStepLog {
+            step: state.step,
+            kl: sums.mean_kl(),
+            unlikelihood: sums.mean_unlikelihood(),
+            toxic_prob: sums.mean_toxic_prob(),
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            positions: batch.positions.len(),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        write_log(&serde_json::to_value(&entry)?)?;
+        progress(FusedEvent::Step(&entry));
+        let last = state.step == cfg.steps;
+        if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) || last)
+            && !val_batches.is_empty()
+        {
+            last_val = validate(state.step)?;
+            write_log(&last_val)?;
+            progress(FusedEvent::Validation(&last_val));
+        }
+        if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) || last {
+            let previous = std::mem::take(&mut state.file);
+            state.file = train::save_state(out, state.step, &vars, &opt)?;
+            train::commit_record(out, &state, &previous, &state.file)?;
+            progress(FusedEvent::Checkpoint { step: state.step });
+        }
+    }
+    let artifact = out.join("artifact");
+    let manifest = serde_json::json!({
+        "steps": state.step,
+        "config": cfg,
+        "data": {"samples": inputs.samples, "sha256": state.samples_sha256, "stats": stats},
+        "validation": last_val,
+    });
+    save_artifact(
+        &artifact,
+        inputs.base,
+        &cal,
+        &fv.map(),
+        inputs.target_path,
+        &inputs.target_sha256,
+        &manifest,
+    )?;
+    Ok(FusedSummary {
+        steps: state.step,
+        seconds: t_start.elapsed().as_secs_f64(),
+        stats,
+        final_validation: last_val,
+        artifact,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The artifact: shared calibration part + one map per target.
+
+/// Manifest of the shared calibration part.
+pub const CALIBRATION_MANIFEST: &str = "calibration.json";
+/// The shared calibration part's tensors: LoRA factors (`lora.*`) or layer weights.
+pub const CALIBRATION_TENSORS: &str = "calibration.safetensors";
+
+/// The file stem a target's map is saved under.
+pub fn target_key(target_path: &Path) -> String {
+    target_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "target".into())
+}
+
+/// Writes the shared calibration part (if not there yet, or always when `cal` has trained
+/// layers) and the map for one target, each with a manifest naming the sha256 of what it was
+/// made from.
+pub fn save_artifact(
+    dir: &Path,
+    base: &Base,
+    cal: &CalibrationModel,
+    map: &FusionMap,
+    target_path: &Path,
+    target_sha256: &str,
+    train_manifest: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir.join("targets")).ctx(|| format!("creating {}", dir.display()))?;
+    let trained: HashMap<String, Tensor> = cal
+        .vars()
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
+        .collect::<Result<_>>()?;
+    let tensors_path = dir.join(CALIBRATION_TENSORS);
+    if !trained.is_empty() || !tensors_path.exists() {
+        save_tensors(&trained, &tensors_path)?;
+    }
+    let cal_manifest = serde_json::json!({
+        "kind": "detoxfuse fused calibration",
+        "detoxfuse_version": env!("CARGO_PKG_VERSION"),
+        "base": {"file": base.path.file_name().map(|n| n.to_string_lossy()), "sha256": base.sha256},
+        "layers": cal.config.num_hidden_layers,
+        "tensors": CALIBRATION_TENSORS,
+        "tensors_sha256": train::sha256_path(&tensors_path)?,
+        "trained_by": train_manifest,
+    });
+    write_json(&dir.join(CALIBRATION_MANIFEST), &cal_manifest)?;
+    let key = target_key(target_path);
+    let map_path = dir.join("targets").join(format!("{key}.safetensors"));
+    map.save(&map_path)?;
+    let m = serde_json::json!({
+        "target": {"file": target_path.file_name().map(|n| n.to_string_lossy()), "sha256": target_sha256},
+        "calibration_tensors_sha256": cal_manifest["tensors_sha256"],
+        "map": format!("{key}.safetensors"),
+        "map_sha256": train::sha256_path(&map_path)?,
+        "dims": map.dims()?,
+        "trained_by": train_manifest,
+    });
+    write_json(&dir.join("targets").join(format!("{key}.json")), &m)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)?).ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
+}
+
+/// A loaded fused calibration for one target.
+pub struct FusedArtifact {
+    /// The calibration model (base layers with the trained part folded in), f32.
+    pub calibration: crate::lm::export::HfLlama,
+    pub map: FusionMap,
+    pub manifest: serde_json::Value,
+    pub target_manifest: serde_json::Value,
+}
+
+/// Reads an artifact directory for `target_path`, rebuilding the calibration model from
+/// `base_path` (a GGUF whose sha256 must match the manifest) and the stored trained part.
+pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result<FusedArtifact> {
+    let read_json = |p: &Path| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            Error::Input(format!(
+                "{} is missing or unreadable ({e}): not a fused calibration directory; train one with `detoxfuse calibrate --recipe fused`",
+                p.display()
+            ))
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Input(format!("{} is damaged ({e}); restore it", p.display())))
+    };
+    let manifest = read_json(&dir.join(CALIBRATION_MANIFEST))?;
+    let key = target_key(target_path);
+    let tm_path = dir.join("targets").join(format!("{key}.json"));
+    let target_manifest = read_json(&tm_path).map_err(|_| {
+        Error::Input(format!(
+            "{} has no fusion map for target {key} ({} is missing); train one with `detoxfuse calibrate --recipe fused --target {}`",
+            dir.display(),
+            tm_path.display(),
+            target_path.display()
+        ))
+    })?;
+    let check_sha = |path: &Path, want: &serde_json::Value, what: &str| -> Result<()> {
+        let got = train::sha256_path(path)?;
+        if want.as_str() != Some(got.as_str()) {
+            return Err(Error::Input(format!(
+                "{what} {} has sha256 {got} but the manifest expects {want}: the file is corrupt or from another run; restore it or retrain",
+                path.display()
+            )));
+        }
+        Ok(())
+    };
+    let tensors_path = dir.join(CALIBRATION_TENSORS);
+    check_sha(&tensors_path, &manifest["tensors_sha256"], "calibration tensors")?;
+    let map_path = dir.join("targets").join(format!("{key}.safetensors"));
+    check_sha(&map_path, &target_manifest["map_sha256"], "fusion map")?;
+    check_sha(target_path, &target_manifest["target"]["sha256"], "target model")?;
+    check_sha(base_path, &manifest["base"]["sha256"], "calibration base model")?;
+    let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
+    let base = Base::load(base_path, layers)?;
+    let trained = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
+    let trained: HashMap<String, Tensor> = trained
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let mut cal = base.init(layers, Default::default())?;
+    cal = cal.with_frozen_adapters(&trained)?;
+    let mut tensors = cal.merged_tensors()?;
+    for (k, v) in &trained {
+        if k.starts_with("lora.") {
+            continue;
+        }
+        let Some(old) = tensors.get(k) else {
+            return Err(Error::Input(format!(
+                "calibration tensor {k} in {} is not a tensor of the base model",
+                tensors_path.display()
+            )));
+        };
+        if old.dims() != v.dims() {
+            return Err(Error::Input(format!(
+                "calibration tensor {k} has shape {:?} but the base's is {:?}",
+                v.dims(),
+                old.dims()
+            )));
+        }
+        tensors.insert(k.clone(), v.clone());
+    }
+    let map = FusionMap::load(&map_path)?;
+    let (dc, _) = map.dims()?;
+    if dc != cal.config.hidden_size {
+        return Err(Error::Input(format!(
+            "fusion map {} maps width {dc} but the calibration model is {} wide; retrain it",
+            map_path.display(),
+            cal.config.hidden_size
+        )));
+    }
+    let calibration = crate::lm::export::HfLlama {
+        config: cal.config.clone(),
+        tensors,
+        tokenizer: base.model.tokenizer.clone(),
+    };
+    Ok(FusedArtifact {
+        calibration,
+        map,
+        manifest,
+        target_manifest,
+    })
+}

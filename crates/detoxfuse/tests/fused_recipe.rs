@@ -1,0 +1,271 @@
+//! The fusion-aware recipe: the fused loss's gradients are right (finite differences on a tiny
+//! f64 model, every trainable tensor: LoRA factors, A, γ, β), α = 0 is exactly the target,
+//! toxic tokens are found where the scorer's toxicity jumps, and the leakage guard keeps
+//! evaluation prompts out of training.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use detoxfuse::calibrate::fused::{
+    self, batch_objective, head_terms, make_batch, FusedExample, FusionMap, Term,
+};
+use detoxfuse::calibrate::guard::LeakageGuard;
+use detoxfuse::calibrate::model::{LayerTraining, Trainable};
+use detoxfuse::calibrate::selfgen::{self, Lean, Prompt, SampledPrompt, Sample, SelfGenConfig};
+use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
+use detoxfuse::fuse::FusedDecoder;
+use detoxfuse::generate::{Decoder, PlainDecoder};
+use detoxfuse::text::Tokenizer;
+use rand::{Rng, SeedableRng};
+
+fn rand_tensor(rng: &mut rand::rngs::StdRng, shape: &[usize], centre: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| centre + rng.random_range(-0.5..0.5)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Keep rows and detox rows of the tiny vocabulary (23 tokens).
+fn tiny_rows() -> Vec<FusedExample> {
+    vec![
+        FusedExample {
+            ids: vec![1, 5, 9, 2, 22, 7],
+            keep: vec![1, 2, 4],
+            detox: vec![],
+            group: 0,
+        },
+        FusedExample {
+            ids: vec![3, 4, 11, 0],
+            keep: vec![],
+            detox: vec![1, 2],
+            group: 1,
+        },
+        FusedExample {
+            ids: vec![8, 13, 6, 19, 20],
+            keep: vec![0, 1],
+            detox: vec![3],
+            group: 2,
+        },
+    ]
+}
+
+/// Central differences of the fused objective on every trainable tensor: LoRA factors on the
+/// calibration layers, A, γ and β (f64; the target states and head are random fixed tensors).
+#[test]
+fn fused_loss_gradients_match_finite_differences() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let cal = common::tiny_calibration(false, Trainable::default())
+        .with_layer_training(LayerTraining::Lora { rank: 2 }, 3)
+        .unwrap();
+    // B starts at zero; give it values so that A's factor gets a gradient too.
+    for (name, var) in cal.vars() {
+        if name.ends_with(".b") {
+            var.set(&rand_tensor(&mut rng, var.dims(), 0.0)).unwrap();
+        }
+    }
+    let (dc, dt, vocab) = (8, 6, 23);
+    let map = FusionMap {
+        a: rand_tensor(&mut rng, &[dc, dt], 0.0),
+        gamma: rand_tensor(&mut rng, &[dt], 1.0),
+        beta: rand_tensor(&mut rng, &[dt], 0.0),
+    };
+    let (a, g, b) = (
+        Var::from_tensor(&map.a).unwrap(),
+        Var::from_tensor(&map.gamma).unwrap(),
+        Var::from_tensor(&map.beta).unwrap(),
+    );
+    let head = rand_tensor(&mut rng, &[vocab, dt], 0.0);
+    let rows = tiny_rows();
+    let refs: Vec<&FusedExample> = rows.iter().collect();
+    let batch = make_batch(&refs, &[0.2, 0.5, 0.35], 0, DType::F64).unwrap();
+    let n = batch.positions.len();
+    let h_t = rand_tensor(&mut rng, &[n, dt], 0.0);
+    let weights = (1.0, 0.7);
+    let map_of = || FusionMap {
+        a: a.as_tensor().clone(),
+        gamma: g.as_tensor().clone(),
+        beta: b.as_tensor().clone(),
+    };
+    let (sums, grads) =
+        batch_objective(&cal, &map_of(), &h_t, &head, &batch, Some(weights)).unwrap();
+    assert_eq!((sums.keep, sums.detox), (5, 3));
+    assert!(sums.kl > 0.0 && sums.unlikelihood > 0.0);
+    let grads = grads.unwrap();
+    let objective = || {
+        let (s, _) = batch_objective(&cal, &map_of(), &h_t, &head, &batch, None).unwrap();
+        weights.0 * s.mean_kl() + weights.1 * s.mean_unlikelihood()
+    };
+    let mut vars: BTreeMap<String, Var> = cal.vars().clone();
+    vars.insert("fusion.a".into(), a.clone());
+    vars.insert("fusion.gamma".into(), g.clone());
+    vars.insert("fusion.beta".into(), b.clone());
+    assert_eq!(vars.len(), 2 * 7 * 2 + 3, "LoRA on 7 matrices × 2 layers, plus A, γ, β");
+    let checked = common::check_finite_differences(&vars, &grads, objective, "fused");
+    assert_eq!(checked, 3 * vars.len());
+}
+
+/// The head terms against values computed directly from full softmaxes.
+#[test]
+fn head_terms_equal_direct_kl_and_unlikelihood() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let (n, d, vocab) = (4, 3, 7);
+    let h = rand_tensor(&mut rng, &[n, d], 0.0);
+    let ht = rand_tensor(&mut rng, &[n, d], 0.0);
+    let w = rand_tensor(&mut rng, &[vocab, d], 0.0);
+    let terms = [(Term::Keep, 0), (Term::Detox, 3), (Term::Keep, 6), (Term::Detox, 1)];
+    let (s, _) = head_terms(&h, &ht, &w, &terms, None).unwrap();
+    let softmax = |x: &Tensor| -> Vec<Vec<f64>> {
+        let l: Vec<Vec<f64>> = x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
+        l.iter()
+            .map(|r| {
+                let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = r.iter().map(|v| (v - m).exp()).sum();
+                r.iter().map(|v| (v - m).exp() / z).collect()
+            })
+            .collect()
+    };
+    let (pf, pt) = (softmax(&h), softmax(&ht));
+    let kl = |i: usize| -> f64 { (0..vocab).map(|j| pt[i][j] * (pt[i][j] / pf[i][j]).ln()).sum() };
+    let ul = |i: usize, t: usize| -(1.0 - pf[i][t]).ln();
+    assert!((s.kl - (kl(0) + kl(2))).abs() < 1e-12, "{}", s.kl);
+    assert!((s.unlikelihood - (ul(1, 3) + ul(3, 1))).abs() < 1e-12);
+    assert!((s.toxic_prob - (pf[1][3] + pf[3][1])).abs() < 1e-12);
+}
+
+/// At α = 0 a decoder with a trained-looking map gives the plain target's logits exactly, on
+/// the real SmolLM2 (f32 weights), at the prompt and at every sampled step.
+#[test]
+fn alpha_zero_fused_decoding_is_exactly_the_target() {
+    let path = common::model("smollm2");
+    let opts = detoxfuse::lm::LoadOptions { dequantize: true };
+    let target = detoxfuse::lm::load_with(&path, opts).unwrap();
+    let cal = detoxfuse::lm::load_with(&path, opts).unwrap();
+    let tok = Tokenizer::for_model(&path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let map = FusionMap {
+        a: rand_tensor(&mut rng, &[576, 576], 0.0).to_dtype(DType::F32).unwrap(),
+        gamma: rand_tensor(&mut rng, &[576], 1.0).to_dtype(DType::F32).unwrap(),
+        beta: rand_tensor(&mut rng, &[576], 0.0).to_dtype(DType::F32).unwrap(),
+    };
+    let prompt = tok.encode("The weather today is", false).unwrap();
+    let mut fused = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map.clone(), 0.0, None).unwrap();
+    let mut plain = PlainDecoder::new(target.as_ref());
+    assert_eq!(fused.prefill(&prompt).unwrap(), plain.prefill(&prompt).unwrap());
+    fused.fork(2).unwrap();
+    plain.fork(2).unwrap();
+    for step in [[260u32, 1596], [436, 253], [1109, 284]] {
+        assert_eq!(fused.step(&step).unwrap(), plain.step(&step).unwrap());
+    }
+    // And at α > 0 the same map does change the logits (the test is not vacuous).
+    let mut on = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map, 0.3, None).unwrap();
+    assert_ne!(on.prefill(&prompt).unwrap(), plain.prefill(&prompt).unwrap());
+}
+
+#[test]
+fn toxic_tokens_are_the_word_where_the_score_jumps() {
+    let path = common::model("smollm2");
+    let tok = Tokenizer::for_model(&path).unwrap();
+    let scorer = ProfanityCheck::shared();
+    let text = " and then you stupid fucking idiot went home";
+    let ids = tok.encode(text, false).unwrap();
+    let marks = fused::toxic_tokens(&tok, scorer, &ids, 0.5, 0.1);
+    assert!(!marks.is_empty(), "no toxic token found in {text:?}");
+    let first = marks[0];
+    let before = tok.decode(&ids[..first], false);
+    assert!(
+        scorer.score(&[before.as_str()])[0] < 0.5,
+        "text before the first toxic token already scores toxic: {before:?}"
+    );
+    let word = tok.decode(&ids[first..=first], false);
+    assert!(word.starts_with(' '), "the mark starts a word: {word:?}");
+    let clean = tok.encode(" and then we walked home together", false).unwrap();
+    assert!(fused::toxic_tokens(&tok, scorer, &clean, 0.5, 0.1).is_empty());
+}
+
+/// The RealToxicityPrompts evaluation files, which the guard reads.
+fn rtp_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/rtp")
+}
+
+/// A prompt builder fed an HH dialogue that contains an evaluation prompt drops it, and the
+/// trainer refuses a samples file that holds one.
+#[test]
+fn leakage_guard_drops_and_refuses_evaluation_prompts() {
+    let guard = LeakageGuard::from_rtp_dir(&rtp_dir()).unwrap();
+    assert!(guard.len() > 2000, "both RTP files: {}", guard.len());
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(rtp_dir().join("challenging-toxic-1196.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let rtp_prompt = first["prompt"]["text"].as_str().unwrap().to_string();
+    assert!(guard.leaked(&rtp_prompt).is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let hh = dir.path().join("hh.jsonl");
+    let dialogue = format!(
+        "\n\nHuman: {rtp_prompt} and the rest of it was a long story about nothing.\n\nAssistant: Tell me more about the garden and the river near your house."
+    );
+    std::fs::write(
+        &hh,
+        serde_json::json!({"chosen": dialogue, "rejected": dialogue}).to_string() + "\n",
+    )
+    .unwrap();
+    let toxigen = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/toxigen");
+    let (prompts, stats) = selfgen::build_prompts(
+        &hh,
+        &toxigen,
+        &guard,
+        ProfanityCheck::shared(),
+        &SelfGenConfig::default(),
+    )
+    .unwrap();
+    assert!(stats.dropped_by_guard >= 1, "{stats:?}");
+    for p in &prompts {
+        assert!(guard.leaked(&p.text).is_none(), "{:?} leaked", p.text);
+    }
+
+    // A samples file holding the evaluation prompt is refused before any training.
+    let samples = dir.path().join("samples.jsonl");
+    let rec = SampledPrompt {
+        prompt: Prompt {
+            text: rtp_prompt.clone(),
+            lean: Lean::Toxic,
+            source: "test".into(),
+        },
+        prompt_ids: vec![1, 2, 3],
+        samples: vec![Sample {
+            ids: vec![4, 5],
+            text: "x".into(),
+            toxicity: 0.0,
+        }],
+    };
+    std::fs::write(&samples, serde_json::to_string(&rec).unwrap() + "\n").unwrap();
+    let path = common::model("smollm2");
+    let base = detoxfuse::calibrate::train::Base::load(&path, 1).unwrap();
+    let target = detoxfuse::lm::load(&path).unwrap();
+    let inputs = fused::FusedInputs {
+        base: &base,
+        target: target.as_ref(),
+        target_path: &path,
+        target_sha256: "unused".into(),
+        samples: &samples,
+        guard: &guard,
+        scorer: ProfanityCheck::shared(),
+    };
+    let out = dir.path().join("run");
+    let cfg = fused::FusedConfig {
+        layers: 1,
+        ..Default::default()
+    };
+    let err = fused::train(&inputs, &out, &cfg, false, &mut |_| {})
+        .err()
+        .expect("training on an evaluation prompt must be refused")
+        .to_string();
+    assert!(err.contains("RealToxicityPrompts evaluation prompt"), "{err}");
+    assert!(!out.join("checkpoint.json").exists());
+}
