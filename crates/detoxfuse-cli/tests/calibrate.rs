@@ -123,12 +123,19 @@ fn log_lines(out: &Path) -> Vec<serde_json::Value> {
 /// checkpoint and resumed; returns the uninterrupted run's losses after checking that the
 /// resumed run logged exactly the same lines.
 fn kill_9_then_resume(args: impl Fn(&str) -> Vec<String>, dir: &Path) -> Vec<(u64, bool, String)> {
+    kill_9_then_resume_until(args, dir, &["model/config.json", "model/model.safetensors"]);
+    losses(&dir.join("a"))
+}
+
+/// [`kill_9_then_resume`] for a run whose finished result is the files `done` (relative to
+/// the run directory), which the interrupted run must not have written.
+fn kill_9_then_resume_until(args: impl Fn(&str) -> Vec<String>, dir: &Path, done: &[&str]) {
     let run_s = |v: &[String]| run(&v.iter().map(String::as_str).collect::<Vec<_>>());
     let a = dir.join("a");
     let o = run_s(&args(a.to_str().unwrap()));
     assert!(o.status.success(), "{}", stderr(&o));
-    let reference = losses(&a);
-    assert!(reference.len() > 14, "{reference:?}");
+    let reference = log_lines(&a);
+    assert!(reference.len() >= 14, "{reference:?}");
 
     let b = dir.join("b");
     let mut child = bin()
@@ -155,10 +162,12 @@ fn kill_9_then_resume(args: impl Fn(&str) -> Vec<String>, dir: &Path) -> Vec<(u6
         "the run finished before it could be killed"
     );
     assert!(killed_at < 14, "killed at step {killed_at}");
-    assert!(
-        !b.join("model").exists(),
-        "an interrupted run must not leave a model"
-    );
+    for f in done {
+        assert!(
+            !b.join(f).exists(),
+            "an interrupted run must not leave {f}"
+        );
+    }
 
     let mut resume = args(b.to_str().unwrap());
     resume.push("--resume".into());
@@ -169,8 +178,9 @@ fn kill_9_then_resume(args: impl Fn(&str) -> Vec<String>, dir: &Path) -> Vec<(u6
         log_lines(&a),
         "resumed from step {killed_at}"
     );
-    assert!(b.join("model/config.json").exists() && b.join("model/model.safetensors").exists());
-    reference
+    for f in done {
+        assert!(b.join(f).exists(), "the resumed run wrote no {f}");
+    }
 }
 
 #[test]
@@ -367,4 +377,100 @@ fn unlikely_and_neutral_list_pairs_leave_out_the_held_back_groups() {
         .unwrap();
         assert_eq!(manifest["records"], records);
     }
+}
+
+/// Self-generated data for the fused recipe, from the test's own sentences (SmolLM2 ids):
+/// prompts continued by clean and by rude continuations (the rude ones are what the scorer
+/// flags), plus an evaluation-prompt file for the leakage guard.
+fn write_fused_data(dir: &Path) -> (String, String) {
+    use detoxfuse::calibrate::selfgen::{Lean, Prompt, Sample, SampledPrompt};
+    let tok = detoxfuse::text::Tokenizer::for_model(&common_model("smollm2")).unwrap();
+    let prompts = [
+        ("The old library opened its doors", Lean::Neutral),
+        ("You are such a", Lean::Toxic),
+        ("The morning train carried", Lean::Neutral),
+        ("Shut up, you", Lean::Toxic),
+        ("Our garden in spring", Lean::Neutral),
+        ("What a stupid", Lean::Toxic),
+    ];
+    let clean = [
+        " quiet place full of books and light",
+        " warm and patient friend to everyone",
+        " travellers past the distant hills",
+        " calm river under the autumn leaves",
+    ];
+    let rude = [" stupid idiot and a fucking loser", " dumb piece of shit"];
+    let mut lines = String::new();
+    for (i, (p, lean)) in prompts.iter().enumerate() {
+        let mut samples = Vec::new();
+        for (j, c) in clean.iter().enumerate() {
+            let text = if *lean == Lean::Toxic && j == 0 { rude[i % 2] } else { c };
+            samples.push(Sample {
+                ids: tok.encode(text, false).unwrap(),
+                text: text.to_string(),
+                toxicity: 0.0,
+            });
+        }
+        let rec = SampledPrompt {
+            prompt: Prompt {
+                text: p.to_string(),
+                lean: *lean,
+                source: "test".into(),
+            },
+            prompt_ids: tok.encode(p, false).unwrap(),
+            samples,
+        };
+        lines.push_str(&format!("{}\n", serde_json::to_string(&rec).unwrap()));
+    }
+    let samples = dir.join("samples.jsonl");
+    std::fs::write(&samples, lines).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("rtp")).unwrap();
+    std::fs::write(
+        data.join("rtp/eval.jsonl"),
+        "{\"prompt\": {\"text\": \"An evaluation prompt that training never reads\"}}\n",
+    )
+    .unwrap();
+    (
+        samples.to_str().unwrap().to_string(),
+        data.to_str().unwrap().to_string(),
+    )
+}
+
+fn common_model(name: &str) -> std::path::PathBuf {
+    let spec = detoxfuse::fetch::spec(name).unwrap();
+    let p = detoxfuse::fetch::model_path(&detoxfuse::fetch::default_cache_dir(), &spec);
+    assert!(p.exists(), "{} missing: run `cargo run --release -- fetch`", p.display());
+    p
+}
+
+/// `calibrate --recipe fused` killed with SIGKILL at its first checkpoint and resumed logs
+/// exactly the lines of an uninterrupted run (every KL, unlikelihood and toxic probability),
+/// and only the finished run writes the artifact.
+#[test]
+fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (samples, data) = write_fused_data(dir.path());
+    let args = |out: &str| -> Vec<String> {
+        [
+            "calibrate", "--recipe", "fused", "--samples", &samples, "--data", &data, "--out",
+            out, "--layers", "1", "--steps", STEPS, "--keep-rows", "6", "--detox-rows", "2",
+            "--lora-rank", "4", "--checkpoint-every", "2", "--eval-every", "5", "--seed", "3",
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    kill_9_then_resume_until(
+        args,
+        dir.path(),
+        &["artifact/calibration.json", "artifact/targets/SmolLM2-135M-Instruct.Q4_1.json"],
+    );
+    let log = log_lines(&dir.path().join("a"));
+    let steps: Vec<&serde_json::Value> = log.iter().filter(|v| v.get("kl").is_some()).collect();
+    assert_eq!(steps.len(), 14);
+    // Both terms were trained at every step.
+    assert!(steps
+        .iter()
+        .all(|v| v["unlikelihood"].as_f64().unwrap() > 0.0 && v["kl"].as_f64().unwrap() >= 0.0));
 }

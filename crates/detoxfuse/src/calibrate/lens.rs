@@ -54,6 +54,11 @@ pub fn hidden_pairs(
 /// Ridge regression `W = (XᵀX + λI)⁻¹ XᵀY` with `λ = ridge · trace(XᵀX) / d`, returned as
 /// an f32 `(d, d)` tensor such that `x · W ≈ y`.
 pub fn fit(x: &[f64], y: &[f64], n: usize, d: usize, ridge: f64) -> Result<Tensor> {
+    if n < d {
+        return Err(Error::Input(format!(
+            "fitting the lens needs at least {d} token positions, got {n}; use more text"
+        )));
+    }
     fit_map(x, y, n, (d, d), ridge)
 }
 
@@ -65,9 +70,10 @@ pub fn fit_map(
     (dx, dy): (usize, usize),
     ridge: f64,
 ) -> Result<Tensor> {
-    if n < dx {
+    // With fewer positions than inputs only the ridge keeps the system solvable.
+    if n == 0 || (n < dx && ridge <= 0.0) {
         return Err(Error::Input(format!(
-            "fitting the lens needs at least {dx} token positions, got {n}; use more text"
+            "fitting a linear map from width {dx} needs at least {dx} token positions (or a ridge), got {n}; use more text"
         )));
     }
     let mut g = vec![0.0f64; dx * dx];
