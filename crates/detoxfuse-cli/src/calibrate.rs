@@ -571,6 +571,21 @@ impl CalibrateArgs {
     }
 }
 
+/// The training progress bar (hidden with `--quiet`, whose callers print lines instead).
+pub fn step_bar(steps: usize, quiet: bool, prefix: &'static str) -> ProgressBar {
+    let pb = ProgressBar::new(steps as u64);
+    if quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if a.recipe == RecipeArg::Fused {
         return crate::fused::calibrate_fused(cache, &a);
@@ -617,16 +632,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     }
     .resolve(cache)?;
     let base = Base::load(&base_path, cfg.layers)?;
-    let pb = ProgressBar::new(cfg.steps as u64);
-    if a.quiet {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix("calibrate");
+    let pb = step_bar(cfg.steps, a.quiet, "calibrate");
     let (mut val, mut window_tokens, mut window_secs) = (f64::NAN, 0usize, 0.0f64);
     let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
     // A hidden bar prints nothing, its println included: --quiet prints these lines itself.

@@ -11,7 +11,6 @@ use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::calibrate::selfgen::SelfGenConfig;
 use detoxfuse::calibrate::train::Base;
 use detoxfuse::eval::score::ProfanityCheck;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::{build_selfgen, default_data_dir, default_selfgen_dir, CalibrateArgs};
 use crate::ModelArg;
@@ -50,6 +49,11 @@ pub struct FusedArgs {
     /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA or ../shared/data).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// fused: train only --target's map (A, LayerNorm affine) through its head, over the
+    /// calibration layers of this artifact directory (kept frozen), and add the map there:
+    /// one calibration model, a map per target. "fused" = the default artifact.
+    #[arg(long)]
+    pub shared: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -129,10 +133,25 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
             s
         }
     };
-    let out = a.out.clone().unwrap_or_else(|| default_fused_dir(cache));
+    let shared = a.fused.shared.as_ref().map(|s| match s.as_str() {
+        "fused" => default_fused_dir(cache).join("artifact"),
+        dir => PathBuf::from(dir),
+    });
+    let out = a.out.clone().unwrap_or_else(|| match &shared {
+        Some(_) => default_fused_dir(cache).join(format!(
+            "map-{}",
+            fused::target_key(&target_path)
+        )),
+        None => default_fused_dir(cache),
+    });
+    let mut cfg = cfg;
+    if shared.is_some() {
+        cfg.layer_training = LayerTraining::Frozen;
+    }
     let guard = LeakageGuard::from_rtp_dir(&data.join("rtp"))?;
     let base = Base::load(&base_path, cfg.layers)?;
     let target = detoxfuse::lm::load(&target_path)?;
+    let target_tok = detoxfuse::text::Tokenizer::for_model(&target_path)?;
     let inputs = FusedInputs {
         base: &base,
         target: target.as_ref(),
@@ -141,18 +160,12 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
         samples: &samples,
         guard: &guard,
         scorer: ProfanityCheck::shared(),
+        target_tok: &target_tok,
+        shared: shared.as_deref(),
+        artifact: shared.clone().unwrap_or_else(|| out.join("artifact")),
     };
     let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
-    let pb = ProgressBar::new(cfg.steps as u64);
-    if a.quiet {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix("calibrate (fused)");
+    let pb = crate::calibrate::step_bar(cfg.steps, a.quiet, "calibrate (fused)");
     let say = |msg: String| {
         if a.quiet {
             println!("{msg}");

@@ -34,18 +34,24 @@ fn tiny_rows() -> Vec<FusedExample> {
             keep: vec![1, 2, 4],
             detox: vec![],
             group: 0,
+            cal_ids: vec![],
+            cal_of: vec![],
         },
         FusedExample {
             ids: vec![3, 4, 11, 0],
             keep: vec![],
             detox: vec![1, 2],
             group: 1,
+            cal_ids: vec![],
+            cal_of: vec![],
         },
         FusedExample {
             ids: vec![8, 13, 6, 19, 20],
             keep: vec![0, 1],
             detox: vec![3],
             group: 2,
+            cal_ids: vec![],
+            cal_of: vec![],
         },
     ]
 }
@@ -78,7 +84,7 @@ fn fused_loss_gradients_match_finite_differences() {
     let head = rand_tensor(&mut rng, &[vocab, dt], 0.0);
     let rows = tiny_rows();
     let refs: Vec<&FusedExample> = rows.iter().collect();
-    let batch = make_batch(&refs, &[0.2, 0.5, 0.35], 0, DType::F64).unwrap();
+    let batch = make_batch(&refs, &[0.2, 0.5, 0.35], (0, 0), DType::F64).unwrap();
     let n = batch.positions.len();
     let h_t = rand_tensor(&mut rng, &[n, dt], 0.0);
     let weights = (1.0, 0.7);
@@ -256,6 +262,9 @@ fn leakage_guard_drops_and_refuses_evaluation_prompts() {
         samples: &samples,
         guard: &guard,
         scorer: ProfanityCheck::shared(),
+        target_tok: &base.model.tokenizer,
+        shared: None,
+        artifact: dir.path().join("run/artifact"),
     };
     let out = dir.path().join("run");
     let cfg = fused::FusedConfig {

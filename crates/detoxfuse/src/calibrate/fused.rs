@@ -70,6 +70,30 @@ pub struct FusedExample {
     pub detox: Vec<u32>,
     /// Hash of the prompt, for the train/validation split.
     pub group: u64,
+    /// When the calibration model has another tokenizer: its ids for the same text and, for
+    /// each target position, the calibration position that has read the same text (the last
+    /// calibration token ending at or before the target token's end). Empty: same ids.
+    pub cal_ids: Vec<TokenId>,
+    pub cal_of: Vec<u32>,
+}
+
+impl FusedExample {
+    /// The calibration position paired with target position `p`.
+    fn cal_pos(&self, p: u32) -> u32 {
+        if self.cal_ids.is_empty() {
+            p
+        } else {
+            self.cal_of[p as usize]
+        }
+    }
+
+    fn cal_len(&self) -> usize {
+        if self.cal_ids.is_empty() {
+            self.ids.len()
+        } else {
+            self.cal_ids.len()
+        }
+    }
 }
 
 /// True when token `id` starts a word (its text begins with whitespace or a non-alphanumeric
@@ -178,6 +202,8 @@ pub fn examples(
                     keep,
                     detox,
                     group,
+                    cal_ids: Vec::new(),
+                    cal_of: Vec::new(),
                 });
             }
             (out, st)
@@ -195,6 +221,74 @@ pub fn examples(
         stats.detox_from_prompts += st.detox_from_prompts;
     }
     (all, stats)
+}
+
+/// Byte offset after each token of `ids` (rendered as the fused decoder renders them).
+fn byte_ends(tok: &Tokenizer, ids: &[TokenId]) -> Vec<usize> {
+    let mut end = 0;
+    ids.iter()
+        .map(|&t| {
+            end += tok.token_bytes(t, false).len();
+            end
+        })
+        .collect()
+}
+
+/// [`examples`] for a target whose tokenizer differs from the calibration model's: the same
+/// texts (prompt and continuation strings) re-tokenized by the target, toxic tokens found in
+/// the target's tokens, and each target position paired with the calibration position that
+/// has read the same text. (At inference the calibration model re-encodes the text so far;
+/// here the whole text is encoded once, which differs only where a token would merge across
+/// the boundary.)
+pub fn examples_cross(
+    records: &[SampledPrompt],
+    target_tok: &Tokenizer,
+    cal_tok: &Tokenizer,
+    scorer: &dyn ToxicityScorer,
+    threshold: f64,
+    rise: f64,
+) -> Result<(Vec<FusedExample>, DataStats)> {
+    let mut retok = Vec::with_capacity(records.len());
+    for rec in records {
+        let mut r = rec.clone();
+        r.prompt_ids = target_tok.encode(&rec.prompt.text, false)?;
+        for s in &mut r.samples {
+            let mut ids = Vec::new();
+            target_tok.encode_into(&s.text, false, &mut ids)?;
+            s.ids = ids;
+        }
+        retok.push(r);
+    }
+    let (mut ex, stats) = examples(&retok, target_tok, scorer, threshold, rise);
+    ex.par_iter_mut().try_for_each(|e| -> Result<()> {
+        let text: Vec<u8> = e
+            .ids
+            .iter()
+            .flat_map(|&t| target_tok.token_bytes(t, false))
+            .collect();
+        let text = String::from_utf8_lossy(&text).into_owned();
+        let cal_ids = cal_tok.encode(&text, false)?;
+        let (t_end, c_end) = (byte_ends(target_tok, &e.ids), byte_ends(cal_tok, &cal_ids));
+        let mut k = 0usize;
+        let cal_of: Vec<u32> = t_end
+            .iter()
+            .map(|&te| {
+                while k + 1 < c_end.len() && c_end[k + 1] <= te {
+                    k += 1;
+                }
+                k as u32
+            })
+            .collect();
+        // Positions before the calibration model has read any text are not trained.
+        let read = |p: &u32| c_end[cal_of[*p as usize] as usize] > 0;
+        e.keep.retain(read);
+        e.detox.retain(read);
+        e.cal_ids = cal_ids;
+        e.cal_of = cal_of;
+        Ok(())
+    })?;
+    ex.retain(|e| !(e.keep.is_empty() && e.detox.is_empty()));
+    Ok((ex, stats))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -442,28 +536,53 @@ impl FusionVars {
     }
 }
 
-/// A batch in both models' ids (the same here: one tokenizer), with its scored positions.
+/// A batch in both models' ids, with its scored positions.
 pub struct FusedBatch {
+    /// The target's ids and scored positions (flat `row * len + pos`).
     pub ids: Tensor,
     pub positions: Vec<u32>,
+    /// The calibration model's ids and the positions paired with `positions`.
+    pub cal_ids: Tensor,
+    pub cal_positions: Vec<u32>,
     pub terms: Vec<(Term, TokenId)>,
     /// α of each scored position's row, `(n, 1)`.
     pub alpha: Tensor,
+}
+
+impl FusedBatch {
+    /// The same batch with every row at `alpha`.
+    pub fn at_alpha(&self, alpha: f64) -> Result<Self> {
+        let n = self.positions.len();
+        Ok(Self {
+            ids: self.ids.clone(),
+            positions: self.positions.clone(),
+            cal_ids: self.cal_ids.clone(),
+            cal_positions: self.cal_positions.clone(),
+            terms: self.terms.clone(),
+            alpha: Tensor::full(alpha, (n, 1), &Device::Cpu)?.to_dtype(self.alpha.dtype())?,
+        })
+    }
 }
 
 /// Builds a batch from rows with one α per row.
 pub fn make_batch(
     rows: &[&FusedExample],
     alphas: &[f64],
-    pad: TokenId,
+    (pad, cal_pad): (TokenId, TokenId),
     dtype: DType,
 ) -> Result<FusedBatch> {
     let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let cal_len = rows.iter().map(|r| r.cal_len()).max().unwrap_or(0);
     let mut flat = Vec::with_capacity(rows.len() * len);
+    let mut cal_flat = Vec::with_capacity(rows.len() * cal_len);
     let (mut positions, mut terms, mut alpha) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cal_positions = Vec::new();
     for (r, (ex, &a)) in rows.iter().zip(alphas).enumerate() {
         flat.extend_from_slice(&ex.ids);
         flat.extend(std::iter::repeat_n(pad, len - ex.ids.len()));
+        let cal_row = if ex.cal_ids.is_empty() { &ex.ids } else { &ex.cal_ids };
+        cal_flat.extend_from_slice(cal_row);
+        cal_flat.extend(std::iter::repeat_n(cal_pad, cal_len - cal_row.len()));
         let mut scored: Vec<(u32, Term)> = ex
             .keep
             .iter()
@@ -473,6 +592,7 @@ pub fn make_batch(
         scored.sort_by_key(|&(p, _)| p);
         for (p, term) in scored {
             positions.push((r * len) as u32 + p);
+            cal_positions.push((r * cal_len) as u32 + ex.cal_pos(p));
             terms.push((term, ex.ids[p as usize + 1]));
             alpha.push(a);
         }
@@ -481,6 +601,8 @@ pub fn make_batch(
     Ok(FusedBatch {
         ids: Tensor::from_vec(flat, (rows.len(), len), &Device::Cpu)?,
         positions,
+        cal_ids: Tensor::from_vec(cal_flat, (rows.len(), cal_len), &Device::Cpu)?,
+        cal_positions,
         terms,
         alpha: Tensor::from_vec(alpha, (n, 1), &Device::Cpu)?.to_dtype(dtype)?,
     })
@@ -500,7 +622,7 @@ pub fn batch_objective(
     if batch.positions.is_empty() {
         return Err(Error::Input("a fused training batch has no scored position".into()));
     }
-    let h_c = gather(&cal.forward_hidden(&batch.ids)?, &batch.positions)?;
+    let h_c = gather(&cal.forward_hidden(&batch.cal_ids)?, &batch.cal_positions)?;
     let h = map.fuse_rows(&h_t.to_dtype(cal.dtype())?, &h_c, &batch.alpha)?;
     let head = head.to_dtype(cal.dtype())?;
     let (sums, g) = head_terms(
@@ -596,14 +718,14 @@ pub fn init_map(
     cal: &CalibrationModel,
     target: &FrozenTarget,
     rows: &[&FusedExample],
-    pad: TokenId,
+    pads: (TokenId, TokenId),
     ridge: f64,
 ) -> Result<FusionMap> {
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for chunk in rows.chunks(32) {
         let alphas = vec![0.0; chunk.len()];
-        let b = make_batch(chunk, &alphas, pad, DType::F32)?;
-        let hc = gather(&cal.forward_hidden(&b.ids)?, &b.positions)?;
+        let b = make_batch(chunk, &alphas, pads, DType::F32)?;
+        let hc = gather(&cal.forward_hidden(&b.cal_ids)?, &b.cal_positions)?;
         let ht = target.hidden_at(&b.ids, &b.positions)?;
         xs.extend(hc.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
         ys.extend(ht.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
@@ -686,6 +808,8 @@ struct FusedRecord {
     base_sha256: String,
     target_sha256: String,
     samples_sha256: String,
+    #[serde(default)]
+    shared_sha256: Option<String>,
 }
 
 /// Where a fused run's inputs live.
@@ -698,6 +822,13 @@ pub struct FusedInputs<'a> {
     pub samples: &'a Path,
     pub guard: &'a LeakageGuard,
     pub scorer: &'a dyn ToxicityScorer,
+    /// The target's tokenizer (the cross-tokenizer path when it is not the base's).
+    pub target_tok: &'a Tokenizer,
+    /// Train only this target's map, over the calibration layers of an existing artifact
+    /// directory (kept frozen): one calibration model, a map per target.
+    pub shared: Option<&'a Path>,
+    /// Where the artifact is written (`shared` when given).
+    pub artifact: PathBuf,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -792,13 +923,25 @@ pub fn train(
         &format!("{}", inputs.samples.display()),
         records.iter().map(|r| r.prompt.text.as_str()),
     )?;
-    let (all, stats) = examples(
-        &records,
-        tok,
-        inputs.scorer,
-        cfg.toxic_threshold,
-        cfg.toxic_rise,
-    );
+    let cross = !crate::fuse::same_tokenizer(inputs.target_tok, tok);
+    let (all, stats) = if cross {
+        examples_cross(
+            &records,
+            inputs.target_tok,
+            tok,
+            inputs.scorer,
+            cfg.toxic_threshold,
+            cfg.toxic_rise,
+        )?
+    } else {
+        examples(
+            &records,
+            tok,
+            inputs.scorer,
+            cfg.toxic_threshold,
+            cfg.toxic_rise,
+        )
+    };
     let (train_ex, val_ex): (Vec<&FusedExample>, Vec<&FusedExample>) = all
         .iter()
         .partition(|e| e.group % 1000 >= cfg.val_per_mille);
@@ -830,11 +973,31 @@ pub fn train(
         model: inputs.target,
         head: crate::lm::head_weight(inputs.target_path)?,
     };
-    let pad = tok.eos.unwrap_or(0);
-    let cal = inputs
-        .base
-        .init(cfg.layers, Default::default())?
-        .with_layer_training(cfg.layer_training, cfg.seed)?;
+    let pad = (
+        inputs.target_tok.eos.unwrap_or(0),
+        tok.eos.unwrap_or(0),
+    );
+    let (cal, shared_sha256) = match inputs.shared {
+        None => (
+            inputs
+                .base
+                .init(cfg.layers, Default::default())?
+                .with_layer_training(cfg.layer_training, cfg.seed)?,
+            None,
+        ),
+        Some(dir) => {
+            let (cal, sha) = shared_calibration(dir, inputs.base)?;
+            if cal.config.num_hidden_layers != cfg.layers {
+                return Err(Error::Input(format!(
+                    "the calibration in {} has {} layers but --layers is {}",
+                    dir.display(),
+                    cal.config.num_hidden_layers,
+                    cfg.layers
+                )));
+            }
+            (cal, Some(sha))
+        }
+    };
     let init_rows: Vec<&FusedExample> = super::lens::sample(&keep, cfg.init_rows);
     let map0 = init_map(&cal, &target, &init_rows, pad, cfg.init_ridge)?;
     let fv = FusionVars::new(&map0)?;
@@ -855,18 +1018,24 @@ pub fn train(
         base_sha256: inputs.base.sha256.clone(),
         target_sha256: inputs.target_sha256.clone(),
         samples_sha256,
+        shared_sha256,
     };
     let log_path = out.join("log.jsonl");
-    if resume && record_path.exists() {
-        let text = std::fs::read_to_string(&record_path)
-            .ctx(|| format!("reading {}", record_path.display()))?;
+    if resume {
+        let text = std::fs::read_to_string(&record_path).map_err(|e| {
+            Error::Input(format!(
+                "--resume: cannot read {} ({e}); run without --resume to start",
+                record_path.display()
+            ))
+        })?;
         let rec: FusedRecord = serde_json::from_str(&text).map_err(|e| {
             Error::Input(format!("--resume: {} is damaged: {e}", record_path.display()))
         })?;
         let same = rec.config == state.config
             && rec.base_sha256 == state.base_sha256
             && rec.target_sha256 == state.target_sha256
-            && rec.samples_sha256 == state.samples_sha256;
+            && rec.samples_sha256 == state.samples_sha256
+            && rec.shared_sha256 == state.shared_sha256;
         if !same {
             return Err(Error::Input(format!(
                 "--resume: the run in {} was made with other options, models or data; pass the same ones or choose another --out",
@@ -875,15 +1044,8 @@ pub fn train(
         }
         train::load_state(&out.join(&rec.file), &vars, &mut opt, rec.step)?;
         state = rec;
-        train::truncate_log(&log_path, state.step)?;
-    } else if log_path.exists() {
-        std::fs::remove_file(&log_path).ctx(|| format!("removing {}", log_path.display()))?;
     }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .ctx(|| format!("opening {}", log_path.display()))?;
+    let mut log = train::open_log(&log_path, resume.then_some(state.step))?;
     let mut write_log = |v: &serde_json::Value| -> Result<()> {
         writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
     };
@@ -912,13 +1074,7 @@ pub fn train(
         for &alpha in std::iter::once(&0.0).chain(&cfg.val_alphas) {
             let mut sums = TermSums::default();
             for (b, ht) in &val_batches {
-                let n = b.positions.len();
-                let b = FusedBatch {
-                    ids: b.ids.clone(),
-                    positions: b.positions.clone(),
-                    terms: b.terms.clone(),
-                    alpha: Tensor::full(alpha as f32, (n, 1), &Device::Cpu)?,
-                };
+                let b = b.at_alpha(alpha)?;
                 sums.add(batch_objective(&cal, &map, ht, &target.head, &b, None)?.0);
             }
             line[format!("a{alpha}")] = serde_json::json!({
@@ -1010,7 +1166,7 @@ pub fn train(
             progress(FusedEvent::Checkpoint { step: state.step });
         }
     }
-    let artifact = out.join("artifact");
+    let artifact = inputs.artifact.clone();
     let manifest = serde_json::json!({
         "steps": state.step,
         "config": cfg,
@@ -1070,19 +1226,24 @@ pub fn save_artifact(
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
         .collect::<Result<_>>()?;
     let tensors_path = dir.join(CALIBRATION_TENSORS);
-    if !trained.is_empty() || !tensors_path.exists() {
+    let manifest_path = dir.join(CALIBRATION_MANIFEST);
+    // A run that trained only a map (over a shared calibration) leaves the shared part as is.
+    let cal_manifest = if !trained.is_empty() || !manifest_path.exists() {
         save_tensors(&trained, &tensors_path)?;
-    }
-    let cal_manifest = serde_json::json!({
-        "kind": "detoxfuse fused calibration",
-        "detoxfuse_version": env!("CARGO_PKG_VERSION"),
-        "base": {"file": base.path.file_name().map(|n| n.to_string_lossy()), "sha256": base.sha256},
-        "layers": cal.config.num_hidden_layers,
-        "tensors": CALIBRATION_TENSORS,
-        "tensors_sha256": train::sha256_path(&tensors_path)?,
-        "trained_by": train_manifest,
-    });
-    write_json(&dir.join(CALIBRATION_MANIFEST), &cal_manifest)?;
+        let m = serde_json::json!({
+            "kind": "detoxfuse fused calibration",
+            "detoxfuse_version": env!("CARGO_PKG_VERSION"),
+            "base": {"file": base.path.file_name().map(|n| n.to_string_lossy()), "sha256": base.sha256},
+            "layers": cal.config.num_hidden_layers,
+            "tensors": CALIBRATION_TENSORS,
+            "tensors_sha256": train::sha256_path(&tensors_path)?,
+            "trained_by": train_manifest,
+        });
+        write_json(&manifest_path, &m)?;
+        m
+    } else {
+        read_json(&manifest_path)?
+    };
     let key = target_key(target_path);
     let map_path = dir.join("targets").join(format!("{key}.safetensors"));
     map.save(&map_path)?;
@@ -1103,6 +1264,62 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
 }
 
+fn read_json(p: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(p).map_err(|e| {
+        Error::Input(format!(
+            "{} is missing or unreadable ({e}): not a fused calibration directory; train one with `detoxfuse calibrate --recipe fused`",
+            p.display()
+        ))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Input(format!("{} is damaged ({e}); restore it", p.display())))
+}
+
+fn check_sha(path: &Path, want: &serde_json::Value, what: &str) -> Result<()> {
+    let got = train::sha256_path(path)?;
+    if want.as_str() != Some(got.as_str()) {
+        return Err(Error::Input(format!(
+            "{what} {} has sha256 {got} but the manifest expects {want}: the file is corrupt or from another run; restore it or retrain",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The calibration model of an artifact directory, nothing trainable: `base`'s first layers
+/// with the stored trained part folded in (LoRA deltas added, trained layer weights
+/// replacing the base's), checked against the manifest's sha256 of base and tensors. Also
+/// returns the tensors' sha256.
+pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, String)> {
+    let manifest = read_json(&dir.join(CALIBRATION_MANIFEST))?;
+    let tensors_path = dir.join(CALIBRATION_TENSORS);
+    check_sha(&tensors_path, &manifest["tensors_sha256"], "calibration tensors")?;
+    if manifest["base"]["sha256"].as_str() != Some(base.sha256.as_str()) {
+        return Err(Error::Input(format!(
+            "the calibration in {} was trained from a base with sha256 {} but {} has {}; pass that base",
+            dir.display(),
+            manifest["base"]["sha256"],
+            base.path.display(),
+            base.sha256
+        )));
+    }
+    let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
+    let trained = candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
+        Error::Input(format!("{} is unreadable ({e}); restore it", tensors_path.display()))
+    })?;
+    let trained: HashMap<String, Tensor> = trained
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let cal = base
+        .init(layers, Default::default())?
+        .with_layer_training(LayerTraining::Frozen, 0)?
+        .with_frozen_trained(&trained)
+        .map_err(|e| Error::Input(format!("{}: {e}", tensors_path.display())))?;
+    let sha = manifest["tensors_sha256"].as_str().unwrap_or_default().to_string();
+    Ok((cal, sha))
+}
+
 /// A loaded fused calibration for one target.
 pub struct FusedArtifact {
     /// The calibration model (base layers with the trained part folded in), f32.
@@ -1115,72 +1332,32 @@ pub struct FusedArtifact {
 /// Reads an artifact directory for `target_path`, rebuilding the calibration model from
 /// `base_path` (a GGUF whose sha256 must match the manifest) and the stored trained part.
 pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result<FusedArtifact> {
-    let read_json = |p: &Path| -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(p).map_err(|e| {
-            Error::Input(format!(
-                "{} is missing or unreadable ({e}): not a fused calibration directory; train one with `detoxfuse calibrate --recipe fused`",
-                p.display()
-            ))
-        })?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Input(format!("{} is damaged ({e}); restore it", p.display())))
-    };
     let manifest = read_json(&dir.join(CALIBRATION_MANIFEST))?;
     let key = target_key(target_path);
     let tm_path = dir.join("targets").join(format!("{key}.json"));
     let target_manifest = read_json(&tm_path).map_err(|_| {
         Error::Input(format!(
-            "{} has no fusion map for target {key} ({} is missing); train one with `detoxfuse calibrate --recipe fused --target {}`",
+            "{} has no fusion map for target {key} ({} is missing); train one with `detoxfuse calibrate --recipe fused --target {} --shared {}`",
             dir.display(),
             tm_path.display(),
-            target_path.display()
+            target_path.display(),
+            dir.display()
         ))
     })?;
-    let check_sha = |path: &Path, want: &serde_json::Value, what: &str| -> Result<()> {
-        let got = train::sha256_path(path)?;
-        if want.as_str() != Some(got.as_str()) {
-            return Err(Error::Input(format!(
-                "{what} {} has sha256 {got} but the manifest expects {want}: the file is corrupt or from another run; restore it or retrain",
-                path.display()
-            )));
-        }
-        Ok(())
-    };
-    let tensors_path = dir.join(CALIBRATION_TENSORS);
-    check_sha(&tensors_path, &manifest["tensors_sha256"], "calibration tensors")?;
     let map_path = dir.join("targets").join(format!("{key}.safetensors"));
     check_sha(&map_path, &target_manifest["map_sha256"], "fusion map")?;
     check_sha(target_path, &target_manifest["target"]["sha256"], "target model")?;
-    check_sha(base_path, &manifest["base"]["sha256"], "calibration base model")?;
+    if target_manifest["calibration_tensors_sha256"] != manifest["tensors_sha256"] {
+        return Err(Error::Input(format!(
+            "the fusion map {} was trained over other calibration layers than {} holds; retrain it",
+            map_path.display(),
+            dir.display()
+        )));
+    }
     let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
     let base = Base::load(base_path, layers)?;
-    let trained = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
-    let trained: HashMap<String, Tensor> = trained
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
-    let mut cal = base.init(layers, Default::default())?;
-    cal = cal.with_frozen_adapters(&trained)?;
-    let mut tensors = cal.merged_tensors()?;
-    for (k, v) in &trained {
-        if k.starts_with("lora.") {
-            continue;
-        }
-        let Some(old) = tensors.get(k) else {
-            return Err(Error::Input(format!(
-                "calibration tensor {k} in {} is not a tensor of the base model",
-                tensors_path.display()
-            )));
-        };
-        if old.dims() != v.dims() {
-            return Err(Error::Input(format!(
-                "calibration tensor {k} has shape {:?} but the base's is {:?}",
-                v.dims(),
-                old.dims()
-            )));
-        }
-        tensors.insert(k.clone(), v.clone());
-    }
+    let (cal, _) = shared_calibration(dir, &base)?;
+    let tensors = cal.merged_tensors()?;
     let map = FusionMap::load(&map_path)?;
     let (dc, _) = map.dims()?;
     if dc != cal.config.hidden_size {

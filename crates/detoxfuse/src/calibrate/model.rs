@@ -372,8 +372,27 @@ impl CalibrationModel {
         Ok(out)
     }
 
-    /// Adds LoRA factors (e.g. read from a shipped artifact) as frozen deltas.
-    pub fn with_frozen_adapters(mut self, adapters: &HashMap<String, Tensor>) -> Result<Self> {
+    /// Folds a stored trained part in, frozen: LoRA factor pairs (`lora.*`) are added to
+    /// their weights as deltas, any other tensor replaces the weight of that name (a layer
+    /// trained in full). Shapes are checked.
+    pub fn with_frozen_trained(mut self, adapters: &HashMap<String, Tensor>) -> Result<Self> {
+        for (k, t) in adapters {
+            if k.starts_with("lora.") {
+                continue;
+            }
+            let old = self.get(k).map_err(|_| {
+                Error::Input(format!("trained tensor {k} is not a parameter of the base model"))
+            })?;
+            if old.dims() != t.dims() {
+                return Err(Error::Input(format!(
+                    "trained tensor {k} has shape {:?} but the base's is {:?}",
+                    t.dims(),
+                    old.dims()
+                )));
+            }
+            self.vars.remove(k);
+            self.frozen.insert(k.clone(), t.to_dtype(self.dtype)?);
+        }
         for k in adapters.keys() {
             let Some(rest) = k.strip_prefix("lora.") else {
                 continue;

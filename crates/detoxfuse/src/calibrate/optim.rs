@@ -114,14 +114,16 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g * clip)?;
+            // candle's gradients still carry their backward graph (and through it the step's
+            // activations); the moments must not, or every step's graph stays alive.
+            let g = (g.detach() * clip)?;
             let m = ((&self.m[name] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let w = var.as_tensor();
             // No decay on gains (1-D tensors such as RMSNorm weights).
             let decay = if w.rank() > 1 { c.weight_decay } else { 0.0 };
-            let new = ((w * (1.0 - lr * decay))? - (update * lr)?)?;
+            let new = ((w.detach() * (1.0 - lr * decay))? - (update * lr)?)?;
             var.set(&new)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);

@@ -329,15 +329,8 @@ pub fn train(
     let log_path = out.join("log.jsonl");
     if resume {
         state = load_checkpoint(out, &state, &model, &mut opt)?;
-        truncate_log(&log_path, state.step)?;
-    } else if log_path.exists() {
-        std::fs::remove_file(&log_path).ctx(|| format!("removing {}", log_path.display()))?;
     }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .ctx(|| format!("opening {}", log_path.display()))?;
+    let mut log = open_log(&log_path, resume.then_some(state.step))?;
     let mut write_log = |v: serde_json::Value| -> Result<()> {
         writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
     };
@@ -768,8 +761,25 @@ fn load_checkpoint(
     Ok(rec)
 }
 
+/// Opens a run's `log.jsonl` for appending: resuming from `Some(step)` drops the lines
+/// written after that checkpoint, a fresh run (`None`) starts an empty log.
+pub(crate) fn open_log(path: &Path, resumed_at: Option<usize>) -> Result<std::fs::File> {
+    match resumed_at {
+        Some(step) => truncate_log(path, step)?,
+        None if path.exists() => {
+            std::fs::remove_file(path).ctx(|| format!("removing {}", path.display()))?
+        }
+        None => {}
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .ctx(|| format!("opening {}", path.display()))
+}
+
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).
-pub(crate) fn truncate_log(path: &Path, step: usize) -> Result<()> {
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
