@@ -18,9 +18,9 @@ use crate::ModelArg;
 
 #[derive(clap::Args)]
 pub struct AlignArgs {
-    /// Calibration model directory (default: the default calibration model, trained on first
-    /// use).
-    #[arg(long, default_value = "default")]
+    /// Paper-recipe calibration model directory ("paper": the paper recipe's default model,
+    /// trained on first use). The fused recipe learns its own map: `calibrate --recipe fused`.
+    #[arg(long, default_value = "paper")]
     calibration: String,
     /// Target model: a .gguf file, a Hugging Face directory or a fetched name.
     #[arg(long, short, default_value = "smollm2")]
@@ -65,9 +65,10 @@ impl From<VariantArg> for Variant {
     }
 }
 
-/// The calibration model directory for `arg` ("default": trained now if missing).
+/// The paper-recipe calibration model directory for `arg` ("paper": the default one, trained
+/// now if missing).
 pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
-    if arg != "default" {
+    if arg != "paper" {
         return Ok(PathBuf::from(arg));
     }
     let dir = default_calibration_dir(cache).join("model");
@@ -284,9 +285,15 @@ impl Fusion {
     }
 }
 
-/// The fused recipe's artifact directory for `arg` ("fused": the default one, trained now
-/// if missing), or `None` when `arg` names a paper-recipe calibration model.
+/// The fused recipe's artifact directory for `arg`, or `None` when `arg` names a
+/// paper-recipe calibration model: "default" is the shipped default (installed into the
+/// cache, no training), "fused" the one `calibrate --recipe fused` trains here (trained now
+/// if missing).
 pub fn fused_artifact_dir(cache: &Path, arg: &str) -> Result<Option<PathBuf>> {
+    if arg == "default" {
+        let dir = cache.join("calibration").join("fused-default");
+        return Ok(Some(fused::install_shipped(&dir)?));
+    }
     if arg == "fused" {
         let dir = crate::fused::default_fused_dir(cache);
         let art = dir.join("artifact");

@@ -21,7 +21,9 @@ pub enum BenchWhat {
 
 #[derive(clap::Args)]
 pub struct FusedBenchArgs {
-    /// Calibration model directory, or "default".
+    /// Calibration: "default" (the shipped fusion-aware calibration, no training), "fused" (the one
+    /// `calibrate --recipe fused` trains here, on first use), "paper" (the paper recipe's model,
+    /// trained on first use), or a directory.
     #[arg(long, default_value = "default")]
     calibration: String,
     /// Targets: fetched names or .gguf paths.

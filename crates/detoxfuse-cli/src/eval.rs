@@ -58,10 +58,15 @@ pub struct EvalArgs {
     /// Fusion strengths for the fused rows.
     #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.2, 0.3])]
     alphas: Vec<f64>,
-    /// Calibration model for the fused rows and the DExperts expert ("default" = trained on
-    /// first use).
+    /// Calibration for the fused rows: "default" (the shipped fusion-aware calibration, no training), "fused" (the one
+    /// `calibrate --recipe fused` trains here, on first use), "paper" (the paper recipe's model,
+    /// trained on first use), or a directory.
     #[arg(long, default_value = "default")]
     calibration: String,
+    /// DExperts expert: a paper-recipe calibration model directory (a language model with
+    /// its own head), or "paper" (the paper recipe's default model, trained on first use).
+    #[arg(long, default_value = "paper")]
+    expert: String,
     #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Hidden)]
     align_variant: crate::align::VariantArg,
     /// DExperts anti-expert: a calibration-trainer model directory trained on toxic text
@@ -333,12 +338,9 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
 
     let target = lm::load(&target_path)?;
     let tok = Tokenizer::for_model(&target_path)?;
-    let needs_cal = methods.iter().any(|m| {
-        matches!(
-            m,
-            Method::Fused(_) | Method::FusedNorm(_) | Method::Dexperts(_)
-        )
-    });
+    let needs_cal = methods
+        .iter()
+        .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_)));
     let fusion = if needs_cal {
         Some(crate::align::load_fusion(
             cache,
@@ -353,8 +355,11 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         None
     };
     let anti = if methods.iter().any(|m| matches!(m, Method::Dexperts(_))) {
-        let f = fusion.as_ref().expect("loaded for dexperts");
-        if !same_tokenizer(&tok, &f.tokenizer) {
+        let expert_dir = crate::align::calibration_dir(cache, &a.expert)?;
+        let expert = lm::load(&expert_dir)
+            .with_context(|| format!("loading the DExperts expert {}", expert_dir.display()))?;
+        let expert_tok = Tokenizer::for_model(&expert_dir)?;
+        if !same_tokenizer(&tok, &expert_tok) {
             bail!(
                 "the DExperts baseline needs experts with the target's vocabulary; the experts are \
                  trained from SmolLM2 and {} has another tokenizer. Leave it out with --methods base,fused,wordfilter",
@@ -364,7 +369,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         let dir = anti_expert_dir(cache, &a.anti_expert)?;
         let m =
             lm::load(&dir).with_context(|| format!("loading the anti-expert {}", dir.display()))?;
-        Some((dir, m))
+        Some((dir, m, expert_dir, expert))
     } else {
         None
     };
@@ -414,7 +419,8 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         "target": target_id, "evaluator": evaluator_id,
         "perplexity_samples_per_prompt": per_prompt_ppl,
         "calibration": fusion.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
-        "anti_expert": anti.as_ref().map(|(d, _)| d),
+        "anti_expert": anti.as_ref().map(|(d, ..)| d),
+        "expert": anti.as_ref().map(|(_, _, e, _)| e),
         "word_list": banned.as_ref().map(|b| serde_json::json!({
             "package": format!("npm {}@{}", baselines::BAD_WORDS.package, baselines::BAD_WORDS.version),
             "sha256": baselines::BAD_WORDS.sha256, "licence": baselines::BAD_WORDS.licence,
@@ -492,11 +498,10 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
                 banned.as_ref().expect("loaded for the word filter"),
             )),
             Method::Dexperts(beta) => {
-                let f = fusion.as_ref().expect("loaded for dexperts");
-                let (_, anti) = anti.as_ref().expect("loaded for dexperts");
+                let (_, anti, _, expert) = anti.as_ref().expect("loaded for dexperts");
                 Box::new(ExpertsDecoder::new(
                     Box::new(PlainDecoder::new(target.as_ref())),
-                    Box::new(PlainDecoder::new(f.model.as_ref())),
+                    Box::new(PlainDecoder::new(expert.as_ref())),
                     Box::new(PlainDecoder::new(anti.as_ref())),
                     *beta,
                     0.9,

@@ -39,6 +39,10 @@ pub struct FusedArgs {
     pub alpha_max: f64,
     #[arg(long, default_value_t = FusedConfig::default().keep_weight)]
     pub keep_weight: f64,
+    /// fused: the keep term's divergence: reverse = KL(p_α‖p_target) (penalises what sampling
+    /// from the fused model would put where the target puts little), forward = KL(p_target‖p_α).
+    #[arg(long, value_enum, default_value = "reverse")]
+    pub keep_divergence: DivergenceArg,
     /// fused: weight of the unlikelihood term (0: keep only).
     #[arg(long, default_value_t = FusedConfig::default().detox_weight)]
     pub detox_weight: f64,
@@ -54,6 +58,12 @@ pub struct FusedArgs {
     /// one calibration model, a map per target. "fused" = the default artifact.
     #[arg(long)]
     pub shared: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DivergenceArg {
+    Reverse,
+    Forward,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -91,6 +101,10 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
         alpha_min: f.alpha_min,
         alpha_max: f.alpha_max,
         keep_weight: f.keep_weight,
+        keep_divergence: match f.keep_divergence {
+            DivergenceArg::Reverse => fused::Divergence::Reverse,
+            DivergenceArg::Forward => fused::Divergence::Forward,
+        },
         detox_weight: f.detox_weight,
         eval_every: a.eval_every.unwrap_or(d.eval_every),
         checkpoint_every: a.checkpoint_every,
@@ -198,8 +212,8 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
             ));
             if a.quiet {
                 println!(
-                    "step {} kl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
-                    s.step, s.kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
+                    "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
+                    s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
                 );
             }
         }

@@ -53,8 +53,9 @@ pub struct GenerateArgs {
     /// Stop at the first invalid input line instead of reporting it and going on.
     #[arg(long)]
     fail_fast: bool,
-    /// Detoxify: fuse this calibration model (a directory from `detoxfuse calibrate`, or
-    /// "default": the default SmolLM2 calibration model, trained on first use).
+    /// Detoxify: fuse this calibration: "default" (the shipped fusion-aware calibration, no training), "fused" (the one
+    /// `calibrate --recipe fused` trains here, on first use), "paper" (the paper recipe's model,
+    /// trained on first use), or a directory.
     #[arg(long)]
     calibration: Option<String>,
     /// Alignment from `detoxfuse align` (default: the one beside the calibration model for

@@ -169,3 +169,83 @@ fn score_rates_insults_above_greetings() {
     );
     assert!(nice < 0.5 && rude > 0.5, "{nice} {rude}");
 }
+
+/// A cache of its own that shares the fetched models (so the test writes nothing into the
+/// user's cache).
+fn cache_with_models(dir: &std::path::Path) -> std::path::PathBuf {
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let models = detoxfuse::fetch::default_cache_dir().join("models");
+    assert!(models.exists(), "run `cargo run --release -- fetch` first");
+    std::os::unix::fs::symlink(&models, cache.join("models")).unwrap();
+    cache
+}
+
+fn greedy_text(cache: &std::path::Path, calibration: &str, alpha: &str) -> std::process::Output {
+    detoxfuse(&[
+        "--cache",
+        cache.to_str().unwrap(),
+        "generate",
+        "--calibration",
+        calibration,
+        "--alpha",
+        alpha,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--prompt",
+        "I hate you damned",
+    ])
+}
+
+/// `--calibration default` needs no training: the shipped fused calibration is installed into
+/// the cache and used at once (a damaged installed copy is rewritten from the binary); a
+/// damaged artifact directory of the user's own is a message naming the file and the sha256.
+#[test]
+fn the_shipped_default_calibration_runs_at_once_and_damage_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_with_models(dir.path());
+    let t0 = std::time::Instant::now();
+    let fused = greedy_text(&cache, "default", "0.3");
+    assert!(fused.status.success(), "{}", stderr(&fused));
+    assert!(t0.elapsed().as_secs() < 120, "took {:?}", t0.elapsed());
+    let plain = greedy_text(&cache, "default", "0");
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let text = |o: &std::process::Output| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap())
+                .unwrap();
+        v["generations"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_ne!(text(&fused), text(&plain), "alpha 0.3 changed nothing");
+
+    let installed = cache.join("calibration/fused-default");
+    let map = installed.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors");
+    let damage = |p: &std::path::Path| {
+        let mut b = std::fs::read(p).unwrap();
+        let n = b.len();
+        b[n - 3] ^= 0x55;
+        std::fs::write(p, b).unwrap();
+    };
+    damage(&map);
+    let again = greedy_text(&cache, "default", "0.3");
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(text(&again), text(&fused));
+
+    // The user's own copy is checked, not repaired.
+    let own = dir.path().join("mine");
+    std::fs::create_dir_all(own.join("targets")).unwrap();
+    for f in ["calibration.json", "calibration.safetensors"] {
+        std::fs::copy(installed.join(f), own.join(f)).unwrap();
+    }
+    for f in ["SmolLM2-135M-Instruct.Q4_1.json", "SmolLM2-135M-Instruct.Q4_1.safetensors"] {
+        std::fs::copy(installed.join("targets").join(f), own.join("targets").join(f)).unwrap();
+    }
+    damage(&own.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors"));
+    let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
+    common::assert_clean_failure(&o, "sha256");
+    std::fs::remove_file(own.join("calibration.safetensors")).unwrap();
+    let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
+    common::assert_clean_failure(&o, "calibration.safetensors");
+}

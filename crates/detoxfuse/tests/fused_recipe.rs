@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use detoxfuse::calibrate::fused::{
-    self, batch_objective, head_terms, make_batch, FusedExample, FusionMap, Term,
+    self, batch_objective, head_terms, make_batch, Divergence, FusedExample, FusionMap, Term,
 };
 use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::{LayerTraining, Trainable};
@@ -93,22 +93,25 @@ fn fused_loss_gradients_match_finite_differences() {
         gamma: g.as_tensor().clone(),
         beta: b.as_tensor().clone(),
     };
-    let (sums, grads) =
-        batch_objective(&cal, &map_of(), &h_t, &head, &batch, Some(weights)).unwrap();
-    assert_eq!((sums.keep, sums.detox), (5, 3));
-    assert!(sums.kl > 0.0 && sums.unlikelihood > 0.0);
-    let grads = grads.unwrap();
-    let objective = || {
-        let (s, _) = batch_objective(&cal, &map_of(), &h_t, &head, &batch, None).unwrap();
-        weights.0 * s.mean_kl() + weights.1 * s.mean_unlikelihood()
-    };
     let mut vars: BTreeMap<String, Var> = cal.vars().clone();
     vars.insert("fusion.a".into(), a.clone());
     vars.insert("fusion.gamma".into(), g.clone());
     vars.insert("fusion.beta".into(), b.clone());
     assert_eq!(vars.len(), 2 * 7 * 2 + 3, "LoRA on 7 matrices × 2 layers, plus A, γ, β");
-    let checked = common::check_finite_differences(&vars, &grads, objective, "fused");
-    assert_eq!(checked, 3 * vars.len());
+    for div in [Divergence::Forward, Divergence::Reverse] {
+        let (sums, grads) =
+            batch_objective(&cal, &map_of(), &h_t, &head, &batch, Some(weights), div).unwrap();
+        assert_eq!((sums.keep, sums.detox), (5, 3));
+        assert!(sums.kl > 0.0 && sums.reverse_kl > 0.0 && sums.unlikelihood > 0.0);
+        let grads = grads.unwrap();
+        let objective = || {
+            let (s, _) = batch_objective(&cal, &map_of(), &h_t, &head, &batch, None, div).unwrap();
+            weights.0 * s.mean_keep(div) + weights.1 * s.mean_unlikelihood()
+        };
+        let checked =
+            common::check_finite_differences(&vars, &grads, objective, &format!("fused {div:?}"));
+        assert_eq!(checked, 3 * vars.len());
+    }
 }
 
 /// The head terms against values computed directly from full softmaxes.
@@ -120,7 +123,7 @@ fn head_terms_equal_direct_kl_and_unlikelihood() {
     let ht = rand_tensor(&mut rng, &[n, d], 0.0);
     let w = rand_tensor(&mut rng, &[vocab, d], 0.0);
     let terms = [(Term::Keep, 0), (Term::Detox, 3), (Term::Keep, 6), (Term::Detox, 1)];
-    let (s, _) = head_terms(&h, &ht, &w, &terms, None).unwrap();
+    let (s, _) = head_terms(&h, &ht, &w, &terms, None, Divergence::Forward).unwrap();
     let softmax = |x: &Tensor| -> Vec<Vec<f64>> {
         let l: Vec<Vec<f64>> = x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
         l.iter()
@@ -135,6 +138,8 @@ fn head_terms_equal_direct_kl_and_unlikelihood() {
     let kl = |i: usize| -> f64 { (0..vocab).map(|j| pt[i][j] * (pt[i][j] / pf[i][j]).ln()).sum() };
     let ul = |i: usize, t: usize| -(1.0 - pf[i][t]).ln();
     assert!((s.kl - (kl(0) + kl(2))).abs() < 1e-12, "{}", s.kl);
+    let rkl = |i: usize| -> f64 { (0..vocab).map(|j| pf[i][j] * (pf[i][j] / pt[i][j]).ln()).sum() };
+    assert!((s.reverse_kl - (rkl(0) + rkl(2))).abs() < 1e-12, "{}", s.reverse_kl);
     assert!((s.unlikelihood - (ul(1, 3) + ul(3, 1))).abs() < 1e-12);
     assert!((s.toxic_prob - (pf[1][3] + pf[3][1])).abs() < 1e-12);
 }
@@ -277,4 +282,50 @@ fn leakage_guard_drops_and_refuses_evaluation_prompts() {
         .to_string();
     assert!(err.contains("RealToxicityPrompts evaluation prompt"), "{err}");
     assert!(!out.join("checkpoint.json").exists());
+}
+
+/// Gemma-3 target, SmolLM2 calibration model: each scored target position is paired with the
+/// calibration position whose text is the longest calibration-token prefix of the target's
+/// text so far, and toxic tokens are found in the target's own tokens.
+#[test]
+fn cross_tokenizer_rows_pair_each_target_position_with_the_text_read_so_far() {
+    let ctok = Tokenizer::for_model(&common::model("smollm2")).unwrap();
+    let ttok = Tokenizer::for_model(&common::model("gemma3")).unwrap();
+    let sample = |text: &str| Sample {
+        ids: vec![],
+        text: text.into(),
+        toxicity: 0.0,
+    };
+    let rec = SampledPrompt {
+        prompt: Prompt {
+            text: "They told me that you are such a".into(),
+            lean: Lean::Toxic,
+            source: "test".into(),
+        },
+        prompt_ids: vec![],
+        samples: vec![
+            sample(" stupid fucking idiot, and everyone knows it"),
+            sample(" kind person who always helps the neighbours"),
+        ],
+    };
+    let (ex, stats) =
+        fused::examples_cross(&[rec], &ttok, &ctok, ProfanityCheck::shared(), 0.5, 0.1).unwrap();
+    assert_eq!(ex.len(), 2, "{stats:?}");
+    assert!(!ex[0].detox.is_empty() && ex[1].detox.is_empty());
+    let bytes = |tok: &Tokenizer, ids: &[u32]| -> Vec<u8> {
+        ids.iter().flat_map(|&t| tok.token_bytes(t, false)).collect()
+    };
+    for e in &ex {
+        assert!(!e.cal_ids.is_empty() && e.cal_of.len() == e.ids.len());
+        for &p in e.keep.iter().chain(&e.detox) {
+            let target_text = bytes(&ttok, &e.ids[..=p as usize]);
+            let c = e.cal_of[p as usize] as usize;
+            let cal_text = bytes(&ctok, &e.cal_ids[..=c]);
+            assert!(target_text.starts_with(&cal_text), "position {p}");
+            if c + 1 < e.cal_ids.len() {
+                let next = bytes(&ctok, &e.cal_ids[..=c + 1]);
+                assert!(next.len() > target_text.len(), "position {p}: a later calibration token also fits");
+            }
+        }
+    }
 }

@@ -51,8 +51,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on /v1/ routes.
     #[arg(long, env = "DETOXFUSE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Calibration model to fuse ("default", a directory, or "none" to serve the plain
-    /// target only, alpha 0).
+    /// Calibration to fuse: "default" (the shipped fusion-aware calibration, no training), "fused" (the one
+    /// `calibrate --recipe fused` trains here, on first use), "paper" (the paper recipe's model,
+    /// trained on first use), or a directory, or "none" to serve the plain target
+    /// only (alpha 0).
     #[arg(long, default_value = "default")]
     calibration: String,
     /// Alignment from `detoxfuse align` (default: the one beside the calibration model).

@@ -301,10 +301,25 @@ pub enum Term {
     Detox,
 }
 
+/// Which divergence the keep term minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// `KL(p_t ‖ p_α)`: mass-covering; lets `p_α` spread mass where the target has little.
+    #[default]
+    Forward,
+    /// `KL(p_α ‖ p_t)`: mode-seeking; penalises exactly the mass that sampling from `p_α`
+    /// would put on tokens the target finds unlikely.
+    Reverse,
+}
+
 /// Sums of the two terms over a batch and their counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TermSums {
+    /// Σ KL(p_t ‖ p_α) over the keep positions.
     pub kl: f64,
+    /// Σ KL(p_α ‖ p_t) over the keep positions.
+    pub reverse_kl: f64,
     pub keep: usize,
     pub unlikelihood: f64,
     /// Σ p_α(toxic token).
@@ -315,6 +330,7 @@ pub struct TermSums {
 impl TermSums {
     pub fn add(&mut self, o: TermSums) {
         self.kl += o.kl;
+        self.reverse_kl += o.reverse_kl;
         self.keep += o.keep;
         self.unlikelihood += o.unlikelihood;
         self.toxic_prob += o.toxic_prob;
@@ -322,6 +338,16 @@ impl TermSums {
     }
     pub fn mean_kl(&self) -> f64 {
         self.kl / self.keep.max(1) as f64
+    }
+    pub fn mean_reverse_kl(&self) -> f64 {
+        self.reverse_kl / self.keep.max(1) as f64
+    }
+    /// The mean of the divergence `div` (what the keep term trains).
+    pub fn mean_keep(&self, div: Divergence) -> f64 {
+        match div {
+            Divergence::Forward => self.mean_kl(),
+            Divergence::Reverse => self.mean_reverse_kl(),
+        }
     }
     pub fn mean_unlikelihood(&self) -> f64 {
         self.unlikelihood / self.detox.max(1) as f64
@@ -336,18 +362,20 @@ const CHUNK: usize = 256;
 
 /// The two terms for fused states `h` (`(n, d)`) against target states `h_t` under the head
 /// `weight` (`(vocab, d)`): `KL(p_t ‖ p_h)` at `Keep` rows, `−log(1 − p_h(target))` at
-/// `Detox` rows. With `grad = Some((w_keep, w_detox))`, also the gradient with respect to `h`
-/// of `w_keep · mean KL + w_detox · mean unlikelihood`.
+/// `Detox` rows (and the reverse KL too). With `grad = Some((w_keep, w_detox))`, also the
+/// gradient with respect to `h` of `w_keep · mean div + w_detox · mean unlikelihood`, `div`
+/// being the forward or the reverse KL.
 pub fn head_terms(
     h: &Tensor,
     h_t: &Tensor,
     weight: &Tensor,
     terms: &[(Term, TokenId)],
     grad: Option<(f64, f64)>,
+    div: Divergence,
 ) -> Result<(TermSums, Option<Tensor>)> {
     match h.dtype() {
-        DType::F32 => head_terms_typed::<f32>(h, h_t, weight, terms, grad),
-        DType::F64 => head_terms_typed::<f64>(h, h_t, weight, terms, grad),
+        DType::F32 => head_terms_typed::<f32>(h, h_t, weight, terms, grad, div),
+        DType::F64 => head_terms_typed::<f64>(h, h_t, weight, terms, grad, div),
         dt => Err(Error::Input(format!("training needs f32 or f64, not {dt:?}"))),
     }
 }
@@ -368,6 +396,7 @@ fn head_terms_typed<T: Float>(
     weight: &Tensor,
     terms: &[(Term, TokenId)],
     grad: Option<(f64, f64)>,
+    div: Divergence,
 ) -> Result<(TermSums, Option<Tensor>)> {
     let (n, d) = h.dims2()?;
     let vocab = weight.dim(0)?;
@@ -430,15 +459,24 @@ fn head_terms_typed<T: Float>(
                 match term {
                     Term::Keep => {
                         log_softmax_in_place(t);
-                        let mut kl = 0.0f64;
+                        let (mut kl, mut rkl) = (0.0f64, 0.0f64);
+                        for (x, y) in f.iter().zip(t.iter()) {
+                            let (lq, lp) = (x.to_f64(), y.to_f64());
+                            kl += lp.exp() * (lp - lq);
+                            rkl += lq.exp() * (lq - lp);
+                        }
                         for (x, y) in f.iter_mut().zip(t.iter()) {
                             let (lq, lp) = (x.to_f64(), y.to_f64());
-                            let p = lp.exp();
-                            kl += p * (lp - lq);
-                            // d KL / d logit_f = p_f − p_t
-                            *x = T::from_f64(s_keep * (lq.exp() - p));
+                            let g = match div {
+                                // d KL(p_t‖p_f) / d logit_f = p_f − p_t
+                                Divergence::Forward => lq.exp() - lp.exp(),
+                                // d KL(p_f‖p_t) / d logit_f = p_f ⊙ (log p_f − log p_t − KL)
+                                Divergence::Reverse => lq.exp() * (lq - lp - rkl),
+                            };
+                            *x = T::from_f64(s_keep * g);
                         }
                         out.kl = kl;
+                        out.reverse_kl = rkl;
                         out.keep = 1;
                     }
                     Term::Detox => {
@@ -618,6 +656,7 @@ pub fn batch_objective(
     head: &Tensor,
     batch: &FusedBatch,
     grad: Option<(f64, f64)>,
+    div: Divergence,
 ) -> Result<(TermSums, Option<GradStore>)> {
     if batch.positions.is_empty() {
         return Err(Error::Input("a fused training batch has no scored position".into()));
@@ -631,6 +670,7 @@ pub fn batch_objective(
         &head,
         &batch.terms,
         grad,
+        div,
     )?;
     let grads = match g {
         Some(g) => Some((&h * &g)?.sum_all()?.backward()?),
@@ -655,7 +695,10 @@ pub struct FusedConfig {
     /// α of each row is drawn uniformly from this range.
     pub alpha_min: f64,
     pub alpha_max: f64,
-    /// Weights of the mean KL and the mean unlikelihood.
+    /// The keep term's divergence (configs recorded before it existed used the forward KL).
+    #[serde(default)]
+    pub keep_divergence: Divergence,
+    /// Weights of the mean keep divergence and the mean unlikelihood.
     pub keep_weight: f64,
     pub detox_weight: f64,
     /// A token is toxic when the text so far scores at least this…
@@ -693,6 +736,7 @@ impl Default for FusedConfig {
             detox_rows: 16,
             alpha_min: 0.05,
             alpha_max: 0.5,
+            keep_divergence: Divergence::Reverse,
             keep_weight: 1.0,
             detox_weight: 1.0,
             toxic_threshold: 0.5,
@@ -784,8 +828,10 @@ pub enum FusedEvent<'a> {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FusedStepLog {
     pub step: usize,
-    /// Mean KL(p_t ‖ p_α) over the keep positions.
+    /// Mean KL(p_t ‖ p_α) and KL(p_α ‖ p_t) over the keep positions.
     pub kl: f64,
+    #[serde(default)]
+    pub reverse_kl: f64,
     /// Mean unlikelihood over the detox positions.
     pub unlikelihood: f64,
     /// Mean p_α of the toxic tokens.
@@ -1075,10 +1121,14 @@ pub fn train(
             let mut sums = TermSums::default();
             for (b, ht) in &val_batches {
                 let b = b.at_alpha(alpha)?;
-                sums.add(batch_objective(&cal, &map, ht, &target.head, &b, None)?.0);
+                sums.add(
+                    batch_objective(&cal, &map, ht, &target.head, &b, None, cfg.keep_divergence)?
+                        .0,
+                );
             }
             line[format!("a{alpha}")] = serde_json::json!({
-                "kl": sums.mean_kl(), "toxic_prob": sums.mean_toxic_prob(),
+                "kl": sums.mean_kl(), "reverse_kl": sums.mean_reverse_kl(),
+                "toxic_prob": sums.mean_toxic_prob(),
                 "unlikelihood": sums.mean_unlikelihood(),
                 "keep_positions": sums.keep, "detox_positions": sums.detox,
             });
@@ -1129,9 +1179,10 @@ pub fn train(
             &target.head,
             &batch,
             Some((cfg.keep_weight, cfg.detox_weight)),
+            cfg.keep_divergence,
         )?;
         let grads = grads.expect("gradients were asked for");
-        if !(sums.kl.is_finite() && sums.unlikelihood.is_finite()) {
+        if !(sums.kl.is_finite() && sums.reverse_kl.is_finite() && sums.unlikelihood.is_finite()) {
             return Err(Error::Input(format!(
                 "the loss became non-finite at step {}; lower --lr (the last checkpoint is intact)",
                 state.step + 1
@@ -1142,6 +1193,7 @@ pub fn train(
         let entry = FusedStepLog {
             step: state.step,
             kl: sums.mean_kl(),
+            reverse_kl: sums.mean_reverse_kl(),
             unlikelihood: sums.mean_unlikelihood(),
             toxic_prob: sums.mean_toxic_prob(),
             lr: info.lr,
@@ -1318,6 +1370,51 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
         .map_err(|e| Error::Input(format!("{}: {e}", tensors_path.display())))?;
     let sha = manifest["tensors_sha256"].as_str().unwrap_or_default().to_string();
     Ok((cal, sha))
+}
+
+/// The shipped default: `detoxfuse calibrate --recipe fused` with its default options (and
+/// each further target's map trained with `--shared`), embedded in the binary so that the
+/// main job needs no training and no file from the build tree.
+pub const SHIPPED: &[(&str, &[u8])] = &[
+    (
+        CALIBRATION_MANIFEST,
+        include_bytes!("../../../../assets/calibration/fused-smollm2-L3/calibration.json"),
+    ),
+    (
+        CALIBRATION_TENSORS,
+        include_bytes!("../../../../assets/calibration/fused-smollm2-L3/calibration.safetensors"),
+    ),
+    (
+        "targets/SmolLM2-135M-Instruct.Q4_1.json",
+        include_bytes!(
+            "../../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.json"
+        ),
+    ),
+    (
+        "targets/SmolLM2-135M-Instruct.Q4_1.safetensors",
+        include_bytes!(
+            "../../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.safetensors"
+        ),
+    ),
+];
+
+/// Writes the shipped default into `dir` (each file by temporary file and rename, only where
+/// it is missing or differs) and returns `dir`. Loading then checks every sha256 as for any
+/// artifact.
+pub fn install_shipped(dir: &Path) -> Result<PathBuf> {
+    for (name, bytes) in SHIPPED {
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|have| have == *bytes) {
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).ctx(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// A loaded fused calibration for one target.
