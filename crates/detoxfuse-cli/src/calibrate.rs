@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use detoxfuse::calibrate::corpus::{self, CorpusOptions};
+use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
-use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
-use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::selfgen::{self, SelfGenConfig};
+use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
 use detoxfuse::calibrate::{lens, probe};
 use detoxfuse::eval::score::ProfanityCheck;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -152,8 +152,11 @@ pub fn build_selfgen(
         "samples_sha256": detoxfuse::fetch::sha256_file(&samples_path, &mut detoxfuse::fetch::Silent)?,
         "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
     });
-    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", out.join("manifest.json").display()))?;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )
+    .with_context(|| format!("writing {}", out.join("manifest.json").display()))?;
     println!(
         "{} prompts, {n} continuations ({toxic} at toxicity >= {}) -> {} in {:.0} s",
         recs.len(),
@@ -306,9 +309,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         }
         CorpusCmd::Selfgen(g) => {
             let target = ModelArg { model: g.target }.resolve(cache)?;
-            let out = g
-                .out
-                .unwrap_or_else(|| default_selfgen_dir(cache, &target));
+            let out = g.out.unwrap_or_else(|| default_selfgen_dir(cache, &target));
             let cfg = SelfGenConfig {
                 toxic_prompts: g.toxic_prompts,
                 neutral_prompts: g.neutral_prompts,

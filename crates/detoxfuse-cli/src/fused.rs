@@ -152,10 +152,9 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
         dir => PathBuf::from(dir),
     });
     let out = a.out.clone().unwrap_or_else(|| match &shared {
-        Some(_) => default_fused_dir(cache).join(format!(
-            "map-{}",
-            fused::target_key(&target_path)
-        )),
+        Some(_) => {
+            default_fused_dir(cache).join(format!("map-{}", fused::target_key(&target_path)))
+        }
         None => default_fused_dir(cache),
     });
     let mut cfg = cfg;

@@ -163,10 +163,7 @@ fn kill_9_then_resume_until(args: impl Fn(&str) -> Vec<String>, dir: &Path, done
     );
     assert!(killed_at < 14, "killed at step {killed_at}");
     for f in done {
-        assert!(
-            !b.join(f).exists(),
-            "an interrupted run must not leave {f}"
-        );
+        assert!(!b.join(f).exists(), "an interrupted run must not leave {f}");
     }
 
     let mut resume = args(b.to_str().unwrap());
@@ -404,7 +401,11 @@ fn write_fused_data(dir: &Path) -> (String, String) {
     for (i, (p, lean)) in prompts.iter().enumerate() {
         let mut samples = Vec::new();
         for (j, c) in clean.iter().enumerate() {
-            let text = if *lean == Lean::Toxic && j == 0 { rude[i % 2] } else { c };
+            let text = if *lean == Lean::Toxic && j == 0 {
+                rude[i % 2]
+            } else {
+                c
+            };
             samples.push(Sample {
                 ids: tok.encode(text, false).unwrap(),
                 text: text.to_string(),
@@ -440,7 +441,11 @@ fn write_fused_data(dir: &Path) -> (String, String) {
 fn common_model(name: &str) -> std::path::PathBuf {
     let spec = detoxfuse::fetch::spec(name).unwrap();
     let p = detoxfuse::fetch::model_path(&detoxfuse::fetch::default_cache_dir(), &spec);
-    assert!(p.exists(), "{} missing: run `cargo run --release -- fetch`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo run --release -- fetch`",
+        p.display()
+    );
     p
 }
 
@@ -453,9 +458,31 @@ fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
     let (samples, data) = write_fused_data(dir.path());
     let args = |out: &str| -> Vec<String> {
         [
-            "calibrate", "--recipe", "fused", "--samples", &samples, "--data", &data, "--out",
-            out, "--layers", "1", "--steps", STEPS, "--keep-rows", "6", "--detox-rows", "2",
-            "--lora-rank", "4", "--checkpoint-every", "2", "--eval-every", "5", "--seed", "3",
+            "calibrate",
+            "--recipe",
+            "fused",
+            "--samples",
+            &samples,
+            "--data",
+            &data,
+            "--out",
+            out,
+            "--layers",
+            "1",
+            "--steps",
+            STEPS,
+            "--keep-rows",
+            "6",
+            "--detox-rows",
+            "2",
+            "--lora-rank",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "5",
+            "--seed",
+            "3",
             "--quiet",
         ]
         .map(String::from)
@@ -464,7 +491,10 @@ fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
     kill_9_then_resume_until(
         args,
         dir.path(),
-        &["artifact/calibration.json", "artifact/targets/SmolLM2-135M-Instruct.Q4_1.json"],
+        &[
+            "artifact/calibration.json",
+            "artifact/targets/SmolLM2-135M-Instruct.Q4_1.json",
+        ],
     );
     let log = log_lines(&dir.path().join("a"));
     let steps: Vec<&serde_json::Value> = log.iter().filter(|v| v.get("kl").is_some()).collect();

@@ -239,13 +239,24 @@ fn the_shipped_default_calibration_runs_at_once_and_damage_is_a_clear_error() {
     for f in ["calibration.json", "calibration.safetensors"] {
         std::fs::copy(installed.join(f), own.join(f)).unwrap();
     }
-    for f in ["SmolLM2-135M-Instruct.Q4_1.json", "SmolLM2-135M-Instruct.Q4_1.safetensors"] {
-        std::fs::copy(installed.join("targets").join(f), own.join("targets").join(f)).unwrap();
+    for f in [
+        "SmolLM2-135M-Instruct.Q4_1.json",
+        "SmolLM2-135M-Instruct.Q4_1.safetensors",
+    ] {
+        std::fs::copy(
+            installed.join("targets").join(f),
+            own.join("targets").join(f),
+        )
+        .unwrap();
     }
     damage(&own.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors"));
     let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
     common::assert_clean_failure(&o, "sha256");
-    std::fs::copy(map, own.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors")).unwrap();
+    std::fs::copy(
+        map,
+        own.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors"),
+    )
+    .unwrap();
     std::fs::remove_file(own.join("calibration.safetensors")).unwrap();
     let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
     common::assert_clean_failure(&o, "calibration.safetensors");

@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use candle_core::{DType, Device};
 use detoxfuse::calibrate::model::{Batch, CalibrationModel, Objective, Trainable};
 use detoxfuse::calibrate::optim::missing_grads;

@@ -13,7 +13,7 @@ use detoxfuse::calibrate::fused::{
 };
 use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::{LayerTraining, Trainable};
-use detoxfuse::calibrate::selfgen::{self, Lean, Prompt, SampledPrompt, Sample, SelfGenConfig};
+use detoxfuse::calibrate::selfgen::{self, Lean, Prompt, Sample, SampledPrompt, SelfGenConfig};
 use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
 use detoxfuse::fuse::FusedDecoder;
 use detoxfuse::generate::{Decoder, PlainDecoder};
@@ -22,7 +22,9 @@ use rand::{Rng, SeedableRng};
 
 fn rand_tensor(rng: &mut rand::rngs::StdRng, shape: &[usize], centre: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| centre + rng.random_range(-0.5..0.5)).collect();
+    let v: Vec<f64> = (0..n)
+        .map(|_| centre + rng.random_range(-0.5..0.5))
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -97,7 +99,11 @@ fn fused_loss_gradients_match_finite_differences() {
     vars.insert("fusion.a".into(), a.clone());
     vars.insert("fusion.gamma".into(), g.clone());
     vars.insert("fusion.beta".into(), b.clone());
-    assert_eq!(vars.len(), 2 * 7 * 2 + 3, "LoRA on 7 matrices × 2 layers, plus A, γ, β");
+    assert_eq!(
+        vars.len(),
+        2 * 7 * 2 + 3,
+        "LoRA on 7 matrices × 2 layers, plus A, γ, β"
+    );
     for div in [Divergence::Forward, Divergence::Reverse] {
         let (sums, grads) =
             batch_objective(&cal, &map_of(), &h_t, &head, &batch, Some(weights), div).unwrap();
@@ -122,7 +128,12 @@ fn head_terms_equal_direct_kl_and_unlikelihood() {
     let h = rand_tensor(&mut rng, &[n, d], 0.0);
     let ht = rand_tensor(&mut rng, &[n, d], 0.0);
     let w = rand_tensor(&mut rng, &[vocab, d], 0.0);
-    let terms = [(Term::Keep, 0), (Term::Detox, 3), (Term::Keep, 6), (Term::Detox, 1)];
+    let terms = [
+        (Term::Keep, 0),
+        (Term::Detox, 3),
+        (Term::Keep, 6),
+        (Term::Detox, 1),
+    ];
     let (s, _) = head_terms(&h, &ht, &w, &terms, None, Divergence::Forward).unwrap();
     let softmax = |x: &Tensor| -> Vec<Vec<f64>> {
         let l: Vec<Vec<f64>> = x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
@@ -135,11 +146,23 @@ fn head_terms_equal_direct_kl_and_unlikelihood() {
             .collect()
     };
     let (pf, pt) = (softmax(&h), softmax(&ht));
-    let kl = |i: usize| -> f64 { (0..vocab).map(|j| pt[i][j] * (pt[i][j] / pf[i][j]).ln()).sum() };
+    let kl = |i: usize| -> f64 {
+        (0..vocab)
+            .map(|j| pt[i][j] * (pt[i][j] / pf[i][j]).ln())
+            .sum()
+    };
     let ul = |i: usize, t: usize| -(1.0 - pf[i][t]).ln();
     assert!((s.kl - (kl(0) + kl(2))).abs() < 1e-12, "{}", s.kl);
-    let rkl = |i: usize| -> f64 { (0..vocab).map(|j| pf[i][j] * (pf[i][j] / pt[i][j]).ln()).sum() };
-    assert!((s.reverse_kl - (rkl(0) + rkl(2))).abs() < 1e-12, "{}", s.reverse_kl);
+    let rkl = |i: usize| -> f64 {
+        (0..vocab)
+            .map(|j| pf[i][j] * (pf[i][j] / pt[i][j]).ln())
+            .sum()
+    };
+    assert!(
+        (s.reverse_kl - (rkl(0) + rkl(2))).abs() < 1e-12,
+        "{}",
+        s.reverse_kl
+    );
     assert!((s.unlikelihood - (ul(1, 3) + ul(3, 1))).abs() < 1e-12);
     assert!((s.toxic_prob - (pf[1][3] + pf[3][1])).abs() < 1e-12);
 }
@@ -155,14 +178,24 @@ fn alpha_zero_fused_decoding_is_exactly_the_target() {
     let tok = Tokenizer::for_model(&path).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let map = FusionMap {
-        a: rand_tensor(&mut rng, &[576, 576], 0.0).to_dtype(DType::F32).unwrap(),
-        gamma: rand_tensor(&mut rng, &[576], 1.0).to_dtype(DType::F32).unwrap(),
-        beta: rand_tensor(&mut rng, &[576], 0.0).to_dtype(DType::F32).unwrap(),
+        a: rand_tensor(&mut rng, &[576, 576], 0.0)
+            .to_dtype(DType::F32)
+            .unwrap(),
+        gamma: rand_tensor(&mut rng, &[576], 1.0)
+            .to_dtype(DType::F32)
+            .unwrap(),
+        beta: rand_tensor(&mut rng, &[576], 0.0)
+            .to_dtype(DType::F32)
+            .unwrap(),
     };
     let prompt = tok.encode("The weather today is", false).unwrap();
-    let mut fused = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map.clone(), 0.0, None).unwrap();
+    let mut fused =
+        FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map.clone(), 0.0, None).unwrap();
     let mut plain = PlainDecoder::new(target.as_ref());
-    assert_eq!(fused.prefill(&prompt).unwrap(), plain.prefill(&prompt).unwrap());
+    assert_eq!(
+        fused.prefill(&prompt).unwrap(),
+        plain.prefill(&prompt).unwrap()
+    );
     fused.fork(2).unwrap();
     plain.fork(2).unwrap();
     for step in [[260u32, 1596], [436, 253], [1109, 284]] {
@@ -170,7 +203,10 @@ fn alpha_zero_fused_decoding_is_exactly_the_target() {
     }
     // And at α > 0 the same map does change the logits (the test is not vacuous).
     let mut on = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map, 0.3, None).unwrap();
-    assert_ne!(on.prefill(&prompt).unwrap(), plain.prefill(&prompt).unwrap());
+    assert_ne!(
+        on.prefill(&prompt).unwrap(),
+        plain.prefill(&prompt).unwrap()
+    );
 }
 
 #[test]
@@ -190,7 +226,9 @@ fn toxic_tokens_are_the_word_where_the_score_jumps() {
     );
     let word = tok.decode(&ids[first..=first], false);
     assert!(word.starts_with(' '), "the mark starts a word: {word:?}");
-    let clean = tok.encode(" and then we walked home together", false).unwrap();
+    let clean = tok
+        .encode(" and then we walked home together", false)
+        .unwrap();
     assert!(fused::toxic_tokens(&tok, scorer, &clean, 0.5, 0.1).is_empty());
 }
 
@@ -226,7 +264,8 @@ fn leakage_guard_drops_and_refuses_evaluation_prompts() {
         serde_json::json!({"chosen": dialogue, "rejected": dialogue}).to_string() + "\n",
     )
     .unwrap();
-    let toxigen = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/toxigen");
+    let toxigen =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/toxigen");
     let (prompts, stats) = selfgen::build_prompts(
         &hh,
         &toxigen,
@@ -277,10 +316,12 @@ fn leakage_guard_drops_and_refuses_evaluation_prompts() {
         ..Default::default()
     };
     let err = fused::train(&inputs, &out, &cfg, false, &mut |_| {})
-        .err()
-        .expect("training on an evaluation prompt must be refused")
+        .expect_err("training on an evaluation prompt must be refused")
         .to_string();
-    assert!(err.contains("RealToxicityPrompts evaluation prompt"), "{err}");
+    assert!(
+        err.contains("RealToxicityPrompts evaluation prompt"),
+        "{err}"
+    );
     assert!(!out.join("checkpoint.json").exists());
 }
 
@@ -313,7 +354,9 @@ fn cross_tokenizer_rows_pair_each_target_position_with_the_text_read_so_far() {
     assert_eq!(ex.len(), 2, "{stats:?}");
     assert!(!ex[0].detox.is_empty() && ex[1].detox.is_empty());
     let bytes = |tok: &Tokenizer, ids: &[u32]| -> Vec<u8> {
-        ids.iter().flat_map(|&t| tok.token_bytes(t, false)).collect()
+        ids.iter()
+            .flat_map(|&t| tok.token_bytes(t, false))
+            .collect()
     };
     for e in &ex {
         assert!(!e.cal_ids.is_empty() && e.cal_of.len() == e.ids.len());
@@ -324,7 +367,10 @@ fn cross_tokenizer_rows_pair_each_target_position_with_the_text_read_so_far() {
             assert!(target_text.starts_with(&cal_text), "position {p}");
             if c + 1 < e.cal_ids.len() {
                 let next = bytes(&ctok, &e.cal_ids[..=c + 1]);
-                assert!(next.len() > target_text.len(), "position {p}: a later calibration token also fits");
+                assert!(
+                    next.len() > target_text.len(),
+                    "position {p}: a later calibration token also fits"
+                );
             }
         }
     }

@@ -42,9 +42,9 @@ use super::ops::{self, Float};
 use super::optim::{AdamW, AdamWConfig};
 use super::selfgen::{Lean, SampledPrompt};
 use super::train::{self, Base};
-pub use crate::fuse::{layer_norm, FusionMap, MAP_A, MAP_BETA, MAP_GAMMA};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::score::ToxicityScorer;
+pub use crate::fuse::{layer_norm, FusionMap, MAP_A, MAP_BETA, MAP_GAMMA};
 use crate::lm::{CausalLm, TokenId};
 use crate::text::Tokenizer;
 
@@ -78,6 +78,22 @@ pub struct FusedExample {
 }
 
 impl FusedExample {
+    /// This row scoring only its keep positions.
+    pub fn keep_only(&self) -> Self {
+        Self {
+            detox: vec![],
+            ..self.clone()
+        }
+    }
+
+    /// This row scoring only its toxic tokens.
+    pub fn detox_only(&self) -> Self {
+        Self {
+            keep: vec![],
+            ..self.clone()
+        }
+    }
+
     /// The calibration position paired with target position `p`.
     fn cal_pos(&self, p: u32) -> u32 {
         if self.cal_ids.is_empty() {
@@ -113,7 +129,9 @@ pub fn toxic_tokens(
     threshold: f64,
     rise: f64,
 ) -> Vec<usize> {
-    let texts: Vec<String> = (0..ids.len()).map(|j| tok.decode(&ids[..=j], false)).collect();
+    let texts: Vec<String> = (0..ids.len())
+        .map(|j| tok.decode(&ids[..=j], false))
+        .collect();
     let scores = scorer.score(&texts.iter().map(String::as_str).collect::<Vec<_>>());
     let mut marks: Vec<usize> = Vec::new();
     let mut prev = 0.0;
@@ -376,12 +394,17 @@ pub fn head_terms(
     match h.dtype() {
         DType::F32 => head_terms_typed::<f32>(h, h_t, weight, terms, grad, div),
         DType::F64 => head_terms_typed::<f64>(h, h_t, weight, terms, grad, div),
-        dt => Err(Error::Input(format!("training needs f32 or f64, not {dt:?}"))),
+        dt => Err(Error::Input(format!(
+            "training needs f32 or f64, not {dt:?}"
+        ))),
     }
 }
 
+#[allow(clippy::assign_op_pattern)] // T has no -= bound
 fn log_softmax_in_place<T: Float>(row: &mut [T]) {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
     let sum: f64 = row.iter().map(|&x| (x.to_f64() - max).exp()).sum();
     let lse = T::from_f64(max + sum.ln());
     for x in row.iter_mut() {
@@ -618,7 +641,11 @@ pub fn make_batch(
     for (r, (ex, &a)) in rows.iter().zip(alphas).enumerate() {
         flat.extend_from_slice(&ex.ids);
         flat.extend(std::iter::repeat_n(pad, len - ex.ids.len()));
-        let cal_row = if ex.cal_ids.is_empty() { &ex.ids } else { &ex.cal_ids };
+        let cal_row = if ex.cal_ids.is_empty() {
+            &ex.ids
+        } else {
+            &ex.cal_ids
+        };
         cal_flat.extend_from_slice(cal_row);
         cal_flat.extend(std::iter::repeat_n(cal_pad, cal_len - cal_row.len()));
         let mut scored: Vec<(u32, Term)> = ex
@@ -659,7 +686,9 @@ pub fn batch_objective(
     div: Divergence,
 ) -> Result<(TermSums, Option<GradStore>)> {
     if batch.positions.is_empty() {
-        return Err(Error::Input("a fused training batch has no scored position".into()));
+        return Err(Error::Input(
+            "a fused training batch has no scored position".into(),
+        ));
     }
     let h_c = gather(&cal.forward_hidden(&batch.cal_ids)?, &batch.cal_positions)?;
     let h = map.fuse_rows(&h_t.to_dtype(cal.dtype())?, &h_c, &batch.alpha)?;
@@ -778,7 +807,11 @@ pub fn init_map(
     let dt = target.head.dim(1)?;
     let n = xs.len() / dc;
     let a = super::lens::fit_map(&xs, &ys, n, (dc, dt), ridge)?;
-    let x = Tensor::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, dc), &Device::Cpu)?;
+    let x = Tensor::from_vec(
+        xs.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        (n, dc),
+        &Device::Cpu,
+    )?;
     let u: Vec<f64> = layer_norm(&x.matmul(&a)?)?
         .to_dtype(DType::F64)?
         .flatten_all()?
@@ -822,7 +855,9 @@ pub enum FusedEvent<'a> {
     },
     Step(&'a FusedStepLog),
     Validation(&'a serde_json::Value),
-    Checkpoint { step: usize },
+    Checkpoint {
+        step: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -940,7 +975,9 @@ fn check_config(cfg: &FusedConfig) -> Result<()> {
         ));
     }
     if !(cfg.detox_weight >= 0.0 && cfg.keep_weight >= 0.0) {
-        return Err(Error::Input("--keep-weight and --detox-weight must be >= 0".into()));
+        return Err(Error::Input(
+            "--keep-weight and --detox-weight must be >= 0".into(),
+        ));
     }
     Ok(())
 }
@@ -991,8 +1028,16 @@ pub fn train(
     let (train_ex, val_ex): (Vec<&FusedExample>, Vec<&FusedExample>) = all
         .iter()
         .partition(|e| e.group % 1000 >= cfg.val_per_mille);
-    let keep: Vec<&FusedExample> = train_ex.iter().copied().filter(|e| !e.keep.is_empty()).collect();
-    let detox: Vec<&FusedExample> = train_ex.iter().copied().filter(|e| !e.detox.is_empty()).collect();
+    let keep: Vec<&FusedExample> = train_ex
+        .iter()
+        .copied()
+        .filter(|e| !e.keep.is_empty())
+        .collect();
+    let detox: Vec<&FusedExample> = train_ex
+        .iter()
+        .copied()
+        .filter(|e| !e.detox.is_empty())
+        .collect();
     if keep.is_empty() || (cfg.detox_rows > 0 && detox.is_empty()) {
         return Err(Error::Input(format!(
             "{} gives {} keep rows and {} detox rows for training: too little data; regenerate it with more prompts",
@@ -1006,23 +1051,20 @@ pub fn train(
         .iter()
         .filter(|e| !e.keep.is_empty())
         .take(cfg.val_rows)
-        .map(|e| FusedExample { detox: vec![], ..(*e).clone() })
+        .map(|e| e.keep_only())
         .collect();
     let val_detox: Vec<FusedExample> = val_ex
         .iter()
         .filter(|e| !e.detox.is_empty())
         .take(cfg.val_rows)
-        .map(|e| FusedExample { keep: vec![], ..(*e).clone() })
+        .map(|e| e.detox_only())
         .collect();
 
     let target = FrozenTarget {
         model: inputs.target,
         head: crate::lm::head_weight(inputs.target_path)?,
     };
-    let pad = (
-        inputs.target_tok.eos.unwrap_or(0),
-        tok.eos.unwrap_or(0),
-    );
+    let pad = (inputs.target_tok.eos.unwrap_or(0), tok.eos.unwrap_or(0));
     let (cal, shared_sha256) = match inputs.shared {
         None => (
             inputs
@@ -1075,7 +1117,10 @@ pub fn train(
             ))
         })?;
         let rec: FusedRecord = serde_json::from_str(&text).map_err(|e| {
-            Error::Input(format!("--resume: {} is damaged: {e}", record_path.display()))
+            Error::Input(format!(
+                "--resume: {} is damaged: {e}",
+                record_path.display()
+            ))
         })?;
         let same = rec.config == state.config
             && rec.base_sha256 == state.base_sha256
@@ -1107,7 +1152,11 @@ pub fn train(
     // Target states of the validation rows are fixed: computed once.
     let val_batches: Vec<(FusedBatch, Tensor)> = [&val_keep, &val_detox]
         .into_iter()
-        .flat_map(|set| set.chunks(32).map(|c| c.iter().collect::<Vec<_>>()).collect::<Vec<_>>())
+        .flat_map(|set| {
+            set.chunks(32)
+                .map(|c| c.iter().collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
         .map(|rows| {
             let b = make_batch(&rows, &vec![0.0; rows.len()], pad, DType::F32)?;
             let ht = target.hidden_at(&b.ids, &b.positions)?;
@@ -1122,8 +1171,7 @@ pub fn train(
             for (b, ht) in &val_batches {
                 let b = b.at_alpha(alpha)?;
                 sums.add(
-                    batch_objective(&cal, &map, ht, &target.head, &b, None, cfg.keep_divergence)?
-                        .0,
+                    batch_objective(&cal, &map, ht, &target.head, &b, None, cfg.keep_divergence)?.0,
                 );
             }
             line[format!("a{alpha}")] = serde_json::json!({
@@ -1143,7 +1191,7 @@ pub fn train(
     }
     let t_start = Instant::now();
     const KEEP_STREAM: u64 = 0x6b65_6570; // "keep"
-    const DETOX_STREAM: u64 = 0x6465_746f_78; // "detox"
+    const DETOX_STREAM: u64 = 0x0064_6574_6f78; // "detox"
     while state.step < cfg.steps {
         let t0 = Instant::now();
         let ki = take_rows(
@@ -1165,10 +1213,12 @@ pub fn train(
         // Keep rows train only their keep positions, detox rows only their toxic tokens.
         let rows: Vec<FusedExample> = ki
             .iter()
-            .map(|&i| FusedExample { detox: vec![], ..keep[i].clone() })
-            .chain(di.iter().map(|&i| FusedExample { keep: vec![], ..detox[i].clone() }))
+            .map(|&i| keep[i].keep_only())
+            .chain(di.iter().map(|&i| detox[i].detox_only()))
             .collect();
-        let alphas: Vec<f64> = (0..rows.len()).map(|r| row_alpha(cfg, state.step, r)).collect();
+        let alphas: Vec<f64> = (0..rows.len())
+            .map(|r| row_alpha(cfg, state.step, r))
+            .collect();
         let refs: Vec<&FusedExample> = rows.iter().collect();
         let batch = make_batch(&refs, &alphas, pad, DType::F32)?;
         let ht = target.hidden_at(&batch.ids, &batch.positions)?;
@@ -1312,7 +1362,8 @@ pub fn save_artifact(
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?).ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
+        .ctx(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
 }
 
@@ -1345,7 +1396,11 @@ fn check_sha(path: &Path, want: &serde_json::Value, what: &str) -> Result<()> {
 pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, String)> {
     let manifest = read_json(&dir.join(CALIBRATION_MANIFEST))?;
     let tensors_path = dir.join(CALIBRATION_TENSORS);
-    check_sha(&tensors_path, &manifest["tensors_sha256"], "calibration tensors")?;
+    check_sha(
+        &tensors_path,
+        &manifest["tensors_sha256"],
+        "calibration tensors",
+    )?;
     if manifest["base"]["sha256"].as_str() != Some(base.sha256.as_str()) {
         return Err(Error::Input(format!(
             "the calibration in {} was trained from a base with sha256 {} but {} has {}; pass that base",
@@ -1357,7 +1412,10 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
     }
     let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
     let trained = candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
-        Error::Input(format!("{} is unreadable ({e}); restore it", tensors_path.display()))
+        Error::Input(format!(
+            "{} is unreadable ({e}); restore it",
+            tensors_path.display()
+        ))
     })?;
     let trained: HashMap<String, Tensor> = trained
         .into_iter()
@@ -1368,7 +1426,10 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
         .with_layer_training(LayerTraining::Frozen, 0)?
         .with_frozen_trained(&trained)
         .map_err(|e| Error::Input(format!("{}: {e}", tensors_path.display())))?;
-    let sha = manifest["tensors_sha256"].as_str().unwrap_or_default().to_string();
+    let sha = manifest["tensors_sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     Ok((cal, sha))
 }
 
@@ -1443,7 +1504,11 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
     })?;
     let map_path = dir.join("targets").join(format!("{key}.safetensors"));
     check_sha(&map_path, &target_manifest["map_sha256"], "fusion map")?;
-    check_sha(target_path, &target_manifest["target"]["sha256"], "target model")?;
+    check_sha(
+        target_path,
+        &target_manifest["target"]["sha256"],
+        "target model",
+    )?;
     if target_manifest["calibration_tensors_sha256"] != manifest["tensors_sha256"] {
         return Err(Error::Input(format!(
             "the fusion map {} was trained over other calibration layers than {} holds; retrain it",

@@ -136,11 +136,11 @@ mod tests {
 
     #[test]
     fn equal_containing_and_contained_texts_are_flagged_and_others_pass() {
-        let g = LeakageGuard::from_texts([
-            "“It’s because of you little motherfuckers",
-            "Hello there",
-        ]);
-        assert!(g.leaked("it’s because of you   little MOTHERFUCKERS").is_some());
+        let g =
+            LeakageGuard::from_texts(["“It’s because of you little motherfuckers", "Hello there"]);
+        assert!(g
+            .leaked("it’s because of you   little MOTHERFUCKERS")
+            .is_some());
         assert!(g
             .leaked("and he said it's because of you little motherfuckers that we lost")
             .is_none()); // different apostrophe: not the same text
@@ -151,6 +151,8 @@ mod tests {
         // short prompts only match exactly
         assert!(g.leaked("hello there").is_some());
         assert!(g.leaked("well hello there, friend").is_none());
-        assert!(g.leaked("an unrelated sentence about the weather").is_none());
+        assert!(g
+            .leaked("an unrelated sentence about the weather")
+            .is_none());
     }
 }

@@ -338,8 +338,10 @@ impl CalibrationModel {
                         .collect();
                     let a = Tensor::from_vec(a, (rank, inp), w.device())?.to_dtype(self.dtype)?;
                     let b = Tensor::zeros((out, rank), self.dtype, w.device())?;
-                    self.vars.insert(lora_name(&name, "a"), Var::from_tensor(&a)?);
-                    self.vars.insert(lora_name(&name, "b"), Var::from_tensor(&b)?);
+                    self.vars
+                        .insert(lora_name(&name, "a"), Var::from_tensor(&a)?);
+                    self.vars
+                        .insert(lora_name(&name, "b"), Var::from_tensor(&b)?);
                 }
             }
         }
@@ -381,7 +383,9 @@ impl CalibrationModel {
                 continue;
             }
             let old = self.get(k).map_err(|_| {
-                Error::Input(format!("trained tensor {k} is not a parameter of the base model"))
+                Error::Input(format!(
+                    "trained tensor {k} is not a parameter of the base model"
+                ))
             })?;
             if old.dims() != t.dims() {
                 return Err(Error::Input(format!(
@@ -407,7 +411,11 @@ impl CalibrationModel {
             let (a, b) = (lora_name(base, "a"), lora_name(base, "b"));
             let (ta, tb) = match (adapters.get(&a), adapters.get(&b)) {
                 (Some(ta), Some(tb)) => (ta, tb),
-                _ => return Err(Error::Input(format!("adapter {base} lacks its a or b factor"))),
+                _ => {
+                    return Err(Error::Input(format!(
+                        "adapter {base} lacks its a or b factor"
+                    )))
+                }
             };
             let (out, inp) = w.dims2()?;
             let (r, ia) = ta.dims2()?;

@@ -108,7 +108,9 @@ pub fn toxic_prefix(sentence: &str, scorer: &dyn ToxicityScorer, threshold: f64)
     if !(6..=60).contains(&words.len()) {
         return None;
     }
-    let prefixes: Vec<String> = (3..=words.len() - 2).map(|k| words[..k].join(" ")).collect();
+    let prefixes: Vec<String> = (3..=words.len() - 2)
+        .map(|k| words[..k].join(" "))
+        .collect();
     let scores = scorer.score(&prefixes.iter().map(String::as_str).collect::<Vec<_>>());
     match prefixes.iter().zip(scores).find(|(_, s)| *s >= threshold) {
         Some((p, _)) => Some(p.clone()),
@@ -130,17 +132,17 @@ pub fn read_hh_dialogues(path: &Path) -> Result<Vec<String>> {
                 ))
             })?;
     } else {
-        text = String::from_utf8(raw).map_err(|e| {
-            Error::Input(format!("{} is not UTF-8 text: {e}", path.display()))
-        })?;
+        text = String::from_utf8(raw)
+            .map_err(|e| Error::Input(format!("{} is not UTF-8 text: {e}", path.display())))?;
     }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::Input(format!("{}:{}: invalid JSON: {e}", path.display(), i + 1)))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            Error::Input(format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))
+        })?;
         for side in ["chosen", "rejected"] {
             if let Some(d) = v[side].as_str() {
                 out.push(d.to_string());
@@ -220,7 +222,9 @@ pub fn build_prompts(
         for (group, statements) in groups {
             for st in statements {
                 stats.toxigen_statements += 1;
-                let Some(half) = sentence_half(&st) else { continue };
+                let Some(half) = sentence_half(&st) else {
+                    continue;
+                };
                 if guard.leaked(&st).is_some() || guard.leaked(&half).is_some() {
                     stats.dropped_by_guard += 1;
                     continue;
@@ -327,7 +331,8 @@ pub fn sample_prompts(
             std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?,
         );
         for r in &done {
-            writeln!(w, "{}", serde_json::to_string(r)?).ctx(|| format!("writing {}", tmp.display()))?;
+            writeln!(w, "{}", serde_json::to_string(r)?)
+                .ctx(|| format!("writing {}", tmp.display()))?;
         }
         w.flush().ctx(|| format!("writing {}", tmp.display()))?;
     }
@@ -381,8 +386,12 @@ mod tests {
 
     #[test]
     fn hh_dialogues_split_into_turns() {
-        let d = "\n\nHuman: what is up?\n\nAssistant: Not much.\n\nHuman: ok\n\nAssistant: Bye now.";
-        assert_eq!(hh_turns(d), vec!["what is up?", "Not much.", "ok", "Bye now."]);
+        let d =
+            "\n\nHuman: what is up?\n\nAssistant: Not much.\n\nHuman: ok\n\nAssistant: Bye now.";
+        assert_eq!(
+            hh_turns(d),
+            vec!["what is up?", "Not much.", "ok", "Bye now."]
+        );
     }
 
     #[test]

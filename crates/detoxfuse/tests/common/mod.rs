@@ -117,7 +117,6 @@ pub fn tiny_calibration(tied: bool, trainable: Trainable) -> CalibrationModel {
     CalibrationModel::new(config, &t, trainable, DType::F64).unwrap()
 }
 
-
 /// Central differences on 3 coordinates of every parameter tensor against `grads`, the
 /// analytic gradient of `objective`.
 /// Returns how many coordinates were checked.
@@ -161,4 +160,3 @@ pub fn check_finite_differences(
     }
     checked
 }
-
