@@ -1457,6 +1457,18 @@ pub const SHIPPED: &[(&str, &[u8])] = &[
             "../../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.safetensors"
         ),
     ),
+    (
+        "targets/gemma-3-270m-q4_k_m.json",
+        include_bytes!(
+            "../../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.json"
+        ),
+    ),
+    (
+        "targets/gemma-3-270m-q4_k_m.safetensors",
+        include_bytes!(
+            "../../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.safetensors"
+        ),
+    ),
 ];
 
 /// Writes the shipped default into `dir` (each file by temporary file and rename, only where
