@@ -77,17 +77,35 @@ pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
             "the default calibration model is not in {}: training it now (about 50 minutes on 2 cores; `detoxfuse calibrate` is the same)",
             dir.display()
         );
-        let status = std::process::Command::new(std::env::current_exe()?)
-            .arg("--cache")
-            .arg(cache)
-            .args(["calibrate", "--recipe", "paper", "--resume-if-present"])
-            .status()
-            .context("running `detoxfuse calibrate`")?;
-        if !status.success() {
-            bail!("training the default calibration model failed ({status})");
-        }
+        calibrate_on_first_use(
+            cache,
+            ["--recipe", "paper"],
+            "the default calibration model",
+        )?;
     }
     Ok(dir)
+}
+
+/// Runs this binary's `detoxfuse --cache CACHE calibrate ARGS --resume-if-present` (what
+/// training a default on first use is, so an interrupted first run resumes); `what` names the
+/// result in the error.
+pub fn calibrate_on_first_use<I, S>(cache: &Path, args: I, what: &str) -> Result<()>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .arg("--cache")
+        .arg(cache)
+        .arg("calibrate")
+        .args(args)
+        .arg("--resume-if-present")
+        .status()
+        .with_context(|| format!("running `detoxfuse calibrate` for {what}"))?;
+    if !status.success() {
+        bail!("training {what} failed ({status})");
+    }
+    Ok(())
 }
 
 /// Where `align` writes by default.
@@ -302,15 +320,7 @@ pub fn fused_artifact_dir(cache: &Path, arg: &str) -> Result<Option<PathBuf>> {
                 "the fused calibration is not in {}: training it now (`detoxfuse calibrate --recipe fused` is the same)",
                 art.display()
             );
-            let status = std::process::Command::new(std::env::current_exe()?)
-                .arg("--cache")
-                .arg(cache)
-                .args(["calibrate", "--recipe", "fused", "--resume-if-present"])
-                .status()
-                .context("running `detoxfuse calibrate --recipe fused`")?;
-            if !status.success() {
-                bail!("training the fused calibration failed ({status})");
-            }
+            calibrate_on_first_use(cache, ["--recipe", "fused"], "the fused calibration")?;
         }
         return Ok(Some(art));
     }

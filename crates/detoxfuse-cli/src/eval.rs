@@ -179,30 +179,25 @@ fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
             dir.display(),
             corpus.display()
         );
-        let status = std::process::Command::new(std::env::current_exe()?)
-            .arg("--cache")
-            .arg(cache)
-            .arg("calibrate")
-            .arg("--corpus")
-            .arg(&corpus)
-            .arg("--out")
-            .arg(&run)
-            // The recipe the evaluation in docs/EVAL.md measured (an unlikelihood term on
-            // toxic text would defeat an anti-expert).
-            .args([
-                "--head-init",
-                "tied",
-                "--unlikelihood",
-                "0",
-                "--steps",
-                "360",
-            ])
-            .arg("--resume-if-present")
-            .status()
-            .context("running `detoxfuse calibrate` for the anti-expert")?;
-        if !status.success() {
-            bail!("training the DExperts anti-expert failed ({status})");
-        }
+        let (corpus, run) = (corpus.as_os_str(), run.as_os_str());
+        crate::align::calibrate_on_first_use(
+            cache,
+            [
+                "--corpus".as_ref(),
+                corpus,
+                "--out".as_ref(),
+                run,
+                // The recipe the evaluation in docs/EVAL.md measured (an unlikelihood term on
+                // toxic text would defeat an anti-expert).
+                "--head-init".as_ref(),
+                "tied".as_ref(),
+                "--unlikelihood".as_ref(),
+                "0".as_ref(),
+                "--steps".as_ref(),
+                "360".as_ref(),
+            ],
+            "the DExperts anti-expert",
+        )?;
     }
     Ok(dir)
 }

@@ -87,8 +87,7 @@ pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
 
 /// `alpha · LN(h_cal · A) + (1 − alpha) · h_target` for `(b, d)` rows.
 pub fn fuse(h_target: &Tensor, h_cal: &Tensor, a: &Tensor, alpha: f64) -> Result<Tensor> {
-    let mapped = layer_norm(&h_cal.matmul(a)?)?;
-    Ok(((mapped * alpha)? + (h_target * (1.0 - alpha))?)?)
+    FusionMap::paper(a)?.fuse(h_target, h_cal, alpha)
 }
 
 /// The per-target part of a fused calibration: `A` (`d_cal × d_target`) and the LayerNorm's
@@ -107,12 +106,11 @@ pub const MAP_BETA: &str = "fusion.beta";
 impl FusionMap {
     /// The paper's map: `A` and a LayerNorm without parameters (`γ = 1`, `β = 0`).
     pub fn paper(a: &Tensor) -> Result<Self> {
-        let a = a.to_dtype(DType::F32)?;
         let dt = a.dim(1)?;
         Ok(Self {
-            gamma: Tensor::ones(dt, DType::F32, a.device())?,
-            beta: Tensor::zeros(dt, DType::F32, a.device())?,
-            a,
+            gamma: Tensor::ones(dt, a.dtype(), a.device())?,
+            beta: Tensor::zeros(dt, a.dtype(), a.device())?,
+            a: a.clone(),
         })
     }
 
@@ -213,7 +211,13 @@ impl<'m> FusedDecoder<'m> {
         alpha: f64,
         cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
     ) -> Result<Self> {
-        Self::with_map(target, cal, FusionMap::paper(a)?, alpha, cross)
+        Self::with_map(
+            target,
+            cal,
+            FusionMap::paper(&a.to_dtype(DType::F32)?)?,
+            alpha,
+            cross,
+        )
     }
 
     /// [`FusedDecoder::new`] with a trained map (LayerNorm with affine parameters).

@@ -691,16 +691,10 @@ pub fn batch_objective(
         ));
     }
     let h_c = gather(&cal.forward_hidden(&batch.cal_ids)?, &batch.cal_positions)?;
-    let h = map.fuse_rows(&h_t.to_dtype(cal.dtype())?, &h_c, &batch.alpha)?;
+    let h_t = h_t.to_dtype(cal.dtype())?;
+    let h = map.fuse_rows(&h_t, &h_c, &batch.alpha)?;
     let head = head.to_dtype(cal.dtype())?;
-    let (sums, g) = head_terms(
-        &h.detach(),
-        &h_t.to_dtype(cal.dtype())?,
-        &head,
-        &batch.terms,
-        grad,
-        div,
-    )?;
+    let (sums, g) = head_terms(&h.detach(), &h_t, &head, &batch.terms, grad, div)?;
     let grads = match g {
         Some(g) => Some((&h * &g)?.sum_all()?.backward()?),
         None => None,
@@ -1379,8 +1373,12 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
 }
 
 fn check_sha(path: &Path, want: &serde_json::Value, what: &str) -> Result<()> {
-    let got = train::sha256_path(path)?;
-    if want.as_str() != Some(got.as_str()) {
+    check_digest(path, &train::sha256_path(path)?, want, what)
+}
+
+/// [`check_sha`] with the file's sha256 already computed.
+fn check_digest(path: &Path, got: &str, want: &serde_json::Value, what: &str) -> Result<()> {
+    if want.as_str() != Some(got) {
         return Err(Error::Input(format!(
             "{what} {} has sha256 {got} but the manifest expects {want}: the file is corrupt or from another run; restore it or retrain",
             path.display()
@@ -1516,11 +1514,6 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
     })?;
     let map_path = dir.join("targets").join(format!("{key}.safetensors"));
     check_sha(&map_path, &target_manifest["map_sha256"], "fusion map")?;
-    check_sha(
-        target_path,
-        &target_manifest["target"]["sha256"],
-        "target model",
-    )?;
     if target_manifest["calibration_tensors_sha256"] != manifest["tensors_sha256"] {
         return Err(Error::Input(format!(
             "the fusion map {} was trained over other calibration layers than {} holds; retrain it",
@@ -1530,6 +1523,18 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
     }
     let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
     let base = Base::load(base_path, layers)?;
+    // The target is often the base itself (SmolLM2): its file is hashed once.
+    let target_sha256 = if target_path == base_path {
+        base.sha256.clone()
+    } else {
+        train::sha256_path(target_path)?
+    };
+    check_digest(
+        target_path,
+        &target_sha256,
+        &target_manifest["target"]["sha256"],
+        "target model",
+    )?;
     let (cal, _) = shared_calibration(dir, &base)?;
     let tensors = cal.merged_tensors()?;
     let map = FusionMap::load(&map_path)?;

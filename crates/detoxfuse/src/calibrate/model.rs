@@ -364,12 +364,12 @@ impl CalibrationModel {
     /// a plain Llama for inference and export.
     pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (k, t) in self.tensors() {
+        for k in self.tensors().into_keys() {
             if k.starts_with("lora.") {
                 continue;
             }
             let w = self.weight(&k)?;
-            out.insert(k, if w.dims() == t.dims() { w } else { t });
+            out.insert(k, w);
         }
         Ok(out)
     }

@@ -77,8 +77,7 @@ impl Default for SelfGenConfig {
 pub fn hh_turns(dialogue: &str) -> Vec<&str> {
     let mut out = Vec::new();
     for part in dialogue.split("\n\nHuman:") {
-        for (i, turn) in part.split("\n\nAssistant:").enumerate() {
-            let _ = i;
+        for turn in part.split("\n\nAssistant:") {
             let t = turn.trim();
             if !t.is_empty() {
                 out.push(t);
