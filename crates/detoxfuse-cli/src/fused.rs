@@ -43,6 +43,12 @@ pub struct FusedArgs {
     /// from the fused model would put where the target puts little), forward = KL(p_target‖p_α).
     #[arg(long, value_enum, default_value = "reverse")]
     pub keep_divergence: DivergenceArg,
+    /// fused: how the fused state is scaled before the target's head, in training and at
+    /// inference (recorded in each target's manifest): paper = the paper's formula as is;
+    /// keep-target-norm = then rescaled to the target state's RMS, so that α changes the
+    /// direction of the state and not the temperature of the distribution.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub fusion_norm: FusionNormArg,
     /// fused: weight of the unlikelihood term (0: keep only).
     #[arg(long, default_value_t = FusedConfig::default().detox_weight)]
     pub detox_weight: f64,
@@ -50,7 +56,7 @@ pub struct FusedArgs {
     /// written by `detoxfuse corpus selfgen` when missing).
     #[arg(long)]
     pub samples: Option<PathBuf>,
-    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// fused: train only --target's map (A, LayerNorm affine) through its head, over the
@@ -64,6 +70,12 @@ pub struct FusedArgs {
 pub enum DivergenceArg {
     Reverse,
     Forward,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum FusionNormArg {
+    Paper,
+    KeepTargetNorm,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -106,6 +118,10 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
             DivergenceArg::Forward => fused::Divergence::Forward,
         },
         detox_weight: f.detox_weight,
+        fusion_norm: match f.fusion_norm {
+            FusionNormArg::Paper => fused::FusionNorm::Paper,
+            FusionNormArg::KeepTargetNorm => fused::FusionNorm::KeepTargetNorm,
+        },
         eval_every: a.eval_every.unwrap_or(d.eval_every),
         checkpoint_every: a.checkpoint_every,
         seed: a.seed,
@@ -115,7 +131,7 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
 
 pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
     let cfg = config(a);
-    let data = a.fused.data.clone().unwrap_or_else(default_data_dir);
+    let data = a.fused.data.clone().map_or_else(|| default_data_dir(cache), Ok)?;
     let target_path = ModelArg {
         model: a.fused.target.clone(),
     }

@@ -97,6 +97,8 @@ pub struct FusionMap {
     pub a: Tensor,
     pub gamma: Tensor,
     pub beta: Tensor,
+    /// How the fused state is scaled; a map trained through one rule is used with that rule.
+    pub norm: FusionNorm,
 }
 
 pub const MAP_A: &str = "fusion.a";
@@ -111,6 +113,7 @@ impl FusionMap {
             gamma: Tensor::ones(dt, a.dtype(), a.device())?,
             beta: Tensor::zeros(dt, a.dtype(), a.device())?,
             a: a.clone(),
+            norm: FusionNorm::Paper,
         })
     }
 
@@ -120,17 +123,26 @@ impl FusionMap {
         Ok(u.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)?)
     }
 
-    /// `α·mapped + (1 − α)·h_t` with one α per row (`alpha`: `(n, 1)`).
+    /// `α·mapped + (1 − α)·h_t` with one α per row (`alpha`: `(n, 1)`), then the map's
+    /// [`FusionNorm`].
     pub fn fuse_rows(&self, h_target: &Tensor, h_cal: &Tensor, alpha: &Tensor) -> Result<Tensor> {
         let m = self.mapped(h_cal)?;
         let one_minus = alpha.affine(-1.0, 1.0)?;
-        Ok((m.broadcast_mul(alpha)? + h_target.broadcast_mul(&one_minus)?)?)
+        self.scaled((m.broadcast_mul(alpha)? + h_target.broadcast_mul(&one_minus)?)?, h_target)
     }
 
-    /// `α·mapped + (1 − α)·h_t` with one α for all rows (the decoder's rule).
+    /// `α·mapped + (1 − α)·h_t` with one α for all rows (the decoder's rule), then the map's
+    /// [`FusionNorm`].
     pub fn fuse(&self, h_target: &Tensor, h_cal: &Tensor, alpha: f64) -> Result<Tensor> {
         let m = self.mapped(h_cal)?;
-        Ok(((m * alpha)? + (h_target * (1.0 - alpha))?)?)
+        self.scaled(((m * alpha)? + (h_target * (1.0 - alpha))?)?, h_target)
+    }
+
+    fn scaled(&self, h: Tensor, h_target: &Tensor) -> Result<Tensor> {
+        match self.norm {
+            FusionNorm::Paper => Ok(h),
+            FusionNorm::KeepTargetNorm => keep_norm(&h, h_target),
+        }
     }
 
     /// (d_cal, d_target).
@@ -150,7 +162,8 @@ impl FusionMap {
         Ok(())
     }
 
-    /// Reads a map written by [`FusionMap::save`], in f32.
+    /// Reads a map written by [`FusionMap::save`], in f32, with the paper's scaling (the
+    /// artifact's manifest says when it is another).
     pub fn load(path: &Path) -> Result<Self> {
         let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             Error::Input(format!(
@@ -172,6 +185,7 @@ impl FusionMap {
             a: get(MAP_A)?,
             gamma: get(MAP_GAMMA)?,
             beta: get(MAP_BETA)?,
+            norm: FusionNorm::Paper,
         };
         m.check()
             .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
@@ -274,6 +288,7 @@ impl<'m> FusedDecoder<'m> {
     fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
         let h = match (h_cal, self.norm) {
             (Some(hc), FusionNorm::Paper) => self.map.fuse(h_target, &hc, self.alpha)?,
+            // Rescaling twice to the same RMS is rescaling once.
             (Some(hc), FusionNorm::KeepTargetNorm) => {
                 keep_norm(&self.map.fuse(h_target, &hc, self.alpha)?, h_target)?
             }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use detoxfuse::calibrate::fused::{
-    self, batch_objective, head_terms, make_batch, Divergence, FusedExample, FusionMap, Term,
+    self, batch_objective, head_terms, make_batch, Divergence, FusedExample, FusionMap, FusionNorm,
+    Term,
 };
 use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::{LayerTraining, Trainable};
@@ -77,6 +78,7 @@ fn fused_loss_gradients_match_finite_differences() {
         a: rand_tensor(&mut rng, &[dc, dt], 0.0),
         gamma: rand_tensor(&mut rng, &[dt], 1.0),
         beta: rand_tensor(&mut rng, &[dt], 0.0),
+        norm: FusionNorm::Paper,
     };
     let (a, g, b) = (
         Var::from_tensor(&map.a).unwrap(),
@@ -90,10 +92,11 @@ fn fused_loss_gradients_match_finite_differences() {
     let n = batch.positions.len();
     let h_t = rand_tensor(&mut rng, &[n, dt], 0.0);
     let weights = (1.0, 0.7);
-    let map_of = || FusionMap {
+    let map_of = |norm| FusionMap {
         a: a.as_tensor().clone(),
         gamma: g.as_tensor().clone(),
         beta: b.as_tensor().clone(),
+        norm,
     };
     let mut vars: BTreeMap<String, Var> = cal.vars().clone();
     vars.insert("fusion.a".into(), a.clone());
@@ -104,18 +107,25 @@ fn fused_loss_gradients_match_finite_differences() {
         2 * 7 * 2 + 3,
         "LoRA on 7 matrices × 2 layers, plus A, γ, β"
     );
-    for div in [Divergence::Forward, Divergence::Reverse] {
+    let cases = [
+        (Divergence::Forward, FusionNorm::Paper),
+        (Divergence::Reverse, FusionNorm::Paper),
+        (Divergence::Reverse, FusionNorm::KeepTargetNorm),
+    ];
+    for (div, norm) in cases {
         let (sums, grads) =
-            batch_objective(&cal, &map_of(), &h_t, &head, &batch, Some(weights), div).unwrap();
+            batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, Some(weights), div)
+                .unwrap();
         assert_eq!((sums.keep, sums.detox), (5, 3));
         assert!(sums.kl > 0.0 && sums.reverse_kl > 0.0 && sums.unlikelihood > 0.0);
         let grads = grads.unwrap();
         let objective = || {
-            let (s, _) = batch_objective(&cal, &map_of(), &h_t, &head, &batch, None, div).unwrap();
+            let (s, _) =
+                batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, None, div).unwrap();
             weights.0 * s.mean_keep(div) + weights.1 * s.mean_unlikelihood()
         };
         let checked =
-            common::check_finite_differences(&vars, &grads, objective, &format!("fused {div:?}"));
+            common::check_finite_differences(&vars, &grads, objective, &format!("fused {div:?} {norm:?}"));
         assert_eq!(checked, 3 * vars.len());
     }
 }
@@ -187,26 +197,34 @@ fn alpha_zero_fused_decoding_is_exactly_the_target() {
         beta: rand_tensor(&mut rng, &[576], 0.0)
             .to_dtype(DType::F32)
             .unwrap(),
+        norm: FusionNorm::Paper,
     };
     let prompt = tok.encode("The weather today is", false).unwrap();
-    let mut fused =
-        FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map.clone(), 0.0, None).unwrap();
-    let mut plain = PlainDecoder::new(target.as_ref());
-    assert_eq!(
-        fused.prefill(&prompt).unwrap(),
-        plain.prefill(&prompt).unwrap()
-    );
-    fused.fork(2).unwrap();
-    plain.fork(2).unwrap();
-    for step in [[260u32, 1596], [436, 253], [1109, 284]] {
-        assert_eq!(fused.step(&step).unwrap(), plain.step(&step).unwrap());
+    for norm in [FusionNorm::Paper, FusionNorm::KeepTargetNorm] {
+        let map = FusionMap {
+            norm,
+            ..map.clone()
+        };
+        let mut fused =
+            FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map.clone(), 0.0, None).unwrap();
+        let mut plain = PlainDecoder::new(target.as_ref());
+        assert_eq!(
+            fused.prefill(&prompt).unwrap(),
+            plain.prefill(&prompt).unwrap(),
+            "{norm:?}"
+        );
+        fused.fork(2).unwrap();
+        plain.fork(2).unwrap();
+        for step in [[260u32, 1596], [436, 253], [1109, 284]] {
+            assert_eq!(fused.step(&step).unwrap(), plain.step(&step).unwrap());
+        }
+        // And at α > 0 the same map does change the logits (the test is not vacuous).
+        let mut on = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map, 0.3, None).unwrap();
+        assert_ne!(
+            on.prefill(&prompt).unwrap(),
+            plain.prefill(&prompt).unwrap()
+        );
     }
-    // And at α > 0 the same map does change the logits (the test is not vacuous).
-    let mut on = FusedDecoder::with_map(target.as_ref(), cal.as_ref(), map, 0.3, None).unwrap();
-    assert_ne!(
-        on.prefill(&prompt).unwrap(),
-        plain.prefill(&prompt).unwrap()
-    );
 }
 
 #[test]

@@ -44,7 +44,7 @@ use super::selfgen::{Lean, SampledPrompt};
 use super::train::{self, Base};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::score::ToxicityScorer;
-pub use crate::fuse::{layer_norm, FusionMap, MAP_A, MAP_BETA, MAP_GAMMA};
+pub use crate::fuse::{layer_norm, FusionMap, FusionNorm, MAP_A, MAP_BETA, MAP_GAMMA};
 use crate::lm::{CausalLm, TokenId};
 use crate::text::Tokenizer;
 
@@ -573,6 +573,7 @@ pub struct FusionVars {
     pub a: Var,
     pub gamma: Var,
     pub beta: Var,
+    pub norm: FusionNorm,
 }
 
 impl FusionVars {
@@ -581,6 +582,7 @@ impl FusionVars {
             a: Var::from_tensor(&map.a)?,
             gamma: Var::from_tensor(&map.gamma)?,
             beta: Var::from_tensor(&map.beta)?,
+            norm: map.norm,
         })
     }
     pub fn map(&self) -> FusionMap {
@@ -588,6 +590,7 @@ impl FusionVars {
             a: self.a.as_tensor().clone(),
             gamma: self.gamma.as_tensor().clone(),
             beta: self.beta.as_tensor().clone(),
+            norm: self.norm,
         }
     }
     fn insert_into(&self, vars: &mut BTreeMap<String, Var>) {
@@ -721,6 +724,10 @@ pub struct FusedConfig {
     /// The keep term's divergence (configs recorded before it existed used the forward KL).
     #[serde(default)]
     pub keep_divergence: Divergence,
+    /// How the fused state is scaled before the head, in training and at inference
+    /// (configs recorded before it existed used the paper's formula as is).
+    #[serde(default)]
+    pub fusion_norm: FusionNorm,
     /// Weights of the mean keep divergence and the mean unlikelihood.
     pub keep_weight: f64,
     pub detox_weight: f64,
@@ -760,6 +767,7 @@ impl Default for FusedConfig {
             alpha_min: 0.05,
             alpha_max: 0.5,
             keep_divergence: Divergence::Reverse,
+            fusion_norm: FusionNorm::Paper,
             keep_weight: 1.0,
             detox_weight: 1.0,
             toxic_threshold: 0.5,
@@ -787,6 +795,7 @@ pub fn init_map(
     rows: &[&FusedExample],
     pads: (TokenId, TokenId),
     ridge: f64,
+    norm: FusionNorm,
 ) -> Result<FusionMap> {
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for chunk in rows.chunks(32) {
@@ -834,6 +843,7 @@ pub fn init_map(
         a,
         gamma: Tensor::from_vec(gamma, dt, &Device::Cpu)?,
         beta: Tensor::from_vec(beta, dt, &Device::Cpu)?,
+        norm,
     })
 }
 
@@ -1081,7 +1091,7 @@ pub fn train(
         }
     };
     let init_rows: Vec<&FusedExample> = super::lens::sample(&keep, cfg.init_rows);
-    let map0 = init_map(&cal, &target, &init_rows, pad, cfg.init_ridge)?;
+    let map0 = init_map(&cal, &target, &init_rows, pad, cfg.init_ridge, cfg.fusion_norm)?;
     let fv = FusionVars::new(&map0)?;
     let mut vars = cal.vars().clone();
     fv.insert_into(&mut vars);
@@ -1349,6 +1359,7 @@ pub fn save_artifact(
         "map": format!("{key}.safetensors"),
         "map_sha256": train::sha256_path(&map_path)?,
         "dims": map.dims()?,
+        "norm": map.norm,
         "trained_by": train_manifest,
     });
     write_json(&dir.join("targets").join(format!("{key}.json")), &m)
@@ -1537,7 +1548,16 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
     )?;
     let (cal, _) = shared_calibration(dir, &base)?;
     let tensors = cal.merged_tensors()?;
-    let map = FusionMap::load(&map_path)?;
+    let mut map = FusionMap::load(&map_path)?;
+    // Maps written before the field existed were trained with the paper's formula.
+    if let Some(norm) = target_manifest.get("norm") {
+        map.norm = serde_json::from_value(norm.clone()).map_err(|e| {
+            Error::Input(format!(
+                "{}: unknown \"norm\" {norm} ({e}); this build reads paper and keep_target_norm",
+                tm_path.display()
+            ))
+        })?;
+    }
     let (dc, _) = map.dims()?;
     if dc != cal.config.hidden_size {
         return Err(Error::Input(format!(
