@@ -335,9 +335,15 @@ fn llama_cpp(
     runs: usize,
     prompt: &[u32],
 ) -> Result<(f64, f64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_llama_cpp.py");
+    // The driver script travels inside the binary: nothing is read from the source tree.
+    let script = tempfile::Builder::new()
+        .suffix(".py")
+        .tempfile()
+        .context("creating the llama.cpp bench script")?;
+    std::fs::write(script.path(), include_str!("../../../scripts/bench_llama_cpp.py"))
+        .context("writing the llama.cpp bench script")?;
     let out = Command::new(py)
-        .arg(script)
+        .arg(script.path())
         .arg(model)
         .arg(threads.to_string())
         .arg(decode.to_string())

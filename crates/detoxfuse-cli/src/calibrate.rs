@@ -17,14 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{Bar, ModelArg};
 
-/// The shared evaluation/prompt data (`$DETOXFUSE_DATA`, else `../shared/data` beside this
-/// checkout).
-pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("DETOXFUSE_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"))
-        })
+/// The data directory: `$DETOXFUSE_DATA`, else the vendored data installed into the cache
+/// ([`detoxfuse::hub::Hub::data_dir`]).
+pub fn default_data_dir(cache: &Path) -> Result<PathBuf> {
+    Ok(detoxfuse::hub::Hub::new(cache).data_dir()?)
 }
 
 pub fn default_corpus(cache: &Path) -> PathBuf {
@@ -72,7 +68,7 @@ pub struct SelfgenArgs {
     /// Default: <cache>/corpus/selfgen-<target stem>.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, default_value_t = SelfGenConfig::default().toxic_prompts)]
@@ -172,7 +168,7 @@ pub struct CorpusUnlikelyArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/unlikely.jsonl.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Write the same groups' *neutral* lists instead, in the same format: contrast data to
@@ -242,7 +238,7 @@ pub struct CorpusToxicArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/toxic.jsonl.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Sentences of the clean sources at or above this toxicity are kept (the clean corpus's
@@ -292,7 +288,7 @@ pub struct CorpusBuildArgs {
     /// The model whose replies make the paired data.
     #[arg(long, default_value = "smollm2")]
     target: String,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
@@ -304,7 +300,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         CorpusCmd::Build(a) => a,
         CorpusCmd::Toxic(t) => {
             let out = t.out.unwrap_or_else(|| default_toxic_corpus(cache));
-            let data = t.data.unwrap_or_else(default_data_dir);
+            let data = t.data.map_or_else(|| default_data_dir(cache), Ok)?;
             return build_toxic_corpus(cache, &out, &data, t.threshold);
         }
         CorpusCmd::Selfgen(g) => {
@@ -317,7 +313,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 seed: g.seed,
                 ..SelfGenConfig::default()
             };
-            let data = g.data.unwrap_or_else(default_data_dir);
+            let data = g.data.map_or_else(|| default_data_dir(cache), Ok)?;
             build_selfgen(&target, &out, &data, &cfg)?;
             return Ok(());
         }
@@ -328,7 +324,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 ("hate", default_unlikely_corpus(cache))
             };
             let out = u.out.unwrap_or(default_out);
-            return build_unlikely_corpus(&out, &u.data.unwrap_or_else(default_data_dir), kind);
+            return build_unlikely_corpus(&out, &u.data.map_or_else(|| default_data_dir(cache), Ok)?, kind);
         }
     };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
@@ -339,7 +335,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         paired_max_tokens: a.paired_max_tokens,
         seed: a.seed,
     };
-    let data = a.data.clone().unwrap_or_else(default_data_dir);
+    let data = a.data.clone().map_or_else(|| default_data_dir(cache), Ok)?;
     build_corpus(cache, &out, &opts, &a.target, &data)
 }
 
@@ -595,7 +591,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if let Some(u) = &cfg.unlikely_corpus {
         if a.unlikely_corpus.is_none() && !u.exists() {
             eprintln!("no unlikelihood corpus at {}: writing it", u.display());
-            build_unlikely_corpus(u, &default_data_dir(), "hate")?;
+            build_unlikely_corpus(u, &default_data_dir(cache)?, "hate")?;
         }
     }
     let corpus = match &a.corpus {
@@ -612,7 +608,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
                     &c,
                     &CorpusOptions::default(),
                     "smollm2",
-                    &default_data_dir(),
+                    &default_data_dir(cache)?,
                 )?;
             }
             c
@@ -737,7 +733,7 @@ pub struct ProbeArgs {
     /// The base it was initialised from (its first layers are the "before" model).
     #[arg(long, default_value = "smollm2")]
     base: String,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA or ../shared/data).
+    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Probe lines per held-back group.
@@ -783,7 +779,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     let toxigen = a
         .data
         .clone()
-        .unwrap_or_else(default_data_dir)
+        .map_or_else(|| default_data_dir(cache), Ok)?
         .join("toxigen");
     println!(
         "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",

@@ -201,7 +201,8 @@ fn greedy_text(cache: &std::path::Path, calibration: &str, alpha: &str) -> std::
 
 /// `--calibration default` needs no training: the shipped fused calibration is installed into
 /// the cache and used at once (a damaged installed copy is rewritten from the binary); a
-/// damaged artifact directory of the user's own is a message naming the file and the sha256.
+/// damaged artifact directory of the user's own (a flipped bit, a truncated file, a missing
+/// file) is a message naming the file and the sha256.
 #[test]
 fn the_shipped_default_calibration_runs_at_once_and_damage_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,7 +258,14 @@ fn the_shipped_default_calibration_runs_at_once_and_damage_is_a_clear_error() {
         own.join("targets/SmolLM2-135M-Instruct.Q4_1.safetensors"),
     )
     .unwrap();
-    std::fs::remove_file(own.join("calibration.safetensors")).unwrap();
+    // Truncated: a half-copied file.
+    let tensors = own.join("calibration.safetensors");
+    let bytes = std::fs::read(&tensors).unwrap();
+    std::fs::write(&tensors, &bytes[..bytes.len() / 2]).unwrap();
+    let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
+    common::assert_clean_failure(&o, "calibration.safetensors");
+    common::assert_clean_failure(&o, "sha256");
+    std::fs::remove_file(&tensors).unwrap();
     let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
     common::assert_clean_failure(&o, "calibration.safetensors");
 }

@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod fuse;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod lm;
 pub mod sample;
 pub mod text;
