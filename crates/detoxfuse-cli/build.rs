@@ -12,8 +12,9 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=DETOXFUSE_COMMIT={commit}");
-    // A new commit or a change of the index (staging) rebuilds the stamp.
-    for f in ["../../.git/HEAD", "../../.git/index"] {
+    // A new commit, a change of the index, or any edit under crates/ (cargo scans a directory
+    // for changes) recomputes the stamp, so `--dirty` is right for the code that was built.
+    for f in ["../../.git/HEAD", "../../.git/index", ".."] {
         if std::path::Path::new(dir).join(f).exists() {
             println!("cargo:rerun-if-changed={f}");
         }

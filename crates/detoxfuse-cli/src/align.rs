@@ -309,8 +309,7 @@ impl Fusion {
 /// if missing).
 pub fn fused_artifact_dir(cache: &Path, arg: &str) -> Result<Option<PathBuf>> {
     if arg == "default" {
-        let dir = cache.join("calibration").join("fused-default");
-        return Ok(Some(fused::install_shipped(&dir)?));
+        return Ok(Some(detoxfuse::hub::Hub::new(cache).fused_default()?));
     }
     if arg == "fused" {
         let dir = crate::fused::default_fused_dir(cache);

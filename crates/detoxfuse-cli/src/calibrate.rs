@@ -182,8 +182,7 @@ pub struct CorpusUnlikelyArgs {
 /// Writes `manifest` beside the corpus file `out` (as `*.manifest.json`) and returns its path.
 fn write_manifest(out: &Path, manifest: &serde_json::Value) -> Result<PathBuf> {
     let mpath = out.with_extension("manifest.json");
-    std::fs::write(&mpath, serde_json::to_string_pretty(manifest)?)
-        .with_context(|| format!("writing {}", mpath.display()))?;
+    detoxfuse::atomic::write(&mpath, serde_json::to_string_pretty(manifest)?.as_bytes())?;
     Ok(mpath)
 }
 

@@ -250,12 +250,9 @@ fn commit() -> String {
     env!("DETOXFUSE_COMMIT").to_string()
 }
 
-/// Writes `text` to `path` atomically (temp file + rename).
+/// Writes `text` to `path` atomically ([`detoxfuse::atomic::write`]).
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(detoxfuse::atomic::write(path, text.as_bytes())?)
 }
 
 pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {

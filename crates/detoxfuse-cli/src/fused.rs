@@ -47,7 +47,7 @@ pub struct FusedArgs {
     /// inference (recorded in each target's manifest): paper = the paper's formula as is;
     /// keep-target-norm = then rescaled to the target state's RMS, so that α changes the
     /// direction of the state and not the temperature of the distribution.
-    #[arg(long, value_enum, default_value = "paper")]
+    #[arg(long, value_enum, default_value = "keep-target-norm")]
     pub fusion_norm: FusionNormArg,
     /// fused: weight of the unlikelihood term (0: keep only).
     #[arg(long, default_value_t = FusedConfig::default().detox_weight)]

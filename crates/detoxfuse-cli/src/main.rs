@@ -102,18 +102,7 @@ pub struct ModelArg {
 impl ModelArg {
     /// Resolves a name to its cached file, fetching it on first use.
     pub fn resolve(&self, cache: &std::path::Path) -> Result<PathBuf> {
-        match fetch::spec(&self.model) {
-            Ok(spec) => {
-                let p = fetch::model_path(cache, &spec);
-                if p.exists() {
-                    Ok(p)
-                } else {
-                    eprintln!("{} is not in {}: fetching it", spec.name, cache.display());
-                    Ok(fetch::fetch(cache, &spec, false, &mut Bar::new())?)
-                }
-            }
-            Err(_) => Ok(PathBuf::from(&self.model)),
-        }
+        Ok(detoxfuse::hub::Hub::new(cache).model(&self.model, &mut Bar::new())?)
     }
 }
 

@@ -108,18 +108,17 @@ impl Alignment {
     /// Writes `A` to `path` (safetensors, tensor "A") and the manifest to `path` with the
     /// extension `.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([("A".to_string(), self.a.clone())]),
-            &tmp,
+        // The manifest first: a map is never in place without the manifest it was made with.
+        crate::atomic::write(
+            &manifest_path(path),
+            serde_json::to_string_pretty(&self.manifest)?.as_bytes(),
         )?;
-        let mpath = manifest_path(path);
-        std::fs::write(&mpath, serde_json::to_string_pretty(&self.manifest)?)
-            .ctx(|| format!("writing {}", mpath.display()))?;
-        std::fs::rename(&tmp, path).ctx(|| format!("writing {}", path.display()))
+        crate::atomic::write_with(path, |tmp| {
+            Ok(candle_core::safetensors::save(
+                &std::collections::HashMap::from([("A".to_string(), self.a.clone())]),
+                tmp,
+            )?)
+        })
     }
 
     /// Loads `A` and its manifest and checks them against the models they will join.

@@ -1,7 +1,9 @@
 //! Step 3 of the method: the fused decoder.
 //!
 //! At every step `h = alpha · LayerNorm(h_cal · A) + (1 − alpha) · h_target` (LayerNorm
-//! without parameters), and the logits come from the target's LM head. The calibration model
+//! without parameters in the paper's recipe, with a learned affine in the fusion-aware one,
+//! and optionally rescaled to the target state's RMS: [`FusionMap`], [`FusionNorm`]), and the
+//! logits come from the target's LM head. The calibration model
 //! keeps its own KV cache and always reads exactly the text the target has read (defect D1
 //! fixed); it never computes an LM head (D7). Any widths work (D4).
 //!

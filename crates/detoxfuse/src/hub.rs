@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::fetch::{self, Progress};
 
 mod vendored {
@@ -159,31 +159,10 @@ pub fn install_data(dir: &Path) -> Result<PathBuf> {
                 "vendored {name} does not match its sha256 in data/manifest.json: this build is broken; rebuild from a clean checkout"
             )));
         }
-        write_atomic(&dir.join(name), &bytes)?;
+        crate::atomic::write(&dir.join(name), &bytes)?;
     }
-    write_atomic(&stamp, manifest_bytes)?;
+    crate::atomic::write(&stamp, manifest_bytes)?;
     Ok(dir.to_path_buf())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory, synced, then
-/// renamed over `path`: a reader sees the old file or the new one, never a part. Creates the
-/// parent directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(parent)
-        .ctx(|| format!("creating a temporary file in {}", parent.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .ctx(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .ctx(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! them.
 
 pub mod align;
+pub mod atomic;
 pub mod bench;
 pub mod calibrate;
 pub mod error;

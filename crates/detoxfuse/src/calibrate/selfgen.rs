@@ -324,18 +324,12 @@ pub fn sample_prompts(
         )));
     }
     // Rewrite the complete records (drops a torn tail), then append.
-    let tmp = out.with_extension("jsonl.tmp");
-    {
-        let mut w = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?,
-        );
-        for r in &done {
-            writeln!(w, "{}", serde_json::to_string(r)?)
-                .ctx(|| format!("writing {}", tmp.display()))?;
-        }
-        w.flush().ctx(|| format!("writing {}", tmp.display()))?;
+    let mut text = String::new();
+    for r in &done {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
     }
-    std::fs::rename(&tmp, out).ctx(|| format!("renaming {}", tmp.display()))?;
+    crate::atomic::write(out, text.as_bytes())?;
     let mut sink = std::fs::OpenOptions::new()
         .append(true)
         .open(out)

@@ -593,10 +593,12 @@ fn lens_weights(
         let w = super::lens::fit(&x, &y, n, d, cfg.lens_ridge)?;
         relative_error = Some(super::lens::relative_error(&x, &y, n, d, &w)?);
         positions = n;
-        let tmp = out.join(format!("{LENS_FILE}.tmp"));
-        candle_core::safetensors::save(&HashMap::from([("lens".to_string(), w)]), &tmp)?;
-        sync(&tmp)?;
-        std::fs::rename(&tmp, &path).ctx(|| format!("renaming {}", tmp.display()))?;
+        crate::atomic::write_with(&path, |tmp| {
+            Ok(candle_core::safetensors::save(
+                &HashMap::from([("lens".to_string(), w)]),
+                tmp,
+            )?)
+        })?;
     }
     let w = super::lens::read(&path)?;
     progress(Event::Lens {
@@ -651,11 +653,9 @@ pub(crate) fn save_state(
         t.insert(format!("v.{name}"), opt.v[name].clone());
     }
     let file = format!("checkpoint-{step:06}.safetensors");
-    let final_path = out.join(&file);
-    let tmp = out.join(format!("{file}.tmp"));
-    candle_core::safetensors::save(&t, &tmp)?;
-    sync(&tmp)?;
-    rename(&tmp, &final_path)?;
+    crate::atomic::write_with(&out.join(&file), |tmp| {
+        Ok(candle_core::safetensors::save(&t, tmp)?)
+    })?;
     Ok(file)
 }
 
@@ -667,11 +667,10 @@ pub(crate) fn commit_record<R: serde::Serialize>(
     previous: &str,
     current: &str,
 ) -> Result<()> {
-    let rec_tmp = out.join("checkpoint.json.tmp");
-    std::fs::write(&rec_tmp, serde_json::to_string_pretty(record)?)
-        .ctx(|| format!("writing {}", rec_tmp.display()))?;
-    sync(&rec_tmp)?;
-    rename(&rec_tmp, &out.join("checkpoint.json"))?;
+    crate::atomic::write(
+        &out.join("checkpoint.json"),
+        serde_json::to_string_pretty(record)?.as_bytes(),
+    )?;
     if !previous.is_empty() && previous != current {
         let _ = std::fs::remove_file(out.join(previous));
     }
@@ -704,16 +703,6 @@ pub(crate) fn load_state(
     }
     opt.step = step;
     Ok(())
-}
-
-fn sync(p: &Path) -> Result<()> {
-    std::fs::File::open(p)
-        .and_then(|f| f.sync_all())
-        .ctx(|| format!("syncing {}", p.display()))
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to).ctx(|| format!("renaming {} to {}", from.display(), to.display()))
 }
 
 fn load_checkpoint(
@@ -792,11 +781,11 @@ fn truncate_log(path: &Path, step: usize) -> Result<()> {
                 .is_some_and(|s| s as usize <= step)
         })
         .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(
-        &tmp,
-        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    crate::atomic::write(
+        path,
+        kept.iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .as_bytes(),
     )
-    .ctx(|| format!("writing {}", tmp.display()))?;
-    rename(&tmp, path)
 }

@@ -1,0 +1,64 @@
+//! The one way files are written: into a temporary file beside the destination, synced to
+//! disk, then renamed over it, so that a reader (or a run resumed after a crash or a full
+//! disk) finds the old file or the new one, never a part.
+
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+/// Writes `path` by letting `fill` write a temporary path in the same directory, then syncs
+/// and renames it into place. Creates the parent directory. On any error the temporary
+/// file is removed and `path` is untouched.
+pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .ctx(|| format!("creating a temporary file in {}", parent.display()))?
+        .into_temp_path();
+    fill(&tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("syncing {}", tmp.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .ctx(|| format!("renaming into {}", path.display()))
+}
+
+/// [`write_with`] for bytes already in memory.
+pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |tmp| {
+        std::fs::write(tmp, bytes).ctx(|| format!("writing {}", path.display()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/x.json");
+        write(&p, b"old").unwrap();
+        let err = write_with(&p, |tmp| {
+            std::fs::write(tmp, b"half").unwrap();
+            Err(crate::Error::Input("disk full".into()))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        let left: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1, "a temporary file was left behind");
+        write(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+    }
+}
