@@ -11,7 +11,7 @@ use detoxfuse::fuse::FusionMap;
 use detoxfuse::lm::{self, CausalLm};
 use detoxfuse::text::vocab::CommonVocab;
 use detoxfuse::text::Tokenizer;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::calibrate::{default_calibration_dir, default_corpus};
 use crate::ModelArg;
@@ -123,14 +123,7 @@ pub fn default_alignment(cal_dir: &Path, target: &Path, variant: Variant) -> Pat
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
+    crate::progress_bar(len, what, Some(""))
 }
 
 /// Texts for the hidden variant: the corpus's plain passages in a seeded, order-free choice.

@@ -13,7 +13,7 @@ use detoxfuse::calibrate::selfgen::{self, SelfGenConfig};
 use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
 use detoxfuse::calibrate::{lens, probe};
 use detoxfuse::eval::score::ProfanityCheck;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::{Bar, ModelArg};
 
@@ -111,12 +111,7 @@ pub fn build_selfgen(
     let model = detoxfuse::lm::load(target)?;
     let tok = detoxfuse::text::Tokenizer::for_model(target)?;
     let samples_path = out.join("samples.jsonl");
-    let pb = ProgressBar::new(prompts.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template("sampling [{bar:30}] {pos}/{len} prompts eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let pb = crate::progress_bar(prompts.len() as u64, "sampling", Some("prompts"));
     let recs = selfgen::sample_prompts(
         model.as_ref(),
         &tok,
@@ -573,11 +568,7 @@ pub fn step_bar(steps: usize, quiet: bool, prefix: &'static str) -> ProgressBar 
     if quiet {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    pb.set_style(crate::bar_style(Some("steps")));
     pb.set_prefix(prefix);
     pb
 }

@@ -14,7 +14,7 @@ use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::lm;
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::Tokenizer;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::calibrate::default_data_dir;
 use crate::{Bar, ModelArg};
@@ -204,16 +204,7 @@ fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
 }
 
 fn bar(total: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>22} [{bar:30}] {pos}/{len} prompts {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
+    crate::progress_bar(total as u64, &format!("{what:>22}"), Some("prompts"))
 }
 
 /// Moves the bar; when stderr is not a terminal (a run under nohup, a log file) the bar is

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::{ChatMessage, Tokenizer};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -77,17 +77,6 @@ struct Job {
     prompt: String,
 }
 
-fn parse_line(line: &str) -> std::result::Result<(Option<serde_json::Value>, String), String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let p = &v["prompt"];
-    let text = p
-        .as_str()
-        .or_else(|| p["text"].as_str())
-        .ok_or("no \"prompt\" string (or \"prompt\": {\"text\": ...}) field")?;
-    Ok((v.get("id").cloned(), text.to_string()))
-}
-
 pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     let mut jobs = Vec::new();
     let mut bad_lines = 0;
@@ -106,7 +95,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                match parse_line(&line) {
+                match detoxfuse::eval::harness::parse_prompt_line(&line) {
                     Ok((id, prompt)) => jobs.push(Job {
                         line: i + 1,
                         id,
@@ -173,10 +162,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
+    bar.set_style(crate::bar_style(Some("prompts")));
     let mut failed = 0;
     let mut dec: Box<dyn Decoder + '_> = match &fusion {
         Some(f) => Box::new(f.decoder(model.as_ref(), &tok, a.alpha)?),

@@ -131,36 +131,40 @@ impl Default for Bar {
     }
 }
 
-impl Bar {
-    pub fn new() -> Self {
-        let pb = ProgressBar::new(0);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{msg:40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        Self(pb)
-    }
+/// The one progress-bar style: `prefix [=====>    ] done/total what rate eta` (bytes for
+/// downloads and hashing, a count of `unit`s otherwise).
+pub fn bar_style(unit: Option<&str>) -> ProgressStyle {
+    let counts = match unit {
+        None => "{bytes}/{total_bytes} {bytes_per_sec}".to_string(),
+        Some(u) => format!("{{pos}}/{{len}} {u} {{per_sec}}"),
+    };
+    ProgressStyle::with_template(&format!("{{prefix}} [{{bar:30}}] {counts} {{msg}} eta {{eta}}"))
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
+/// A bar in [`bar_style`] with `prefix`.
+pub fn progress_bar(len: u64, prefix: &str, unit: Option<&str>) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(bar_style(unit));
+    pb.set_prefix(prefix.to_string());
+    pb
 }
 
 impl Bar {
+    pub fn new() -> Self {
+        Self(progress_bar(0, "", None))
+    }
+
     /// A bar that counts items rather than bytes.
     pub fn counting() -> Self {
-        let pb = ProgressBar::new(0);
-        pb.set_style(
-            ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        Self(pb)
+        Self(progress_bar(0, "", Some("")))
     }
 }
 
 impl Progress for Bar {
     fn stage(&mut self, msg: &str) {
-        self.0.set_message(msg.to_string());
+        self.0.set_prefix(msg.to_string());
         self.0.set_position(0);
     }
     fn bytes(&mut self, done: u64, total: u64) {

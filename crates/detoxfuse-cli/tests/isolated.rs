@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 struct Sandbox {
@@ -165,22 +165,7 @@ fn an_installed_binary_alone_generates_evaluates_scores_and_serves() {
     assert!(tox(&s[0]) > tox(&s[1]), "{s:?}");
 
     // Serving: one completion.
-    let mut child = sb
-        .cmd(&["serve", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let (mut child, port) = common::spawn_server(&mut sb.cmd(&["serve", "--port", "0"]));
     let (status, body) = post(
         port,
         "/v1/completions",

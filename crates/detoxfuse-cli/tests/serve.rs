@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use detoxfuse::align::{Alignment, ModelId};
@@ -57,27 +57,14 @@ impl Drop for Server {
 }
 
 fn serve(cal: &Path, a: &Path, extra: &[&str]) -> Server {
-    let mut child = common::bin()
-        .args(["serve", "--port", "0", "--calibration"])
+    let mut cmd = common::bin();
+    cmd.args(["serve", "--port", "0", "--calibration"])
         .arg(cal)
         .arg("--alignment")
         .arg(a)
         .args(extra)
-        .env_remove("DETOXFUSE_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+        .env_remove("DETOXFUSE_API_KEY");
+    let (child, port) = common::spawn_server(&mut cmd);
     Server { child, port }
 }
 

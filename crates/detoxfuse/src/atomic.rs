@@ -26,6 +26,17 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         .ctx(|| format!("creating a temporary file in {}", parent.display()))?
         .into_temp_path();
     fill(&tmp)?;
+    // A temporary file is created private (0600); the result gets the old file's mode, or
+    // the usual 0644 of a new one.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map(|m| m.permissions())
+            .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+        std::fs::set_permissions(&tmp, mode)
+            .ctx(|| format!("setting the mode of {}", tmp.display()))?;
+    }
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .ctx(|| format!("syncing {}", tmp.display()))?;
@@ -60,5 +71,11 @@ mod tests {
         assert_eq!(left.len(), 1, "a temporary file was left behind");
         write(&p, b"new").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{mode:o}");
+        }
     }
 }

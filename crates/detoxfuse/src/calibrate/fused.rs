@@ -771,7 +771,7 @@ impl Default for FusedConfig {
             keep_divergence: Divergence::Reverse,
             fusion_norm: FusionNorm::KeepTargetNorm,
             keep_weight: 1.0,
-            detox_weight: 1.0,
+            detox_weight: 3.0,
             toxic_threshold: 0.5,
             toxic_rise: 0.1,
             val_per_mille: 50,

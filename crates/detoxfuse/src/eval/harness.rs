@@ -75,17 +75,27 @@ pub fn read_prompts(path: &Path, skip_invalid: bool) -> Result<(Vec<Prompt>, Vec
 }
 
 fn prompt_of_json(line: &str) -> std::result::Result<String, String> {
+    parse_prompt_line(line).map(|(_, text)| text)
+}
+
+/// The one reading of a JSONL prompt line (generate, eval, score): the prompt is
+/// `"prompt": "..."`, `"prompt": {"text": ...}` (RealToxicityPrompts) or `"text": "..."`;
+/// also returns the line's `"id"` when it has one. The error says what was expected.
+pub fn parse_prompt_line(
+    line: &str,
+) -> std::result::Result<(Option<serde_json::Value>, String), String> {
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let p = &v["prompt"];
-    p.as_str()
+    let text = p
+        .as_str()
         .or_else(|| p["text"].as_str())
         .or_else(|| v["text"].as_str())
-        .map(String::from)
         .ok_or_else(|| {
             "no prompt: expected \"prompt\": \"...\", \"prompt\": {\"text\": \"...\"} or \"text\": \"...\""
                 .to_string()
-        })
+        })?;
+    Ok((v.get("id").cloned(), text.to_string()))
 }
 
 /// Every `step`-th prompt (a deterministic spread over the file), at most `limit`.
