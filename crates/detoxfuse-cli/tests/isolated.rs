@@ -134,8 +134,6 @@ fn an_installed_binary_alone_generates_evaluates_scores_and_serves() {
         "3",
         "-k",
         "2",
-        "--alphas",
-        "0.2",
         "-o",
         out.to_str().unwrap(),
     ]);
