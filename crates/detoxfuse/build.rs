@@ -25,9 +25,12 @@ fn files(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
-    let root = root
-        .canonicalize()
-        .unwrap_or_else(|e| panic!("the vendored data directory {} is missing ({e})", root.display()));
+    let root = root.canonicalize().unwrap_or_else(|e| {
+        panic!(
+            "the vendored data directory {} is missing ({e})",
+            root.display()
+        )
+    });
     println!("cargo:rerun-if-changed={}", root.display());
     let mut list = Vec::new();
     files(&root, &root, &mut list);
@@ -36,7 +39,10 @@ fn main() {
     }
     let mut src = String::from("/// Every vendored file: (path under `data/`, bytes).\npub const FILES: &[(&str, &[u8])] = &[\n");
     for (rel, p) in &list {
-        src.push_str(&format!("    ({rel:?}, include_bytes!({:?})),\n", p.display().to_string()));
+        src.push_str(&format!(
+            "    ({rel:?}, include_bytes!({:?})),\n",
+            p.display().to_string()
+        ));
     }
     src.push_str("];\n");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("vendored.rs");

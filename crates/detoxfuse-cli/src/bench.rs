@@ -340,8 +340,11 @@ fn llama_cpp(
         .suffix(".py")
         .tempfile()
         .context("creating the llama.cpp bench script")?;
-    std::fs::write(script.path(), include_str!("../../../scripts/bench_llama_cpp.py"))
-        .context("writing the llama.cpp bench script")?;
+    std::fs::write(
+        script.path(),
+        include_str!("../../../scripts/bench_llama_cpp.py"),
+    )
+    .context("writing the llama.cpp bench script")?;
     let out = Command::new(py)
         .arg(script.path())
         .arg(model)

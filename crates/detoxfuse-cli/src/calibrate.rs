@@ -318,7 +318,11 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 ("hate", default_unlikely_corpus(cache))
             };
             let out = u.out.unwrap_or(default_out);
-            return build_unlikely_corpus(&out, &u.data.map_or_else(|| default_data_dir(cache), Ok)?, kind);
+            return build_unlikely_corpus(
+                &out,
+                &u.data.map_or_else(|| default_data_dir(cache), Ok)?,
+                kind,
+            );
         }
     };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));

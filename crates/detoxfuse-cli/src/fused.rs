@@ -131,7 +131,11 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
 
 pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
     let cfg = config(a);
-    let data = a.fused.data.clone().map_or_else(|| default_data_dir(cache), Ok)?;
+    let data = a
+        .fused
+        .data
+        .clone()
+        .map_or_else(|| default_data_dir(cache), Ok)?;
     let target_path = ModelArg {
         model: a.fused.target.clone(),
     }

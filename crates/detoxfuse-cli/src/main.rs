@@ -138,9 +138,11 @@ pub fn bar_style(unit: Option<&str>) -> ProgressStyle {
         None => "{bytes}/{total_bytes} {bytes_per_sec}".to_string(),
         Some(u) => format!("{{pos}}/{{len}} {u} {{per_sec}}"),
     };
-    ProgressStyle::with_template(&format!("{{prefix}} [{{bar:30}}] {counts} {{msg}} eta {{eta}}"))
-        .expect("valid template")
-        .progress_chars("=> ")
+    ProgressStyle::with_template(&format!(
+        "{{prefix}} [{{bar:30}}] {counts} {{msg}} eta {{eta}}"
+    ))
+    .expect("valid template")
+    .progress_chars("=> ")
 }
 
 /// A bar in [`bar_style`] with `prefix`.

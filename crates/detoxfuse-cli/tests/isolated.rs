@@ -148,7 +148,10 @@ fn an_installed_binary_alone_generates_evaluates_scores_and_serves() {
     for r in rows {
         assert_eq!(r["prompts"], 3, "{r}");
         assert!(r["expected_max_toxicity"].as_f64().is_some(), "{r}");
-        assert!(r["perplexity_pooled"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert!(
+            r["perplexity_pooled"].as_f64().is_some_and(f64::is_finite),
+            "{r}"
+        );
     }
     assert!(sb
         .home

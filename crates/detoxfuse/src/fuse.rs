@@ -130,7 +130,10 @@ impl FusionMap {
     pub fn fuse_rows(&self, h_target: &Tensor, h_cal: &Tensor, alpha: &Tensor) -> Result<Tensor> {
         let m = self.mapped(h_cal)?;
         let one_minus = alpha.affine(-1.0, 1.0)?;
-        self.scaled((m.broadcast_mul(alpha)? + h_target.broadcast_mul(&one_minus)?)?, h_target)
+        self.scaled(
+            (m.broadcast_mul(alpha)? + h_target.broadcast_mul(&one_minus)?)?,
+            h_target,
+        )
     }
 
     /// `α·mapped + (1 − α)·h_t` with one α for all rows (the decoder's rule), then the map's

@@ -95,7 +95,11 @@ fn embedded(name: &str) -> Result<&'static [u8]> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, b)| *b)
-        .ok_or_else(|| Error::Input(format!("the vendored data lacks {name}: this build is broken")))
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "the vendored data lacks {name}: this build is broken"
+            ))
+        })
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -114,8 +114,7 @@ fn fused_loss_gradients_match_finite_differences() {
     ];
     for (div, norm) in cases {
         let (sums, grads) =
-            batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, Some(weights), div)
-                .unwrap();
+            batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, Some(weights), div).unwrap();
         assert_eq!((sums.keep, sums.detox), (5, 3));
         assert!(sums.kl > 0.0 && sums.reverse_kl > 0.0 && sums.unlikelihood > 0.0);
         let grads = grads.unwrap();
@@ -124,8 +123,12 @@ fn fused_loss_gradients_match_finite_differences() {
                 batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, None, div).unwrap();
             weights.0 * s.mean_keep(div) + weights.1 * s.mean_unlikelihood()
         };
-        let checked =
-            common::check_finite_differences(&vars, &grads, objective, &format!("fused {div:?} {norm:?}"));
+        let checked = common::check_finite_differences(
+            &vars,
+            &grads,
+            objective,
+            &format!("fused {div:?} {norm:?}"),
+        );
         assert_eq!(checked, 3 * vars.len());
     }
 }

@@ -12,7 +12,11 @@ fn installed_vendored_data_equals_the_shared_data_set_byte_for_byte() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
     let files = manifest["files"].as_object().unwrap();
-    assert_eq!(files.len(), 2 + 1 + 31, "2 RTP, 1 HH-RLHF, 31 ToxiGen files");
+    assert_eq!(
+        files.len(),
+        2 + 1 + 31,
+        "2 RTP, 1 HH-RLHF, 31 ToxiGen files"
+    );
     for name in files.keys() {
         let got = std::fs::read(d.join(name)).unwrap();
         let want = std::fs::read(shared.join(name)).unwrap();

@@ -1093,7 +1093,14 @@ pub fn train(
         }
     };
     let init_rows: Vec<&FusedExample> = super::lens::sample(&keep, cfg.init_rows);
-    let map0 = init_map(&cal, &target, &init_rows, pad, cfg.init_ridge, cfg.fusion_norm)?;
+    let map0 = init_map(
+        &cal,
+        &target,
+        &init_rows,
+        pad,
+        cfg.init_ridge,
+        cfg.fusion_norm,
+    )?;
     let fv = FusionVars::new(&map0)?;
     let mut vars = cal.vars().clone();
     fv.insert_into(&mut vars);
