@@ -335,18 +335,11 @@ fn llama_cpp(
     runs: usize,
     prompt: &[u32],
 ) -> Result<(f64, f64)> {
-    // The driver script travels inside the binary: nothing is read from the source tree.
-    let script = tempfile::Builder::new()
-        .suffix(".py")
-        .tempfile()
-        .context("creating the llama.cpp bench script")?;
-    std::fs::write(
-        script.path(),
-        include_str!("../../../scripts/bench_llama_cpp.py"),
-    )
-    .context("writing the llama.cpp bench script")?;
+    // The driver script travels inside the binary (`python -c`: the arguments keep their
+    // sys.argv positions): nothing is read from the source tree.
     let out = Command::new(py)
-        .arg(script.path())
+        .arg("-c")
+        .arg(include_str!("../../../scripts/bench_llama_cpp.py"))
         .arg(model)
         .arg(threads.to_string())
         .arg(decode.to_string())

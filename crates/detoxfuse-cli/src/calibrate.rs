@@ -17,10 +17,13 @@ use indicatif::ProgressBar;
 
 use crate::{Bar, ModelArg};
 
-/// The data directory: `$DETOXFUSE_DATA`, else the vendored data installed into the cache
-/// ([`detoxfuse::hub::Hub::data_dir`]).
-pub fn default_data_dir(cache: &Path) -> Result<PathBuf> {
-    Ok(detoxfuse::hub::Hub::new(cache).data_dir()?)
+/// The data directory: `given` (a `--data` option), else `$DETOXFUSE_DATA`, else the
+/// vendored data installed into the cache ([`detoxfuse::hub::Hub::data_dir`]).
+pub fn data_dir(cache: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d),
+        None => Ok(detoxfuse::hub::Hub::new(cache).data_dir()?),
+    }
 }
 
 pub fn default_corpus(cache: &Path) -> PathBuf {
@@ -294,7 +297,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         CorpusCmd::Build(a) => a,
         CorpusCmd::Toxic(t) => {
             let out = t.out.unwrap_or_else(|| default_toxic_corpus(cache));
-            let data = t.data.map_or_else(|| default_data_dir(cache), Ok)?;
+            let data = data_dir(cache, t.data)?;
             return build_toxic_corpus(cache, &out, &data, t.threshold);
         }
         CorpusCmd::Selfgen(g) => {
@@ -307,7 +310,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 seed: g.seed,
                 ..SelfGenConfig::default()
             };
-            let data = g.data.map_or_else(|| default_data_dir(cache), Ok)?;
+            let data = data_dir(cache, g.data)?;
             build_selfgen(&target, &out, &data, &cfg)?;
             return Ok(());
         }
@@ -318,11 +321,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 ("hate", default_unlikely_corpus(cache))
             };
             let out = u.out.unwrap_or(default_out);
-            return build_unlikely_corpus(
-                &out,
-                &u.data.map_or_else(|| default_data_dir(cache), Ok)?,
-                kind,
-            );
+            return build_unlikely_corpus(&out, &data_dir(cache, u.data)?, kind);
         }
     };
     let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
@@ -333,7 +332,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         paired_max_tokens: a.paired_max_tokens,
         seed: a.seed,
     };
-    let data = a.data.clone().map_or_else(|| default_data_dir(cache), Ok)?;
+    let data = data_dir(cache, a.data.clone())?;
     build_corpus(cache, &out, &opts, &a.target, &data)
 }
 
@@ -585,7 +584,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if let Some(u) = &cfg.unlikely_corpus {
         if a.unlikely_corpus.is_none() && !u.exists() {
             eprintln!("no unlikelihood corpus at {}: writing it", u.display());
-            build_unlikely_corpus(u, &default_data_dir(cache)?, "hate")?;
+            build_unlikely_corpus(u, &data_dir(cache, None)?, "hate")?;
         }
     }
     let corpus = match &a.corpus {
@@ -602,7 +601,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
                     &c,
                     &CorpusOptions::default(),
                     "smollm2",
-                    &default_data_dir(cache)?,
+                    &data_dir(cache, None)?,
                 )?;
             }
             c
@@ -770,11 +769,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         None
     };
     let tok = &tok;
-    let toxigen = a
-        .data
-        .clone()
-        .map_or_else(|| default_data_dir(cache), Ok)?
-        .join("toxigen");
+    let toxigen = data_dir(cache, a.data.clone())?.join("toxigen");
     println!(
         "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
         corpus::HELD_BACK_GROUPS

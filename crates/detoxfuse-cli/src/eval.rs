@@ -16,7 +16,7 @@ use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::Tokenizer;
 use indicatif::ProgressBar;
 
-use crate::calibrate::default_data_dir;
+use crate::calibrate::data_dir;
 use crate::{Bar, ModelArg};
 
 /// Prompts and samples of the `--quick` profile.
@@ -171,7 +171,7 @@ fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
             crate::calibrate::build_toxic_corpus(
                 cache,
                 &corpus,
-                &default_data_dir(cache)?,
+                &data_dir(cache, None)?,
                 detoxfuse::calibrate::corpus::CorpusOptions::default().threshold,
             )?;
         }
@@ -241,16 +241,11 @@ fn commit() -> String {
     env!("DETOXFUSE_COMMIT").to_string()
 }
 
-/// Writes `text` to `path` atomically ([`detoxfuse::atomic::write`]).
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    Ok(detoxfuse::atomic::write(path, text.as_bytes())?)
-}
-
 pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
     let methods = methods(&a)?;
     let prompts_path = match a.prompts.clone() {
         Some(p) => p,
-        None => default_data_dir(cache)?
+        None => data_dir(cache, None)?
             .join("rtp")
             .join("challenging-toxic-1196.jsonl"),
     };
@@ -428,7 +423,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
             }
         }
     }
-    write_atomic(&run_path, &serde_json::to_string_pretty(&config)?)?;
+    detoxfuse::atomic::write(&run_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
 
     let cfg = GenerationConfig {
         max_tokens: a.max_tokens,
@@ -528,13 +523,13 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         config,
         methods: rows,
     };
-    write_atomic(
+    detoxfuse::atomic::write(
         &out.join("report.json"),
-        &serde_json::to_string_pretty(&report)?,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     let md = report::markdown(&report);
-    write_atomic(&out.join("report.md"), &md)?;
-    write_atomic(&out.join("report.svg"), &report::svg(&report))?;
+    detoxfuse::atomic::write(&out.join("report.md"), md.as_bytes())?;
+    detoxfuse::atomic::write(&out.join("report.svg"), report::svg(&report).as_bytes())?;
     println!("{md}");
     println!(
         "report: {0}/report.md, {0}/report.json, {0}/report.svg; generations in {0}/generations/",

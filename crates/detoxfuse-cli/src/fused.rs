@@ -12,7 +12,7 @@ use detoxfuse::calibrate::selfgen::SelfGenConfig;
 use detoxfuse::calibrate::train::Base;
 use detoxfuse::eval::score::ProfanityCheck;
 
-use crate::calibrate::{build_selfgen, default_data_dir, default_selfgen_dir, CalibrateArgs};
+use crate::calibrate::{build_selfgen, data_dir, default_selfgen_dir, CalibrateArgs};
 use crate::ModelArg;
 
 #[derive(clap::Args)]
@@ -131,11 +131,7 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
 
 pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
     let cfg = config(a);
-    let data = a
-        .fused
-        .data
-        .clone()
-        .map_or_else(|| default_data_dir(cache), Ok)?;
+    let data = data_dir(cache, a.fused.data.clone())?;
     let target_path = ModelArg {
         model: a.fused.target.clone(),
     }

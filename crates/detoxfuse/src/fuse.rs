@@ -70,10 +70,9 @@ pub fn keep_norm(h: &Tensor, h_target: &Tensor) -> Result<Tensor> {
 pub struct FusedDecoder<'m> {
     target: &'m dyn CausalLm,
     cal: &'m dyn CausalLm,
-    /// `A` (`d_cal × d_target`) and the LayerNorm's affine parameters.
+    /// `A` (`d_cal × d_target`), the LayerNorm's affine parameters and the scaling rule.
     map: FusionMap,
     alpha: f64,
-    norm: FusionNorm,
     tcache: KvCache,
     state: CalState<'m>,
 }
@@ -270,15 +269,18 @@ impl<'m> FusedDecoder<'m> {
             cal,
             map,
             alpha,
-            norm: FusionNorm::Paper,
             tcache: target.new_cache(),
             state,
         })
     }
 
-    /// Chooses how the fused state is scaled (default: the paper's formula).
+    /// `KeepTargetNorm` rescales every fused state to the target state's RMS whatever the
+    /// map was trained with (eval's `fusednorm` rows); `Paper` keeps the map's own rule (a
+    /// map trained with the norm kept is always used with it).
     pub fn with_norm(mut self, norm: FusionNorm) -> Self {
-        self.norm = norm;
+        if norm == FusionNorm::KeepTargetNorm {
+            self.map.norm = norm;
+        }
         self
     }
 
@@ -291,13 +293,9 @@ impl<'m> FusedDecoder<'m> {
     }
 
     fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
-        let h = match (h_cal, self.norm) {
-            (Some(hc), FusionNorm::Paper) => self.map.fuse(h_target, &hc, self.alpha)?,
-            // Rescaling twice to the same RMS is rescaling once.
-            (Some(hc), FusionNorm::KeepTargetNorm) => {
-                keep_norm(&self.map.fuse(h_target, &hc, self.alpha)?, h_target)?
-            }
-            (None, _) => h_target.clone(),
+        let h = match h_cal {
+            Some(hc) => self.map.fuse(h_target, &hc, self.alpha)?,
+            None => h_target.clone(),
         };
         rows_of(&self.target.lm_head(&h)?)
     }
