@@ -13,8 +13,9 @@ use detoxfuse::text::vocab::CommonVocab;
 use detoxfuse::text::Tokenizer;
 use indicatif::ProgressBar;
 
-use crate::calibrate::{default_calibration_dir, default_corpus};
 use crate::ModelArg;
+use detoxfuse::hub::Hub;
+use detoxfuse::recipes::Recipe;
 
 #[derive(clap::Args)]
 pub struct AlignArgs {
@@ -71,41 +72,7 @@ pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
     if arg != "paper" {
         return Ok(PathBuf::from(arg));
     }
-    let dir = default_calibration_dir(cache).join("model");
-    if !dir.join("config.json").exists() {
-        eprintln!(
-            "the default calibration model is not in {}: training it now (about 50 minutes on 2 cores; `detoxfuse calibrate` is the same)",
-            dir.display()
-        );
-        calibrate_on_first_use(
-            cache,
-            ["--recipe", "paper"],
-            "the default calibration model",
-        )?;
-    }
-    Ok(dir)
-}
-
-/// Runs this binary's `detoxfuse --cache CACHE calibrate ARGS --resume-if-present` (what
-/// training a default on first use is, so an interrupted first run resumes); `what` names the
-/// result in the error.
-pub fn calibrate_on_first_use<I, S>(cache: &Path, args: I, what: &str) -> Result<()>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let status = std::process::Command::new(std::env::current_exe()?)
-        .arg("--cache")
-        .arg(cache)
-        .arg("calibrate")
-        .args(args)
-        .arg("--resume-if-present")
-        .status()
-        .with_context(|| format!("running `detoxfuse calibrate` for {what}"))?;
-    if !status.success() {
-        bail!("training {what} failed ({status})");
-    }
-    Ok(())
+    crate::calibrate::recipe_dir(cache, Recipe::Paper)
 }
 
 /// Where `align` writes by default.
@@ -160,7 +127,7 @@ pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
         seed: a.seed,
         ..AlignConfig::default()
     };
-    let corpus = a.corpus.clone().unwrap_or_else(|| default_corpus(cache));
+    let corpus = a.corpus.clone().unwrap_or_else(|| Hub::new(cache).corpus());
     align(&cal_dir, &target_path, &cfg, a.texts, &corpus, &out)?;
     Ok(())
 }
@@ -305,16 +272,7 @@ pub fn fused_artifact_dir(cache: &Path, arg: &str) -> Result<Option<PathBuf>> {
         return Ok(Some(detoxfuse::hub::Hub::new(cache).fused_default()?));
     }
     if arg == "fused" {
-        let dir = crate::fused::default_fused_dir(cache);
-        let art = dir.join("artifact");
-        if !art.join(fused::CALIBRATION_MANIFEST).exists() {
-            eprintln!(
-                "the fused calibration is not in {}: training it now (`detoxfuse calibrate --recipe fused` is the same)",
-                art.display()
-            );
-            calibrate_on_first_use(cache, ["--recipe", "fused"], "the fused calibration")?;
-        }
-        return Ok(Some(art));
+        return Ok(Some(crate::calibrate::recipe_dir(cache, Recipe::Fused)?));
     }
     let p = PathBuf::from(arg);
     Ok(p.join(fused::CALIBRATION_MANIFEST).exists().then_some(p))
@@ -382,7 +340,14 @@ pub fn load_fusion(
                     variant,
                     ..AlignConfig::default()
                 };
-                align(&cal_dir, target_path, &cfg, 600, &default_corpus(cache), &p)?;
+                align(
+                    &cal_dir,
+                    target_path,
+                    &cfg,
+                    600,
+                    &Hub::new(cache).corpus(),
+                    &p,
+                )?;
             }
             p
         }

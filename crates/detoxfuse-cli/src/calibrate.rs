@@ -1,18 +1,18 @@
 //! `detoxfuse corpus build`, `detoxfuse calibrate` and `detoxfuse probe`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use detoxfuse::calibrate::corpus::{self, CorpusOptions};
-use detoxfuse::calibrate::guard::LeakageGuard;
+use detoxfuse::calibrate::fused::FusedEvent;
 use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
-use detoxfuse::calibrate::selfgen::{self, SelfGenConfig};
+use detoxfuse::calibrate::selfgen::SelfGenConfig;
 use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
-use detoxfuse::calibrate::{lens, probe};
-use detoxfuse::eval::score::ProfanityCheck;
+use detoxfuse::calibrate::{lens, prepare, probe};
+use detoxfuse::hub::Hub;
+use detoxfuse::recipes::{self, Observer, PaperJob, Recipe};
 use indicatif::ProgressBar;
 
 use crate::{Bar, ModelArg};
@@ -25,24 +25,6 @@ pub fn data_dir(cache: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
         None => Ok(detoxfuse::hub::Hub::new(cache).data_dir()?),
     }
 }
-
-pub fn default_corpus(cache: &Path) -> PathBuf {
-    cache.join("corpus").join("corpus.jsonl")
-}
-
-/// Where `detoxfuse calibrate` trains by default. The name carries the recipe (lens head,
-/// unlikelihood term), so a run of the earlier default (`smollm2-L3`, tied head) is never
-/// resumed with other options.
-pub fn default_calibration_dir(cache: &Path) -> PathBuf {
-    cache.join("calibration").join("smollm2-L3-lens-ul")
-}
-
-/// The default recipe's step count: 300 steps keep corpus build + lens fit + training of the
-/// default model under an hour on 2 cores.
-pub const DEFAULT_STEPS: usize = 300;
-
-/// The default weight of the unlikelihood term (see docs/CALIBRATION.md for the choice).
-pub const DEFAULT_UNLIKELIHOOD: f64 = 10.0;
 
 #[derive(clap::Subcommand)]
 pub enum CorpusCmd {
@@ -85,14 +67,6 @@ pub struct SelfgenArgs {
     seed: u64,
 }
 
-pub fn default_selfgen_dir(cache: &Path, target: &Path) -> PathBuf {
-    let stem = target
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "target".into());
-    cache.join("corpus").join(format!("selfgen-{stem}"))
-}
-
 /// Builds (or resumes) the self-generated data in `out` and returns the samples file.
 pub fn build_selfgen(
     target: &Path,
@@ -100,65 +74,22 @@ pub fn build_selfgen(
     data: &Path,
     cfg: &SelfGenConfig,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let t0 = Instant::now();
-    let scorer = ProfanityCheck::shared();
-    let guard = LeakageGuard::from_rtp_dir(&data.join("rtp"))?;
-    let (prompts, stats) = selfgen::build_prompts(
-        &data.join("hh-rlhf").join("harmless-base-test.jsonl.gz"),
-        &data.join("toxigen"),
-        &guard,
-        scorer,
-        cfg,
-    )?;
-    let model = detoxfuse::lm::load(target)?;
-    let tok = detoxfuse::text::Tokenizer::for_model(target)?;
-    let samples_path = out.join("samples.jsonl");
-    let pb = crate::progress_bar(prompts.len() as u64, "sampling", Some("prompts"));
-    let recs = selfgen::sample_prompts(
-        model.as_ref(),
-        &tok,
-        &prompts,
-        scorer,
-        cfg,
-        &samples_path,
-        &mut |d, _| pb.set_position(d as u64),
-    )?;
+    let pb = crate::progress_bar(0, "sampling", Some("prompts"));
+    let s = prepare::build_selfgen(target, out, data, cfg, &mut |d, n| {
+        pb.set_length(n as u64);
+        pb.set_position(d as u64)
+    })?;
     pb.finish_and_clear();
-    let n: usize = recs.iter().map(|r| r.samples.len()).sum();
-    let toxic = recs
-        .iter()
-        .flat_map(|r| &r.samples)
-        .filter(|s| s.toxicity >= cfg.toxic_threshold)
-        .count();
-    let manifest = serde_json::json!({
-        "purpose": "self-generated data of `calibrate --recipe fused` (toxic on purpose: the toxic continuations are what the fused model learns to avoid)",
-        "target": target,
-        "target_sha256": detoxfuse::fetch::sha256_file(target, &mut detoxfuse::fetch::Silent)?,
-        "data_dir": data,
-        "config": cfg,
-        "prompts": stats,
-        "held_back_groups": corpus::HELD_BACK_GROUPS,
-        "leakage_guard": {"files": guard.files, "prompts": guard.len()},
-        "records": recs.len(),
-        "samples": n,
-        "toxic_samples": toxic,
-        "samples_sha256": detoxfuse::fetch::sha256_file(&samples_path, &mut detoxfuse::fetch::Silent)?,
-        "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
-    });
-    std::fs::write(
-        out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?,
-    )
-    .with_context(|| format!("writing {}", out.join("manifest.json").display()))?;
     println!(
-        "{} prompts, {n} continuations ({toxic} at toxicity >= {}) -> {} in {:.0} s",
-        recs.len(),
+        "{} prompts, {} continuations ({} at toxicity >= {}) -> {} in {:.0} s",
+        s.records,
+        s.samples,
+        s.toxic_samples,
         cfg.toxic_threshold,
-        samples_path.display(),
-        t0.elapsed().as_secs_f64()
+        s.samples_path.display(),
+        s.seconds
     );
-    Ok(samples_path)
+    Ok(s.samples_path)
 }
 
 #[derive(clap::Args)]
@@ -177,56 +108,10 @@ pub struct CorpusUnlikelyArgs {
     neutral: bool,
 }
 
-/// Writes `manifest` beside the corpus file `out` (as `*.manifest.json`) and returns its path.
-fn write_manifest(out: &Path, manifest: &serde_json::Value) -> Result<PathBuf> {
-    let mpath = out.with_extension("manifest.json");
-    detoxfuse::atomic::write(&mpath, serde_json::to_string_pretty(manifest)?.as_bytes())?;
-    Ok(mpath)
-}
-
-pub fn default_unlikely_corpus(cache: &Path) -> PathBuf {
-    cache.join("corpus").join("unlikely.jsonl")
-}
-
-/// Writes the unlikelihood corpus and its manifest: every list of every ToxiGen `kind`
-/// ("hate", or "neutral" for contrast data) group except the held-back ones (which the probe
-/// reads).
+/// Writes the unlikelihood corpus (`kind` "hate", or "neutral" for contrast data).
 pub fn build_unlikely_corpus(out: &Path, data: &Path, kind: &str) -> Result<()> {
-    let toxigen = data.join("toxigen");
-    let records = probe::list_pairs(
-        &toxigen,
-        kind,
-        |g| !corpus::HELD_BACK_GROUPS.contains(&g),
-        usize::MAX,
-    )?;
-    let mut groups: Vec<&str> = records
-        .iter()
-        .filter_map(|r| match r {
-            detoxfuse::calibrate::data::Record::Pair { source, .. } => Some(source.as_str()),
-            _ => None,
-        })
-        .collect();
-    groups.dedup();
-    corpus::write_jsonl(out, &records)?;
-    let purpose = if kind == "hate" {
-        "unlikelihood data for `detoxfuse calibrate --unlikelihood` (toxic on purpose: \
-         the continuations are what the calibration model learns to avoid)"
-    } else {
-        "contrast data: neutral lists in the unlikelihood data's format, trained as ordinary text"
-    };
-    let manifest = serde_json::json!({
-        "purpose": purpose,
-        "kind": kind,
-        "format": "prompt = a ToxiGen list but its last statement, as `- ` lines; completion = the last statement",
-        "toxigen_dir": toxigen,
-        "sources": groups,
-        "held_back_groups": corpus::HELD_BACK_GROUPS,
-        "records": records.len(),
-        "sha256": detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?,
-        "never_read": "RealToxicityPrompts (evaluation data)",
-    });
-    write_manifest(out, &manifest)?;
-    println!("{} {kind} list pairs -> {}", records.len(), out.display());
+    let n = prepare::build_unlikely_corpus(out, data, kind)?;
+    println!("{n} {kind} list pairs -> {}", out.display());
     Ok(())
 }
 
@@ -244,24 +129,10 @@ pub struct CorpusToxicArgs {
     threshold: f64,
 }
 
-pub fn default_toxic_corpus(cache: &Path) -> PathBuf {
-    cache.join("corpus").join("toxic.jsonl")
-}
-
 /// Writes the anti-expert corpus and its manifest.
-pub fn build_toxic_corpus(cache: &Path, out: &Path, data: &Path, threshold: f64) -> Result<()> {
-    let (records, mut manifest) = corpus::toxic_records(
-        cache,
-        &data.join("toxigen"),
-        ProfanityCheck::shared(),
-        threshold,
-        &mut Bar::counting(),
-    )?;
-    corpus::write_jsonl(out, &records)?;
-    manifest["corpus"] = serde_json::json!(out);
-    manifest["sha256"] = detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?.into();
-    write_manifest(out, &manifest)?;
-    println!("{} toxic records -> {}", records.len(), out.display());
+pub fn build_toxic_corpus(hub: &Hub, out: &Path, data: &Path, threshold: f64) -> Result<()> {
+    let n = prepare::build_toxic_corpus(hub, out, data, threshold, &mut Bar::counting())?;
+    println!("{n} toxic records -> {}", out.display());
     Ok(())
 }
 
@@ -293,16 +164,17 @@ pub struct CorpusBuildArgs {
 }
 
 pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
+    let hub = Hub::new(cache);
     let a = match cmd {
         CorpusCmd::Build(a) => a,
         CorpusCmd::Toxic(t) => {
-            let out = t.out.unwrap_or_else(|| default_toxic_corpus(cache));
+            let out = t.out.unwrap_or_else(|| hub.toxic_corpus());
             let data = data_dir(cache, t.data)?;
-            return build_toxic_corpus(cache, &out, &data, t.threshold);
+            return build_toxic_corpus(&hub, &out, &data, t.threshold);
         }
         CorpusCmd::Selfgen(g) => {
             let target = ModelArg { model: g.target }.resolve(cache)?;
-            let out = g.out.unwrap_or_else(|| default_selfgen_dir(cache, &target));
+            let out = g.out.unwrap_or_else(|| hub.selfgen_dir(&target));
             let cfg = SelfGenConfig {
                 toxic_prompts: g.toxic_prompts,
                 neutral_prompts: g.neutral_prompts,
@@ -318,13 +190,13 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
             let (kind, default_out) = if u.neutral {
                 ("neutral", cache.join("corpus").join("neutral-lists.jsonl"))
             } else {
-                ("hate", default_unlikely_corpus(cache))
+                ("hate", hub.unlikely_corpus())
             };
             let out = u.out.unwrap_or(default_out);
             return build_unlikely_corpus(&out, &data_dir(cache, u.data)?, kind);
         }
     };
-    let out = a.out.clone().unwrap_or_else(|| default_corpus(cache));
+    let out = a.out.clone().unwrap_or_else(|| hub.corpus());
     let opts = CorpusOptions {
         threshold: a.threshold,
         passage_words: a.passage_words,
@@ -333,58 +205,32 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         seed: a.seed,
     };
     let data = data_dir(cache, a.data.clone())?;
-    build_corpus(cache, &out, &opts, &a.target, &data)
+    build_corpus(&hub, &out, &opts, &a.target, &data)
 }
 
 /// Builds the corpus at `out` (and its manifest beside it).
 pub fn build_corpus(
-    cache: &Path,
+    hub: &Hub,
     out: &Path,
     opts: &CorpusOptions,
     target: &str,
     data: &Path,
 ) -> Result<()> {
-    if !(0.0..=1.0).contains(&opts.threshold) {
-        bail!(
-            "--threshold {} is not a probability in [0, 1]",
-            opts.threshold
-        );
+    let target = ModelArg {
+        model: target.to_string(),
     }
-    let t0 = Instant::now();
-    let scorer = ProfanityCheck::shared();
-    let (mut records, sources) = corpus::clean_passages(cache, scorer, opts, &mut Bar::counting())?;
-    let paired = if opts.paired_samples > 0 {
-        let target = ModelArg {
-            model: target.to_string(),
-        }
-        .resolve(cache)?;
-        let dir = data.join("toxigen");
-        let (pairs, manifest) =
-            corpus::paired_records(&target, &dir, scorer, opts, &mut Bar::counting())?;
-        records.extend(pairs);
-        manifest
-    } else {
-        serde_json::Value::Null
-    };
-    corpus::write_jsonl(out, &records)?;
-    let sha = detoxfuse::fetch::sha256_file(out, &mut detoxfuse::fetch::Silent)?;
-    let manifest = serde_json::json!({
-        "detoxfuse_version": env!("CARGO_PKG_VERSION"),
-        "corpus": out, "sha256": sha, "records": records.len(),
-        "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
-        "options": opts, "sources": sources, "paired": paired,
-        "fortune_topics_dropped": corpus::FORTUNE_TOPICS_DROPPED,
-        "never_read": "RealToxicityPrompts (evaluation data)",
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
-    let mpath = write_manifest(out, &manifest)?;
-    for s in manifest["sources"].as_array().into_iter().flatten() {
+    .resolve(hub.cache())?;
+    let target = target.to_string_lossy();
+    let s = prepare::build_corpus(hub, out, opts, &target, data, &mut Bar::counting())?;
+    let m = &s.manifest;
+    for src in m["sources"].as_array().into_iter().flatten() {
         println!(
             "{:<13} {}",
-            s["source"]["name"].as_str().unwrap_or("?"),
-            s["stats"]
+            src["source"]["name"].as_str().unwrap_or("?"),
+            src["stats"]
         );
     }
+    let paired = &m["paired"];
     if !paired.is_null() {
         println!(
             "paired        sampled {} kept {} (dropped: toxic {}, restating {}, short {})",
@@ -397,10 +243,10 @@ pub fn build_corpus(
     }
     println!(
         "{} records -> {} (manifest {}) in {:.0} s",
-        records.len(),
+        s.records,
         out.display(),
-        mpath.display(),
-        t0.elapsed().as_secs_f64()
+        s.manifest_path.display(),
+        s.seconds
     );
     Ok(())
 }
@@ -476,7 +322,7 @@ pub struct CalibrateArgs {
     /// Weight of an unlikelihood term (0 = none): each step also takes a batch of toxic
     /// continuations (ToxiGen hate lists of the groups not held back) and lowers their
     /// probability, `loss = CE(clean) + w × UL(toxic)`.
-    #[arg(long, default_value_t = DEFAULT_UNLIKELIHOOD)]
+    #[arg(long, default_value_t = recipes::PAPER_UNLIKELIHOOD)]
     pub(crate) unlikelihood: f64,
     /// The unlikelihood pairs (default: <cache>/corpus/unlikely.jsonl, written by
     /// `detoxfuse corpus unlikely` when missing).
@@ -522,7 +368,7 @@ impl CalibrateArgs {
                 Some(
                     self.unlikely_corpus
                         .clone()
-                        .unwrap_or_else(|| default_unlikely_corpus(cache)),
+                        .unwrap_or_else(|| Hub::new(cache).unlikely_corpus()),
                 ),
                 self.unlikely_batch_tokens,
             )
@@ -550,10 +396,10 @@ impl CalibrateArgs {
                     .weight_decay
                     .unwrap_or(AdamWConfig::default().weight_decay),
                 clip: self.clip,
-                total_steps: self.steps.unwrap_or(DEFAULT_STEPS),
+                total_steps: self.steps.unwrap_or(recipes::PAPER_STEPS),
                 ..AdamWConfig::default()
             },
-            steps: self.steps.unwrap_or(DEFAULT_STEPS),
+            steps: self.steps.unwrap_or(recipes::PAPER_STEPS),
             batch_tokens: self.batch_tokens,
             max_len: self.max_len,
             eval_every: self.eval_every.unwrap_or(TrainConfig::default().eval_every),
@@ -576,131 +422,210 @@ pub fn step_bar(steps: usize, quiet: bool, prefix: &'static str) -> ProgressBar 
     pb
 }
 
+/// Prints what a recipe's training reports: data builds on a counting bar, trainer events
+/// on a step bar (or as lines with `--quiet`).
+pub struct TrainPrinter {
+    pb: ProgressBar,
+    quiet: bool,
+    data: Option<Bar>,
+    val: f64,
+    window_tokens: usize,
+    window_secs: f64,
+}
+
+impl TrainPrinter {
+    pub fn new(steps: usize, quiet: bool, prefix: &'static str) -> Self {
+        Self {
+            pb: step_bar(steps, quiet, prefix),
+            quiet,
+            data: None,
+            val: f64::NAN,
+            window_tokens: 0,
+            window_secs: 0.0,
+        }
+    }
+
+    // A hidden bar prints nothing, its println included: --quiet prints these lines itself.
+    fn say(&self, msg: String) {
+        if self.quiet {
+            println!("{msg}");
+        } else {
+            self.pb.println(msg);
+        }
+    }
+
+    pub fn finish(self) {
+        self.pb.finish_and_clear();
+    }
+}
+
+impl detoxfuse::fetch::Progress for TrainPrinter {
+    fn stage(&mut self, msg: &str) {
+        self.data.get_or_insert_with(Bar::counting).stage(msg)
+    }
+    fn bytes(&mut self, done: u64, total: u64) {
+        self.data
+            .get_or_insert_with(Bar::counting)
+            .bytes(done, total)
+    }
+}
+
+impl Observer for TrainPrinter {
+    fn note(&mut self, msg: &str) {
+        eprintln!("{msg}");
+    }
+
+    fn train_event(&mut self, e: Event) {
+        self.data = None;
+        let pb = &self.pb;
+        match e {
+            Event::Start {
+                step,
+                steps,
+                train_examples,
+                val_examples,
+                trainable_params,
+            } => {
+                pb.set_position(step as u64);
+                pb.reset_eta();
+                self.say(format!(
+                    "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
+                    train_examples,
+                    val_examples,
+                    trainable_params as f64 / 1e6
+                ));
+            }
+            Event::Step(s) => {
+                self.window_tokens += s.tokens;
+                self.window_secs += s.seconds;
+                let tps = self.window_tokens as f64 / self.window_secs.max(1e-9);
+                pb.set_position(s.step as u64);
+                let ul = s
+                    .unlikelihood
+                    .map_or(String::new(), |u| format!(" ul {u:.4}"));
+                pb.set_message(format!(
+                    "loss {:.3}{ul} val {:.3} lr {:.2e} {:.0} tok/s",
+                    s.loss, self.val, s.lr, tps
+                ));
+                if self.quiet {
+                    println!(
+                        "step {} loss {:.4}{ul} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
+                        s.step, s.loss, s.lr, s.grad_norm, tps
+                    );
+                }
+                if s.step % 20 == 0 {
+                    self.window_tokens = 0;
+                    self.window_secs = 0.0;
+                }
+            }
+            Event::Validation {
+                step,
+                loss,
+                unlikely_nll,
+            } => {
+                self.val = loss;
+                let toxic = unlikely_nll.map_or(String::new(), |n| {
+                    format!("  held-out unlikely continuations {n:.4} nats/token (should rise)")
+                });
+                self.say(format!("step {step:>5}  validation loss {loss:.4}{toxic}"));
+            }
+            Event::Checkpoint { .. } => {}
+            Event::Lens {
+                positions,
+                relative_error,
+                seconds,
+            } => match relative_error {
+                Some(e) => self.say(format!(
+                    "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
+                     (relative squared error {e:.3} against the whole base's hidden states)"
+                )),
+                None => self.say(format!(
+                    "tuned-lens head read back from {}",
+                    train::LENS_FILE
+                )),
+            },
+        }
+    }
+
+    fn fused_event(&mut self, e: FusedEvent) {
+        self.data = None;
+        let pb = &self.pb;
+        match e {
+            FusedEvent::Start {
+                step,
+                steps,
+                keep_rows,
+                detox_rows,
+                trainable_params,
+                stats,
+            } => {
+                pb.set_position(step as u64);
+                pb.reset_eta();
+                self.say(format!(
+                    "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
+                    stats.prompts, stats.samples, stats.toxic_samples, stats.keep_positions,
+                    stats.detox_positions, stats.detox_from_prompts, trainable_params as f64 / 1e6
+                ));
+            }
+            FusedEvent::Step(s) => {
+                pb.set_position(s.step as u64);
+                pb.set_message(format!(
+                    "kl {:.4} ul {:.4} p(toxic) {:.4} {:.1} s/step",
+                    s.kl, s.unlikelihood, s.toxic_prob, s.seconds
+                ));
+                if self.quiet {
+                    println!(
+                        "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
+                        s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
+                    );
+                }
+            }
+            FusedEvent::Validation(v) => self.say(format!("validation {v}")),
+            FusedEvent::Checkpoint { .. } => {}
+        }
+    }
+}
+
+/// Asks the hub for a named recipe's result, training it here first when missing.
+pub fn recipe_dir(cache: &Path, recipe: Recipe) -> Result<PathBuf> {
+    let hub = Hub::new(cache);
+    if recipe.is_trained(&hub) {
+        return Ok(recipe.result_dir(&hub));
+    }
+    let steps = match recipe {
+        Recipe::Paper => recipes::PAPER_STEPS,
+        Recipe::AntiExpert => recipes::ANTI_EXPERT_STEPS,
+        Recipe::Fused => detoxfuse::calibrate::fused::FusedConfig::default().steps,
+    };
+    let mut p = TrainPrinter::new(steps, false, "calibrate");
+    let dir = hub.calibration(recipe, &mut p);
+    p.finish();
+    Ok(dir?)
+}
+
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if a.recipe == RecipeArg::Fused {
         return crate::fused::calibrate_fused(cache, &a);
     }
+    let hub = Hub::new(cache);
     let cfg = a.config(cache);
-    if let Some(u) = &cfg.unlikely_corpus {
-        if a.unlikely_corpus.is_none() && !u.exists() {
-            eprintln!("no unlikelihood corpus at {}: writing it", u.display());
-            build_unlikely_corpus(u, &data_dir(cache, None)?, "hate")?;
-        }
-    }
-    let corpus = match &a.corpus {
-        Some(c) => c.clone(),
-        None => {
-            let c = default_corpus(cache);
-            if !c.exists() || !c.with_extension("manifest.json").exists() {
-                eprintln!(
-                    "no corpus at {}: building it with the default options (`detoxfuse corpus build`)",
-                    c.display()
-                );
-                build_corpus(
-                    cache,
-                    &c,
-                    &CorpusOptions::default(),
-                    "smollm2",
-                    &data_dir(cache, None)?,
-                )?;
-            }
-            c
-        }
-    };
-    if !corpus.exists() {
-        bail!(
-            "corpus {} does not exist; build it with `detoxfuse corpus build` or pass --corpus",
-            corpus.display()
-        );
-    }
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| default_calibration_dir(cache));
+    let out = a.out.clone().unwrap_or_else(|| Recipe::Paper.run_dir(&hub));
     let base_path = ModelArg {
         model: a.base.clone(),
     }
     .resolve(cache)?;
-    let base = Base::load(&base_path, cfg.layers)?;
-    let pb = step_bar(cfg.steps, a.quiet, "calibrate");
-    let (mut val, mut window_tokens, mut window_secs) = (f64::NAN, 0usize, 0.0f64);
     let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
-    // A hidden bar prints nothing, its println included: --quiet prints these lines itself.
-    let say = |msg: String| {
-        if a.quiet {
-            println!("{msg}");
-        } else {
-            pb.println(msg);
-        }
+    let mut p = TrainPrinter::new(cfg.steps, a.quiet, "calibrate");
+    let job = PaperJob {
+        base: &base_path.to_string_lossy(),
+        corpus: a.corpus.as_deref(),
+        out: &out,
+        cfg: &cfg,
+        resume,
     };
-    let summary = train::train(&base, &corpus, &out, &cfg, resume, &mut |e| match e {
-        Event::Start {
-            step,
-            steps,
-            train_examples,
-            val_examples,
-            trainable_params,
-        } => {
-            pb.set_position(step as u64);
-            pb.reset_eta();
-            say(format!(
-                "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
-                train_examples,
-                val_examples,
-                trainable_params as f64 / 1e6
-            ));
-        }
-        Event::Step(s) => {
-            window_tokens += s.tokens;
-            window_secs += s.seconds;
-            let tps = window_tokens as f64 / window_secs.max(1e-9);
-            pb.set_position(s.step as u64);
-            let ul = s
-                .unlikelihood
-                .map_or(String::new(), |u| format!(" ul {u:.4}"));
-            pb.set_message(format!(
-                "loss {:.3}{ul} val {:.3} lr {:.2e} {:.0} tok/s",
-                s.loss, val, s.lr, tps
-            ));
-            if a.quiet {
-                println!(
-                    "step {} loss {:.4}{ul} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
-                    s.step, s.loss, s.lr, s.grad_norm, tps
-                );
-            }
-            if s.step % 20 == 0 {
-                window_tokens = 0;
-                window_secs = 0.0;
-            }
-        }
-        Event::Validation {
-            step,
-            loss,
-            unlikely_nll,
-        } => {
-            val = loss;
-            let toxic = unlikely_nll.map_or(String::new(), |n| {
-                format!("  held-out unlikely continuations {n:.4} nats/token (should rise)")
-            });
-            say(format!("step {step:>5}  validation loss {loss:.4}{toxic}"));
-        }
-        Event::Checkpoint { .. } => {}
-        Event::Lens {
-            positions,
-            relative_error,
-            seconds,
-        } => match relative_error {
-            Some(e) => say(format!(
-                "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
-                 (relative squared error {e:.3} against the whole base's hidden states)"
-            )),
-            None => say(format!(
-                "tuned-lens head read back from {}",
-                train::LENS_FILE
-            )),
-        },
-    })?;
-    pb.finish_and_clear();
+    let summary = recipes::train_paper(&hub, &job, &mut p);
+    p.finish();
+    let summary = summary?;
     println!(
         "{} steps, {} tokens ({} of them in this run's {:.0} s, {:.0} tok/s); validation loss {} -> {:.4}; model: {}",
         summary.steps,
@@ -720,7 +645,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
 #[derive(clap::Args)]
 pub struct ProbeArgs {
     /// A trained calibration model directory (the model/ that `calibrate` writes).
-    /// Default: <cache>/calibration/smollm2-L3/model.
+    /// Default: the paper recipe's model, <cache>/calibration/smollm2-L3-lens-ul/model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// The base it was initialised from (its first layers are the "before" model).
@@ -744,7 +669,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     let dir = a
         .model
         .clone()
-        .unwrap_or_else(|| default_calibration_dir(cache).join("model"));
+        .unwrap_or_else(|| Recipe::Paper.result_dir(&Hub::new(cache)));
     let (trained, tok) = CalibrationModel::load_dir(&dir)?;
     let layers = trained.config.num_hidden_layers;
     let base_path = ModelArg {
@@ -808,4 +733,47 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         changes[0] - changes[1]
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Calibrate {
+        #[command(flatten)]
+        a: CalibrateArgs,
+    }
+
+    fn parse(argv: &[&str]) -> CalibrateArgs {
+        <Calibrate as clap::Parser>::try_parse_from(argv).unwrap().a
+    }
+
+    /// The default recipes live in the library once: `calibrate`'s defaults are them.
+    #[test]
+    fn the_cli_defaults_are_the_library_recipes() {
+        let cache = Path::new("/c");
+        let hub = Hub::new(cache);
+        assert_eq!(
+            parse(&["calibrate"]).config(cache),
+            recipes::paper_config(&hub)
+        );
+        assert_eq!(
+            parse(&[
+                "calibrate",
+                "--head-init",
+                "tied",
+                "--unlikelihood",
+                "0",
+                "--steps",
+                "360"
+            ])
+            .config(cache),
+            recipes::anti_expert_config()
+        );
+        assert_eq!(
+            crate::fused::config(&parse(&["calibrate", "--recipe", "fused"])),
+            detoxfuse::calibrate::fused::FusedConfig::default()
+        );
+    }
 }

@@ -163,44 +163,7 @@ fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
     if arg != "default" {
         return Ok(PathBuf::from(arg));
     }
-    let run = cache.join("calibration").join("smollm2-L3-antiexpert");
-    let dir = run.join("model");
-    if !dir.join("config.json").exists() {
-        let corpus = crate::calibrate::default_toxic_corpus(cache);
-        if !corpus.exists() {
-            crate::calibrate::build_toxic_corpus(
-                cache,
-                &corpus,
-                &data_dir(cache, None)?,
-                detoxfuse::calibrate::corpus::CorpusOptions::default().threshold,
-            )?;
-        }
-        eprintln!(
-            "the DExperts anti-expert is not in {}: training it now on {} (about 40 minutes on 2 cores)",
-            dir.display(),
-            corpus.display()
-        );
-        let (corpus, run) = (corpus.as_os_str(), run.as_os_str());
-        crate::align::calibrate_on_first_use(
-            cache,
-            [
-                "--corpus".as_ref(),
-                corpus,
-                "--out".as_ref(),
-                run,
-                // The recipe the evaluation in docs/EVAL.md measured (an unlikelihood term on
-                // toxic text would defeat an anti-expert).
-                "--head-init".as_ref(),
-                "tied".as_ref(),
-                "--unlikelihood".as_ref(),
-                "0".as_ref(),
-                "--steps".as_ref(),
-                "360".as_ref(),
-            ],
-            "the DExperts anti-expert",
-        )?;
-    }
-    Ok(dir)
+    crate::calibrate::recipe_dir(cache, detoxfuse::recipes::Recipe::AntiExpert)
 }
 
 fn bar(total: usize, what: &str) -> ProgressBar {

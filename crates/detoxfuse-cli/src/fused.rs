@@ -4,15 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use detoxfuse::calibrate::fused::{self, FusedConfig, FusedEvent, FusedInputs};
-use detoxfuse::calibrate::guard::LeakageGuard;
+use detoxfuse::calibrate::fused::{self, FusedConfig};
 use detoxfuse::calibrate::model::LayerTraining;
 use detoxfuse::calibrate::optim::AdamWConfig;
-use detoxfuse::calibrate::selfgen::SelfGenConfig;
-use detoxfuse::calibrate::train::Base;
-use detoxfuse::eval::score::ProfanityCheck;
+use detoxfuse::hub::Hub;
+use detoxfuse::recipes::{self, FusedJob, Recipe};
 
-use crate::calibrate::{build_selfgen, data_dir, default_selfgen_dir, CalibrateArgs};
+use crate::calibrate::{data_dir, CalibrateArgs, TrainPrinter};
 use crate::ModelArg;
 
 #[derive(clap::Args)]
@@ -85,12 +83,7 @@ pub enum LayerTrainingArg {
     Frozen,
 }
 
-/// Where the fused recipe trains by default.
-pub fn default_fused_dir(cache: &Path) -> PathBuf {
-    cache.join("calibration").join("fused-smollm2-L3")
-}
-
-fn config(a: &CalibrateArgs) -> FusedConfig {
+pub(crate) fn config(a: &CalibrateArgs) -> FusedConfig {
     let d = FusedConfig::default();
     let f = &a.fused;
     FusedConfig {
@@ -130,112 +123,41 @@ fn config(a: &CalibrateArgs) -> FusedConfig {
 }
 
 pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
+    let hub = Hub::new(cache);
     let cfg = config(a);
-    let data = data_dir(cache, a.fused.data.clone())?;
-    let target_path = ModelArg {
-        model: a.fused.target.clone(),
-    }
-    .resolve(cache)?;
-    let base_path = ModelArg {
-        model: a.base.clone(),
-    }
-    .resolve(cache)?;
-    let samples = match &a.fused.samples {
-        Some(s) => s.clone(),
-        None => {
-            let dir = default_selfgen_dir(cache, &target_path);
-            let s = dir.join("samples.jsonl");
-            if !dir.join("manifest.json").exists() {
-                eprintln!(
-                    "no self-generated data in {}: sampling it now (`detoxfuse corpus selfgen`)",
-                    dir.display()
-                );
-                build_selfgen(
-                    &target_path,
-                    &dir,
-                    &data,
-                    &SelfGenConfig {
-                        seed: a.seed,
-                        ..SelfGenConfig::default()
-                    },
-                )?;
-            }
-            s
+    let resolve = |m: &str| {
+        ModelArg {
+            model: m.to_string(),
         }
+        .resolve(cache)
     };
+    let (target, base) = (resolve(&a.fused.target)?, resolve(&a.base)?);
     let shared = a.fused.shared.as_ref().map(|s| match s.as_str() {
-        "fused" => default_fused_dir(cache).join("artifact"),
+        "fused" => Recipe::Fused.result_dir(&hub),
         dir => PathBuf::from(dir),
     });
-    let out = a.out.clone().unwrap_or_else(|| match &shared {
-        Some(_) => {
-            default_fused_dir(cache).join(format!("map-{}", fused::target_key(&target_path)))
-        }
-        None => default_fused_dir(cache),
+    let out = a.out.as_deref();
+    let run_dir = out.map(Path::to_path_buf).unwrap_or_else(|| match &shared {
+        Some(_) => Recipe::Fused
+            .run_dir(&hub)
+            .join(format!("map-{}", fused::target_key(&target))),
+        None => Recipe::Fused.run_dir(&hub),
     });
-    let mut cfg = cfg;
-    if shared.is_some() {
-        cfg.layer_training = LayerTraining::Frozen;
-    }
-    let guard = LeakageGuard::from_rtp_dir(&data.join("rtp"))?;
-    let base = Base::load(&base_path, cfg.layers)?;
-    let target = detoxfuse::lm::load(&target_path)?;
-    let target_tok = detoxfuse::text::Tokenizer::for_model(&target_path)?;
-    let inputs = FusedInputs {
-        base: &base,
-        target: target.as_ref(),
-        target_path: &target_path,
-        target_sha256: detoxfuse::calibrate::train::sha256_path(&target_path)?,
-        samples: &samples,
-        guard: &guard,
-        scorer: ProfanityCheck::shared(),
-        target_tok: &target_tok,
+    let resume = a.resume || (a.resume_if_present && run_dir.join("checkpoint.json").exists());
+    let job = FusedJob {
+        base: &base.to_string_lossy(),
+        target: &target.to_string_lossy(),
+        samples: a.fused.samples.as_deref(),
         shared: shared.as_deref(),
-        artifact: shared.clone().unwrap_or_else(|| out.join("artifact")),
+        out: Some(&run_dir),
+        data: Some(&data_dir(cache, a.fused.data.clone())?),
+        cfg: &cfg,
+        resume,
     };
-    let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
-    let pb = crate::calibrate::step_bar(cfg.steps, a.quiet, "calibrate (fused)");
-    let say = |msg: String| {
-        if a.quiet {
-            println!("{msg}");
-        } else {
-            pb.println(msg);
-        }
-    };
-    let summary = fused::train(&inputs, &out, &cfg, resume, &mut |e| match e {
-        FusedEvent::Start {
-            step,
-            steps,
-            keep_rows,
-            detox_rows,
-            trainable_params,
-            stats,
-        } => {
-            pb.set_position(step as u64);
-            pb.reset_eta();
-            say(format!(
-                "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
-                stats.prompts, stats.samples, stats.toxic_samples, stats.keep_positions,
-                stats.detox_positions, stats.detox_from_prompts, trainable_params as f64 / 1e6
-            ));
-        }
-        FusedEvent::Step(s) => {
-            pb.set_position(s.step as u64);
-            pb.set_message(format!(
-                "kl {:.4} ul {:.4} p(toxic) {:.4} {:.1} s/step",
-                s.kl, s.unlikelihood, s.toxic_prob, s.seconds
-            ));
-            if a.quiet {
-                println!(
-                    "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
-                    s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
-                );
-            }
-        }
-        FusedEvent::Validation(v) => say(format!("validation {v}")),
-        FusedEvent::Checkpoint { .. } => {}
-    })?;
-    pb.finish_and_clear();
+    let mut p = TrainPrinter::new(cfg.steps, a.quiet, "calibrate (fused)");
+    let summary = recipes::train_fused(&hub, &job, &mut p);
+    p.finish();
+    let summary = summary?;
     println!(
         "{} steps in {:.0} s; validation {}; artifact: {}",
         summary.steps,

@@ -45,6 +45,20 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         .ctx(|| format!("renaming into {}", path.display()))
 }
 
+/// Moves a finished temporary file or directory `from` (written in `to`'s file system) to
+/// `to`: a file is synced first; a directory already at `to` is removed first (a reader may
+/// then find nothing, never a part). The one rename of the library besides [`write_with`]'s.
+pub fn move_into_place(from: &Path, to: &Path) -> Result<()> {
+    if from.is_file() {
+        std::fs::File::open(from)
+            .and_then(|f| f.sync_all())
+            .ctx(|| format!("syncing {}", from.display()))?;
+    } else if to.is_dir() {
+        std::fs::remove_dir_all(to).ctx(|| format!("replacing {}", to.display()))?;
+    }
+    std::fs::rename(from, to).ctx(|| format!("moving {} into place", to.display()))
+}
+
 /// [`write_with`] for bytes already in memory.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |tmp| {

@@ -211,7 +211,7 @@ pub fn fetch(
             spec.file_name, spec.sha256
         )));
     }
-    std::fs::rename(&tmp, &dest).ctx(|| format!("moving the model to {}", dest.display()))?;
+    crate::atomic::move_into_place(&tmp, &dest)?;
     Ok(dest)
 }
 

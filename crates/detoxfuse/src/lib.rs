@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod lm;
+pub mod recipes;
 pub mod sample;
 pub mod text;
 

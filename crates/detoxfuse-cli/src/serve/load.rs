@@ -1,7 +1,6 @@
 //! `detoxfuse bench serve`: a bounded load run against the server (our own small HTTP/1.1
 //! client on tokio: one connection per request, like many simple API clients).
 
-use std::io::BufRead;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -85,30 +84,51 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
             .trim_end_matches('/')
             .to_string(),
         None => {
-            let mut child = std::process::Command::new(std::env::current_exe()?)
-                .arg("--cache")
-                .arg(cache)
-                .args(["serve", "--port", "0", "--model", &a.model, "--calibration"])
-                .arg(&a.calibration)
-                .args(["--queue", &a.queue.to_string()])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .context("starting `detoxfuse serve`")?;
-            let mut line = String::new();
-            std::io::BufReader::new(child.stdout.take().context("server stdout")?)
-                .read_line(&mut line)?;
-            let Some(addr) = line
-                .split("http://")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-            else {
-                let _ = child.kill();
-                bail!("the server did not start: {line:?}");
+            // The server runs in this process, on its own thread and runtime, and stops
+            // the way SIGTERM stops it (graceful shutdown: in-flight requests finish).
+            #[derive(clap::Parser)]
+            struct Serve {
+                #[command(flatten)]
+                a: super::ServeArgs,
+            }
+            let queue = a.queue.to_string();
+            let argv = [
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                &a.model,
+                "--calibration",
+                &a.calibration,
+                "--queue",
+                &queue,
+            ];
+            let args = <Serve as clap::Parser>::try_parse_from(argv)?.a;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let cache = cache.to_path_buf();
+            let thread = std::thread::Builder::new()
+                .name("detoxfuse-serve".into())
+                .spawn(move || {
+                    super::serve_until(
+                        &cache,
+                        args,
+                        async {
+                            stop_rx.await.ok();
+                        },
+                        |addr| {
+                            addr_tx.send(addr).ok();
+                        },
+                    )
+                })?;
+            let Ok(addr) = addr_rx.recv() else {
+                return match thread.join() {
+                    Ok(Err(e)) => Err(e.context("the server did not start")),
+                    _ => bail!("the server did not start"),
+                };
             };
-            eprintln!("started {}", line.trim());
-            let addr = addr.to_string();
-            server = Some(child);
-            addr
+            server = Some((stop_tx, thread));
+            addr.to_string()
         }
     };
     let mut body = serde_json::json!({
@@ -226,18 +246,17 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         .filter(|(k, _)| !["200", "429", "503"].contains(&k.as_str()))
         .map(|(_, v)| v)
         .sum();
-    if let Some(mut child) = server {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let status = child.wait()?;
+    if let Some((stop, thread)) = server {
+        let _ = stop.send(());
+        let result = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
         println!(
-            "server exit after SIGTERM: {status} (crashes: {})",
-            u8::from(!status.success())
+            "server stopped after graceful shutdown: {} (crashes: {})",
+            if result.is_ok() { "ok" } else { "error" },
+            u8::from(result.is_err())
         );
-        if !status.success() {
-            bail!("the server did not exit cleanly: {status}");
-        }
+        result.context("the server did not stop cleanly")?;
     }
     if unexpected > 0 {
         bail!("{unexpected} responses were neither 200 nor a deliberate 429/503");

@@ -156,6 +156,17 @@ fn worker(
 }
 
 pub fn run(cache: &Path, a: ServeArgs) -> Result<()> {
+    serve_until(cache, a, shutdown_signal(), |_| {})
+}
+
+/// Serves until `shutdown` resolves (then finishes the requests in flight), calling
+/// `bound(address)` once the socket listens.
+pub fn serve_until(
+    cache: &Path,
+    a: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    bound: impl FnOnce(SocketAddr),
+) -> Result<()> {
     if !(0.0..=1.0).contains(&a.alpha) {
         anyhow::bail!("--alpha {} is outside [0, 1]", a.alpha);
     }
@@ -209,9 +220,9 @@ pub fn run(cache: &Path, a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        let bound = listener.local_addr()?;
+        let bound_addr = listener.local_addr()?;
         println!(
-            "detoxfuse serve: listening on http://{bound} (model {:?}, alpha {} by default, {})",
+            "detoxfuse serve: listening on http://{bound_addr} (model {:?}, alpha {} by default, {})",
             state.model_id,
             state.default_alpha,
             if state.api_key.is_some() {
@@ -222,9 +233,10 @@ pub fn run(cache: &Path, a: ServeArgs) -> Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush().ok();
+        bound(bound_addr);
         let app = router(state, a.max_body);
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await
             .context("serving")?;
         eprintln!("detoxfuse serve: shut down (in-flight requests finished)");

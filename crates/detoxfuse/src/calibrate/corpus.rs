@@ -219,7 +219,7 @@ pub fn fetch_source(
             "`dpkg-deb -x`",
         )?,
     }
-    std::fs::rename(&x, &dest).ctx(|| format!("moving {} into place", dest.display()))?;
+    crate::atomic::move_into_place(&x, &dest)?;
     Ok(dest)
 }
 
@@ -482,24 +482,15 @@ pub fn restates(statement: &str, completion: &str) -> bool {
 
 /// Writes records as JSONL to `path` atomically.
 pub fn write_jsonl(path: &Path, records: &[Record]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).ctx(|| format!("writing in {}", dir.display()))?;
-    {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+    crate::atomic::write_with(path, |tmp| {
+        let f = std::fs::File::create(tmp).ctx(|| format!("writing {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(f);
         for r in records {
             writeln!(w, "{}", serde_json::to_string(r)?)
                 .ctx(|| "writing the corpus".to_string())?;
         }
-        w.flush().ctx(|| "writing the corpus".to_string())?;
-    }
-    tmp.persist(path)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))?;
-    Ok(())
+        w.flush().ctx(|| "writing the corpus".to_string())
+    })
 }
 
 /// The clean-text part of the corpus: every source fetched, split, filtered and grouped.

@@ -9,6 +9,7 @@ pub mod lens;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod prepare;
 pub mod probe;
 pub mod selfgen;
 pub mod train;

@@ -212,10 +212,7 @@ pub fn write_hf_dir(model: &HfLlama, out_dir: &Path, extra: &[(&str, String)]) -
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors"))?;
     let tmp = tmp.keep();
-    if out_dir.exists() {
-        std::fs::remove_dir_all(out_dir).ctx(|| format!("replacing {}", out_dir.display()))?;
-    }
-    std::fs::rename(&tmp, out_dir).ctx(|| format!("moving the export to {}", out_dir.display()))
+    crate::atomic::move_into_place(&tmp, out_dir)
 }
 
 /// Writes a llama-family GGUF as a Hugging Face Llama directory.
