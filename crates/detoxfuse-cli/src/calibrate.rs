@@ -486,6 +486,7 @@ impl Observer for TrainPrinter {
                 val_examples,
                 trainable_params,
             } => {
+                pb.set_length(steps as u64);
                 pb.set_position(step as u64);
                 pb.reset_eta();
                 self.say(format!(
@@ -559,6 +560,7 @@ impl Observer for TrainPrinter {
                 trainable_params,
                 stats,
             } => {
+                pb.set_length(steps as u64);
                 pb.set_position(step as u64);
                 pb.reset_eta();
                 self.say(format!(
@@ -588,17 +590,8 @@ impl Observer for TrainPrinter {
 
 /// Asks the hub for a named recipe's result, training it here first when missing.
 pub fn recipe_dir(cache: &Path, recipe: Recipe) -> Result<PathBuf> {
-    let hub = Hub::new(cache);
-    if recipe.is_trained(&hub) {
-        return Ok(recipe.result_dir(&hub));
-    }
-    let steps = match recipe {
-        Recipe::Paper => recipes::PAPER_STEPS,
-        Recipe::AntiExpert => recipes::ANTI_EXPERT_STEPS,
-        Recipe::Fused => detoxfuse::calibrate::fused::FusedConfig::default().steps,
-    };
-    let mut p = TrainPrinter::new(steps, false, "calibrate");
-    let dir = hub.calibration(recipe, &mut p);
+    let mut p = TrainPrinter::new(0, false, "calibrate");
+    let dir = Hub::new(cache).calibration(recipe, &mut p);
     p.finish();
     Ok(dir?)
 }

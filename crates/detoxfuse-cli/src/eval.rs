@@ -195,7 +195,7 @@ fn advance(pb: &ProgressBar, done: usize, total: usize) {
 fn model_id(path: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "path": path,
-        "sha256": detoxfuse::align::model_sha256(path)?,
+        "sha256": detoxfuse::fetch::sha256_path(path)?,
     }))
 }
 

@@ -70,15 +70,10 @@ impl ModelId {
     pub fn of(path: &Path, width: usize) -> Result<Self> {
         Ok(Self {
             path: path.to_path_buf(),
-            sha256: model_sha256(path)?,
+            sha256: crate::fetch::sha256_path(path)?,
             width,
         })
     }
-}
-
-/// sha256 identifying a model: the GGUF file, or a directory's safetensors files.
-pub fn model_sha256(path: &Path) -> Result<String> {
-    crate::fetch::sha256_path(path, |p| p.extension().is_some_and(|x| x == "safetensors"))
 }
 
 /// What `align` saves beside `A`.

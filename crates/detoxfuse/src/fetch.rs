@@ -117,16 +117,17 @@ pub fn sha256_file(path: &Path, progress: &mut dyn Progress) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// sha256 of a file, or of the files of a directory that `keep` accepts, concatenated in
-/// name order.
-pub fn sha256_path(path: &Path, keep: impl Fn(&Path) -> bool) -> Result<String> {
+/// The one identity of a model or an input in manifests and checkpoints: the sha256 of a
+/// file, or of all of a directory's files concatenated in name order (weights, config and
+/// tokenizer together decide what a model computes).
+pub fn sha256_path(path: &Path) -> Result<String> {
     if !path.is_dir() {
         return sha256_file(path, &mut Silent);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .ctx(|| format!("listing {}", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && keep(p))
+        .filter(|p| p.is_file())
         .collect();
     files.sort();
     let mut h = Sha256::new();

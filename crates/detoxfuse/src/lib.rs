@@ -9,6 +9,7 @@ pub mod align;
 pub mod atomic;
 pub mod bench;
 pub mod calibrate;
+pub mod calibration;
 pub mod error;
 pub mod eval;
 pub mod fetch;

@@ -261,7 +261,7 @@ pub fn train_fused(hub: &Hub, job: &FusedJob, obs: &mut dyn Observer) -> Result<
         base: &base,
         target: target.as_ref(),
         target_path: &target_path,
-        target_sha256: train::sha256_path(&target_path)?,
+        target_sha256: crate::fetch::sha256_path(&target_path)?,
         samples: &samples,
         guard: &guard,
         scorer: ProfanityCheck::shared(),

@@ -120,7 +120,7 @@ fn now_unix() -> u64 {
 fn worker(
     target: Box<dyn CausalLm>,
     tok: Tokenizer,
-    fusion: Option<crate::align::Fusion>,
+    fusion: Option<detoxfuse::calibration::Fusion>,
     jobs: std::sync::mpsc::Receiver<Job>,
 ) {
     while let Ok(job) = jobs.recv() {

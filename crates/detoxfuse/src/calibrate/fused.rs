@@ -1107,7 +1107,7 @@ pub fn train(
     let mut opt_cfg = cfg.optim;
     opt_cfg.total_steps = cfg.steps;
     let mut opt = AdamW::new(opt_cfg, &vars)?;
-    let samples_sha256 = train::sha256_path(inputs.samples)?;
+    let samples_sha256 = crate::fetch::sha256_path(inputs.samples)?;
     let mut state = FusedRecord {
         step: 0,
         keep_epoch: 0,
@@ -1351,7 +1351,7 @@ pub fn save_artifact(
             "base": {"file": base.path.file_name().map(|n| n.to_string_lossy()), "sha256": base.sha256},
             "layers": cal.config.num_hidden_layers,
             "tensors": CALIBRATION_TENSORS,
-            "tensors_sha256": train::sha256_path(&tensors_path)?,
+            "tensors_sha256": crate::fetch::sha256_path(&tensors_path)?,
             "trained_by": train_manifest,
         });
         write_json(&manifest_path, &m)?;
@@ -1366,7 +1366,7 @@ pub fn save_artifact(
         "target": {"file": target_path.file_name().map(|n| n.to_string_lossy()), "sha256": target_sha256},
         "calibration_tensors_sha256": cal_manifest["tensors_sha256"],
         "map": format!("{key}.safetensors"),
-        "map_sha256": train::sha256_path(&map_path)?,
+        "map_sha256": crate::fetch::sha256_path(&map_path)?,
         "dims": map.dims()?,
         "norm": map.norm,
         "trained_by": train_manifest,
@@ -1390,7 +1390,7 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
 }
 
 fn check_sha(path: &Path, want: &serde_json::Value, what: &str) -> Result<()> {
-    check_digest(path, &train::sha256_path(path)?, want, what)
+    check_digest(path, &crate::fetch::sha256_path(path)?, want, what)
 }
 
 /// [`check_sha`] with the file's sha256 already computed.
@@ -1539,7 +1539,7 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
     let target_sha256 = if target_path == base_path {
         base.sha256.clone()
     } else {
-        train::sha256_path(target_path)?
+        crate::fetch::sha256_path(target_path)?
     };
     check_digest(
         target_path,

@@ -213,7 +213,7 @@ impl Base {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            sha256: sha256_path(path)?,
+            sha256: crate::fetch::sha256_path(path)?,
             model,
         })
     }
@@ -232,11 +232,6 @@ impl Base {
     pub fn init(&self, layers: usize, trainable: Trainable) -> Result<CalibrationModel> {
         CalibrationModel::from_base(&self.model, layers, trainable, DType::F32)
     }
-}
-
-/// sha256 of a file, or of all of a directory's files in name order.
-pub fn sha256_path(path: &Path) -> Result<String> {
-    crate::fetch::sha256_path(path, |_| true)
 }
 
 /// Makes sure `dir` exists and is writable before hours of work depend on it.
@@ -278,7 +273,7 @@ pub fn train(
             out.display()
         )));
     }
-    let corpus_sha256 = sha256_path(corpus)?;
+    let corpus_sha256 = crate::fetch::sha256_path(corpus)?;
     let records = data::read_corpus(corpus)?;
     let (train_recs, val_recs) = data::split(records, cfg.val_per_mille);
     let tok = &base.model.tokenizer;
@@ -541,7 +536,7 @@ impl UnlikelyData {
         Ok(Some(Self {
             train,
             val,
-            sha256: sha256_path(path)?,
+            sha256: crate::fetch::sha256_path(path)?,
         }))
     }
 
