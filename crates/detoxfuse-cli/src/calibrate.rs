@@ -588,14 +588,6 @@ impl Observer for TrainPrinter {
     }
 }
 
-/// Asks the hub for a named recipe's result, training it here first when missing.
-pub fn recipe_dir(cache: &Path, recipe: Recipe) -> Result<PathBuf> {
-    let mut p = TrainPrinter::new(0, false, "calibrate");
-    let dir = Hub::new(cache).calibration(recipe, &mut p);
-    p.finish();
-    Ok(dir?)
-}
-
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     if a.recipe == RecipeArg::Fused {
         return crate::fused::calibrate_fused(cache, &a);

@@ -3,25 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use detoxfuse::calibrate::corpus::{toxigen_group, HELD_BACK_GROUPS};
-use detoxfuse::eval::baselines::{self, BannedSequences, ExpertsDecoder, WordFilterDecoder};
-use detoxfuse::eval::harness::{self, Prompt};
-use detoxfuse::eval::report::{self, Report};
-use detoxfuse::eval::score::ProfanityCheck;
-use detoxfuse::fuse::same_tokenizer;
-use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
-use detoxfuse::lm;
-use detoxfuse::sample::SamplingParams;
-use detoxfuse::text::Tokenizer;
+use anyhow::Result;
+use detoxfuse::calibration::CalibrationSpec;
+use detoxfuse::eval::protocol::{self, EvalObserver, EvalPlan, Method};
+use detoxfuse::hub::Hub;
+use detoxfuse::recipes::Observer;
 use indicatif::ProgressBar;
 
-use crate::calibrate::data_dir;
-use crate::{Bar, ModelArg};
-
-/// Prompts and samples of the `--quick` profile.
-const QUICK_PROMPTS: usize = 40;
-const QUICK_SAMPLES: usize = 25;
+use crate::calibrate::TrainPrinter;
+use crate::ModelArg;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -102,74 +92,6 @@ pub struct EvalArgs {
     allow_trained_groups: bool,
 }
 
-/// One row of the evaluation.
-#[derive(Debug, Clone, PartialEq)]
-enum Method {
-    Base,
-    Fused(f64),
-    FusedNorm(f64),
-    WordFilter,
-    Dexperts(f32),
-}
-
-impl Method {
-    fn name(&self) -> String {
-        match self {
-            Method::Base => "base".into(),
-            Method::Fused(a) => format!("fused-a{a}"),
-            Method::FusedNorm(a) => format!("fused-norm-a{a}"),
-            Method::WordFilter => "wordfilter".into(),
-            Method::Dexperts(b) => format!("dexperts-b{b}"),
-        }
-    }
-}
-
-fn methods(a: &EvalArgs) -> Result<Vec<Method>> {
-    let mut out = Vec::new();
-    for m in &a.methods {
-        match m.as_str() {
-            "base" => out.push(Method::Base),
-            "fused" | "fusednorm" => {
-                for &alpha in &a.alphas {
-                    if !(0.0..=1.0).contains(&alpha) {
-                        bail!("--alphas: {alpha} is outside [0, 1]");
-                    }
-                    out.push(if m == "fused" {
-                        Method::Fused(alpha)
-                    } else {
-                        Method::FusedNorm(alpha)
-                    });
-                }
-            }
-            "wordfilter" => out.push(Method::WordFilter),
-            "dexperts" => {
-                for &beta in &a.dexperts_beta {
-                    if !(beta.is_finite() && beta >= 0.0) {
-                        bail!("--dexperts-beta: {beta} is not a finite number >= 0");
-                    }
-                    out.push(Method::Dexperts(beta));
-                }
-            }
-            other => bail!(
-                "--methods: unknown method {other:?}; choose from base, fused, fusednorm, wordfilter, dexperts"
-            ),
-        }
-    }
-    Ok(out)
-}
-
-/// The anti-expert directory ("default": trained now if missing).
-fn anti_expert_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
-    if arg != "default" {
-        return Ok(PathBuf::from(arg));
-    }
-    crate::calibrate::recipe_dir(cache, detoxfuse::recipes::Recipe::AntiExpert)
-}
-
-fn bar(total: usize, what: &str) -> ProgressBar {
-    crate::progress_bar(total as u64, &format!("{what:>22}"), Some("prompts"))
-}
-
 /// Moves the bar; when stderr is not a terminal (a run under nohup, a log file) the bar is
 /// invisible, so a plain progress line goes out every 50 prompts instead.
 fn advance(pb: &ProgressBar, done: usize, total: usize) {
@@ -192,327 +114,91 @@ fn advance(pb: &ProgressBar, done: usize, total: usize) {
     }
 }
 
-fn model_id(path: &Path) -> Result<serde_json::Value> {
-    Ok(serde_json::json!({
-        "path": path,
-        "sha256": detoxfuse::fetch::sha256_path(path)?,
-    }))
+/// Training on first use (experts, calibration) and the run's phases, on the terminal.
+struct EvalPrinter {
+    train: TrainPrinter,
+    phase: Option<ProgressBar>,
 }
 
-/// The source revision this binary was built from (recorded by `build.rs`).
-fn commit() -> String {
-    env!("DETOXFUSE_COMMIT").to_string()
+impl detoxfuse::fetch::Progress for EvalPrinter {
+    fn stage(&mut self, msg: &str) {
+        self.train.stage(msg)
+    }
+    fn bytes(&mut self, done: u64, total: u64) {
+        self.train.bytes(done, total)
+    }
+}
+
+impl Observer for EvalPrinter {
+    fn note(&mut self, msg: &str) {
+        self.train.note(msg)
+    }
+    fn train_event(&mut self, e: detoxfuse::calibrate::train::Event) {
+        self.train.train_event(e)
+    }
+    fn fused_event(&mut self, e: detoxfuse::calibrate::fused::FusedEvent) {
+        self.train.fused_event(e)
+    }
+}
+
+impl EvalObserver for EvalPrinter {
+    fn phase(&mut self, what: &str, total: usize) {
+        if let Some(pb) = self.phase.take() {
+            pb.finish_and_clear();
+        }
+        self.phase = Some(crate::progress_bar(
+            total as u64,
+            &format!("{what:>22}"),
+            Some("prompts"),
+        ));
+    }
+    fn advance(&mut self, done: usize, total: usize) {
+        if let Some(pb) = &self.phase {
+            advance(pb, done, total);
+        }
+    }
 }
 
 pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
-    let methods = methods(&a)?;
-    let prompts_path = match a.prompts.clone() {
-        Some(p) => p,
-        None => data_dir(cache, None)?
-            .join("rtp")
-            .join("challenging-toxic-1196.jsonl"),
-    };
-    let file_name = prompts_path.file_name().and_then(|n| n.to_str());
-    if let Some((_, g)) = file_name.and_then(toxigen_group) {
-        if !HELD_BACK_GROUPS.contains(&g) && !a.allow_trained_groups {
-            bail!(
-                "{}: the calibration corpora (paired replies, unlikelihood pairs) and the \
-                 anti-expert train on ToxiGen group {g:?}, so its prompts are not held out; \
-                 evaluate a held-back group ({}) or pass --allow-trained-groups",
-                prompts_path.display(),
-                HELD_BACK_GROUPS.join(", ")
-            );
-        }
-    }
-    let (all, bad) = harness::read_prompts(&prompts_path, a.skip_invalid)?;
-    let prompts_path = prompts_path.canonicalize().unwrap_or(prompts_path);
-    for b in &bad {
-        eprintln!("{b}; line skipped");
-    }
-    let limit = a.limit.or(a.quick.then_some(QUICK_PROMPTS));
-    let prompts: Vec<Prompt> = match limit {
-        Some(n) => harness::spread(&all, n),
-        None => all.clone(),
-    };
-    let k = a.samples.unwrap_or(QUICK_SAMPLES);
-    let profile = if a.limit.is_none() && a.samples.is_none_or(|s| s == 25) {
-        if a.quick {
-            "quick"
-        } else {
-            "standard"
-        }
-    } else {
-        "custom"
-    };
-
-    let target_path = a.model.resolve(cache)?;
-    let evaluator_name = a.evaluator.clone().unwrap_or_else(|| {
-        if a.model.model == "gemma3" {
-            "smollm2".into()
-        } else {
-            "gemma3".into()
-        }
-    });
-    let evaluator_path = ModelArg {
-        model: evaluator_name,
-    }
-    .resolve(cache)?;
-    let target_id = model_id(&target_path)?;
-    let evaluator_id = model_id(&evaluator_path)?;
-    if target_id["sha256"] == evaluator_id["sha256"] {
-        bail!(
-            "the evaluator LM ({}) is the target model itself: perplexity under the model being \
-             evaluated rewards its own habits. Pass another model with --evaluator (e.g. gemma3 \
-             for smollm2)",
-            evaluator_path.display()
-        );
-    }
-
-    let target = lm::load(&target_path)?;
-    let tok = Tokenizer::for_model(&target_path)?;
-    let needs_cal = methods
-        .iter()
-        .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_)));
-    let fusion = if needs_cal {
-        Some(crate::align::load_fusion(
-            cache,
-            &a.calibration,
-            None,
-            &target_path,
-            target.as_ref(),
-            0.0,
-            a.align_variant.into(),
-        )?)
-    } else {
-        None
-    };
-    let anti = if methods.iter().any(|m| matches!(m, Method::Dexperts(_))) {
-        let expert_dir = crate::align::calibration_dir(cache, &a.expert)?;
-        let expert = lm::load(&expert_dir)
-            .with_context(|| format!("loading the DExperts expert {}", expert_dir.display()))?;
-        let expert_tok = Tokenizer::for_model(&expert_dir)?;
-        if !same_tokenizer(&tok, &expert_tok) {
-            bail!(
-                "the DExperts baseline needs experts with the target's vocabulary; the experts are \
-                 trained from SmolLM2 and {} has another tokenizer. Leave it out with --methods base,fused,wordfilter",
-                target_path.display()
-            );
-        }
-        let dir = anti_expert_dir(cache, &a.anti_expert)?;
-        let m =
-            lm::load(&dir).with_context(|| format!("loading the anti-expert {}", dir.display()))?;
-        Some((dir, m, expert_dir, expert))
-    } else {
-        None
-    };
-    let banned = if methods.contains(&Method::WordFilter) {
-        let words = baselines::bad_words(cache, &mut Bar::counting())?;
-        let b = BannedSequences::new(&tok, &words)?;
-        eprintln!(
-            "word filter: {} words of {} {} -> {} banned token sequences",
-            words.len(),
-            baselines::BAD_WORDS.package,
-            baselines::BAD_WORDS.version,
-            b.len()
-        );
-        Some(b)
-    } else {
-        None
-    };
-
-    let stem = |p: &Path| {
-        p.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    let out = a.out.clone().unwrap_or_else(|| {
-        cache.join("eval").join(format!(
-            "{}-{}-{profile}",
-            stem(&target_path),
-            stem(&prompts_path)
-        ))
-    });
-    std::fs::create_dir_all(out.join("generations"))
-        .and_then(|_| std::fs::create_dir_all(out.join("fluency")))
-        .with_context(|| format!("creating {}", out.display()))?;
-
-    let per_prompt_ppl = a.perplexity_samples.unwrap_or(k).min(k);
-    let config = serde_json::json!({
-        "prompts": {
-            "path": prompts_path, "sha256": detoxfuse::fetch::sha256_file(&prompts_path, &mut detoxfuse::fetch::Silent)?,
-            "count": prompts.len(), "of": all.len(),
-            "subset": limit.filter(|&n| n < all.len()).map(|n| format!("{n} spread evenly over {}", all.len())),
-            "lines": prompts.iter().map(|p| p.line).collect::<Vec<_>>(),
-        },
-        "samples": k, "max_tokens": a.max_tokens,
-        // f32 options, recorded as the decimals the user typed
-        "top_p": (a.top_p as f64 * 1e6).round() / 1e6,
-        "temperature": (a.temperature as f64 * 1e6).round() / 1e6, "seed": a.seed,
-        "target": target_id, "evaluator": evaluator_id,
-        "perplexity_samples_per_prompt": per_prompt_ppl,
-        "calibration": fusion.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
-        "anti_expert": anti.as_ref().map(|(d, ..)| d),
-        "expert": anti.as_ref().map(|(_, _, e, _)| e),
-        "word_list": banned.as_ref().map(|b| serde_json::json!({
-            "package": format!("npm {}@{}", baselines::BAD_WORDS.package, baselines::BAD_WORDS.version),
-            "sha256": baselines::BAD_WORDS.sha256, "licence": baselines::BAD_WORDS.licence,
-            "banned_sequences": b.len()})),
-        "scorer": "alt-profanity-check 1.9.1 (Rust port; lexical)",
-    });
-    // a rerun must continue the same experiment: refuse changed settings
-    let run_path = out.join("run.json");
-    if run_path.exists() {
-        let old: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&run_path)
-                .with_context(|| format!("reading {}", run_path.display()))?,
-        )
-        .with_context(|| format!("{} is not JSON", run_path.display()))?;
-        for key in [
-            "prompts",
-            "samples",
-            "max_tokens",
-            "top_p",
-            "temperature",
-            "seed",
-            "target",
-        ] {
-            if old[key] != config[key] {
-                bail!(
-                    "{} holds a run with another {key} ({} vs now {}): use another --out to start a new run",
-                    out.display(),
-                    old[key],
-                    config[key]
-                );
-            }
-        }
-    }
-    detoxfuse::atomic::write(&run_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
-
-    let cfg = GenerationConfig {
+    let plan = EvalPlan {
+        methods: Method::parse_list(&a.methods, &a.alphas, &a.dexperts_beta)?,
+        target: a.model.model,
+        evaluator: a.evaluator,
+        prompts: a.prompts,
+        quick: a.quick,
+        limit: a.limit,
+        samples: a.samples,
         max_tokens: a.max_tokens,
-        n: k,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: 0,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        stop: vec![],
-        stop_tokens: vec![],
+        top_p: a.top_p,
+        temperature: a.temperature,
+        seed: a.seed,
+        calibration: CalibrationSpec::parse(&a.calibration),
+        align_variant: a.align_variant.into(),
+        expert: CalibrationSpec::parse(&a.expert),
+        anti_expert: (a.anti_expert != "default").then(|| PathBuf::from(&a.anti_expert)),
+        perplexity_samples: a.perplexity_samples,
+        no_perplexity: a.no_perplexity,
+        out: a.out,
+        skip_invalid: a.skip_invalid,
+        allow_trained_groups: a.allow_trained_groups,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        // The source revision this binary was built from (recorded by `build.rs`).
+        commit: env!("DETOXFUSE_COMMIT").to_string(),
     };
-    cfg.sampling.validate()?;
-    let scorer = ProfanityCheck::shared();
-    eprintln!(
-        "{profile} run: {} prompts × {k} samples × {} tokens, {} methods -> {}",
-        prompts.len(),
-        a.max_tokens,
-        methods.len(),
-        out.display()
-    );
-    for m in &methods {
-        let mut dec: Box<dyn Decoder + '_> = match m {
-            Method::Base => Box::new(PlainDecoder::new(target.as_ref())),
-            Method::Fused(alpha) | Method::FusedNorm(alpha) => {
-                let norm = if matches!(m, Method::FusedNorm(_)) {
-                    detoxfuse::fuse::FusionNorm::KeepTargetNorm
-                } else {
-                    detoxfuse::fuse::FusionNorm::Paper
-                };
-                Box::new(
-                    fusion
-                        .as_ref()
-                        .expect("loaded for fused rows")
-                        .decoder_with(target.as_ref(), &tok, *alpha, norm)?,
-                )
-            }
-            Method::WordFilter => Box::new(WordFilterDecoder::new(
-                Box::new(PlainDecoder::new(target.as_ref())),
-                banned.as_ref().expect("loaded for the word filter"),
-            )),
-            Method::Dexperts(beta) => {
-                let (_, anti, _, expert) = anti.as_ref().expect("loaded for dexperts");
-                Box::new(ExpertsDecoder::new(
-                    Box::new(PlainDecoder::new(target.as_ref())),
-                    Box::new(PlainDecoder::new(expert.as_ref())),
-                    Box::new(PlainDecoder::new(anti.as_ref())),
-                    *beta,
-                    0.9,
-                )?)
-            }
-        };
-        let pb = bar(prompts.len(), &format!("generate {}", m.name()));
-        harness::generate_samples(
-            dec.as_mut(),
-            &tok,
-            &prompts,
-            &cfg,
-            scorer,
-            &gen_path(&out, m),
-            &mut |done, total| advance(&pb, done, total),
-        )?;
+    let mut p = EvalPrinter {
+        train: TrainPrinter::new(0, false, "calibrate"),
+        phase: None,
+    };
+    let outcome = protocol::run(&Hub::new(cache), &plan, &mut p);
+    if let Some(pb) = p.phase.take() {
         pb.finish_and_clear();
     }
-    drop((fusion, anti, target));
-
-    if !a.no_perplexity {
-        let evaluator = lm::load(&evaluator_path)?;
-        let etok = Tokenizer::for_model(&evaluator_path)?;
-        for m in &methods {
-            let gens = gens_of(&out, m, &prompts)?;
-            let pb = bar(gens.len(), &format!("perplexity {}", m.name()));
-            harness::score_fluency(
-                evaluator.as_ref(),
-                &etok,
-                &gens,
-                per_prompt_ppl,
-                &out.join("fluency").join(format!("{}.jsonl", m.name())),
-                &mut |done, total| advance(&pb, done, total),
-            )?;
-            pb.finish_and_clear();
-        }
-    }
-
-    let mut rows = Vec::new();
-    for m in &methods {
-        let gens = gens_of(&out, m, &prompts)?;
-        let flu = harness::read_fluency(&out.join("fluency").join(format!("{}.jsonl", m.name())))?;
-        rows.push(harness::summarize(&m.name(), &gens, &flu));
-    }
-    let report = Report {
-        profile: profile.into(),
-        created: report::utc_now(),
-        commit: commit(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        config,
-        methods: rows,
-    };
-    detoxfuse::atomic::write(
-        &out.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    let md = report::markdown(&report);
-    detoxfuse::atomic::write(&out.join("report.md"), md.as_bytes())?;
-    detoxfuse::atomic::write(&out.join("report.svg"), report::svg(&report).as_bytes())?;
-    println!("{md}");
+    p.train.finish();
+    let o = outcome?;
+    println!("{}", o.markdown);
     println!(
         "report: {0}/report.md, {0}/report.json, {0}/report.svg; generations in {0}/generations/",
-        out.display()
+        o.out.display()
     );
     Ok(())
-}
-
-fn gen_path(out: &Path, m: &Method) -> PathBuf {
-    out.join("generations").join(format!("{}.jsonl", m.name()))
-}
-
-/// A method's generations for the prompts of this run.
-fn gens_of(
-    out: &Path,
-    m: &Method,
-    prompts: &[Prompt],
-) -> Result<std::collections::BTreeMap<usize, harness::PromptSamples>> {
-    let lines: std::collections::HashSet<usize> = prompts.iter().map(|p| p.line).collect();
-    let mut g = harness::read_samples(&gen_path(out, m))?;
-    g.retain(|l, _| lines.contains(l));
-    Ok(g)
 }

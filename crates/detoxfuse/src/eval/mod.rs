@@ -5,5 +5,6 @@ pub mod baselines;
 pub mod fluency;
 pub mod harness;
 pub mod metrics;
+pub mod protocol;
 pub mod report;
 pub mod score;
