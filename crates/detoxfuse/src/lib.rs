@@ -20,6 +20,7 @@ pub mod hub;
 pub mod lm;
 pub mod recipes;
 pub mod sample;
+pub mod serving;
 pub mod text;
 
 pub use error::{Error, Result};

@@ -1,10 +1,6 @@
-//! `detoxfuse serve`: an OpenAI-compatible HTTP server with per-request fusion strength.
-//!
-//! The models live on one worker thread (decoding is CPU-bound and already uses every core);
-//! HTTP handlers validate and tokenize, then hand jobs to it through a bounded queue. A full
-//! queue answers 429 at once, so memory stays bounded under any load. The `n` samples of a
-//! request decode together as one batch. A client that goes away (or a request past its
-//! timeout) cancels its job at the next token.
+//! `detoxfuse serve`: an OpenAI-compatible HTTP server with per-request fusion strength,
+//! around the library's serving engine ([`detoxfuse::serving`]: one worker, a bounded
+//! queue, cancellation). Here: axum routes, auth, the wire types and server-sent events.
 
 pub mod api;
 pub mod load;
@@ -12,9 +8,8 @@ pub mod load;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::body::Bytes;
@@ -26,11 +21,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use detoxfuse::generate::{
-    generate_streaming, Decoder, Generation, GenerationConfig, PlainDecoder,
+use detoxfuse::generate::Generation;
+use detoxfuse::lm;
+use detoxfuse::serving::{
+    Engine, EventSink, JobEvent, Limits, Params, Prepared, Reject, RejectKind,
 };
-use detoxfuse::lm::{self, CausalLm, TokenId};
-use detoxfuse::sample::SamplingParams;
 use detoxfuse::text::Tokenizer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -82,30 +77,10 @@ pub struct ServeArgs {
     served_name: Option<String>,
 }
 
-/// One generation job for the worker.
-struct Job {
-    ids: Vec<TokenId>,
-    cfg: GenerationConfig,
-    alpha: f64,
-    events: UnboundedSender<JobEvent>,
-    deadline: Instant,
-}
-
-enum JobEvent {
-    Delta { index: usize, text: String },
-    Done(std::result::Result<Vec<Generation>, String>),
-}
-
 struct AppState {
-    tok: Tokenizer,
+    engine: Engine,
     model_id: String,
-    context: usize,
-    default_alpha: f64,
-    fusion: bool,
     api_key: Option<String>,
-    queue: SyncSender<Job>,
-    timeout: Duration,
-    max_n: usize,
     created: u64,
     next_id: AtomicU64,
 }
@@ -116,42 +91,15 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Runs jobs until the queue's senders are all gone.
-fn worker(
-    target: Box<dyn CausalLm>,
-    tok: Tokenizer,
-    fusion: Option<detoxfuse::calibration::Fusion>,
-    jobs: std::sync::mpsc::Receiver<Job>,
-) {
-    while let Ok(job) = jobs.recv() {
-        if job.events.is_closed() || Instant::now() > job.deadline {
-            continue; // the client is gone or out of time: skip the work
-        }
-        let result = (|| -> Result<Vec<Generation>> {
-            let mut dec: Box<dyn Decoder + '_> = match (&fusion, job.alpha) {
-                (Some(f), a) if a > 0.0 => Box::new(f.decoder(target.as_ref(), &tok, a)?),
-                _ => Box::new(PlainDecoder::new(target.as_ref())),
-            };
-            let events = &job.events;
-            Ok(generate_streaming(
-                dec.as_mut(),
-                &tok,
-                &job.ids,
-                &job.cfg,
-                &mut |index, text| {
-                    events
-                        .send(JobEvent::Delta {
-                            index,
-                            text: text.to_string(),
-                        })
-                        .is_ok()
-                        && Instant::now() <= job.deadline
-                },
-            )?)
-        })();
-        let _ = job
-            .events
-            .send(JobEvent::Done(result.map_err(|e| format!("{e:#}"))));
+/// A job's events into the handler's channel.
+struct Sink(UnboundedSender<JobEvent>);
+
+impl EventSink for Sink {
+    fn send(&mut self, e: JobEvent) -> bool {
+        self.0.send(e).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
     }
 }
 
@@ -167,12 +115,6 @@ pub fn serve_until(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    if !(0.0..=1.0).contains(&a.alpha) {
-        anyhow::bail!("--alpha {} is outside [0, 1]", a.alpha);
-    }
-    if a.queue == 0 {
-        anyhow::bail!("--queue must be at least 1");
-    }
     let path = a.model.resolve(cache)?;
     let target = lm::load(&path)?;
     let tok = Tokenizer::for_model(&path)?;
@@ -188,26 +130,27 @@ pub fn serve_until(
             a.align_variant.into(),
         )?),
     };
-    let (tx, rx) = sync_channel::<Job>(a.queue);
+    let (engine, worker) = Engine::start(
+        target,
+        tok,
+        fusion,
+        Limits {
+            queue: a.queue,
+            timeout: Duration::from_secs(a.timeout),
+            max_n: a.max_n,
+            default_alpha: a.alpha,
+        },
+    )?;
     let state = Arc::new(AppState {
-        tok: tok.clone(),
+        engine,
         model_id: a
             .served_name
             .clone()
             .unwrap_or_else(|| a.model.model.clone()),
-        context: target.info().context_length,
-        default_alpha: if fusion.is_some() { a.alpha } else { 0.0 },
-        fusion: fusion.is_some(),
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
-        queue: tx,
-        timeout: Duration::from_secs(a.timeout.max(1)),
-        max_n: a.max_n.max(1),
         created: now_unix(),
         next_id: AtomicU64::new(1),
     });
-    let worker = std::thread::Builder::new()
-        .name("detoxfuse-worker".into())
-        .spawn(move || worker(target, tok, fusion, rx))?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -224,7 +167,7 @@ pub fn serve_until(
         println!(
             "detoxfuse serve: listening on http://{bound_addr} (model {:?}, alpha {} by default, {})",
             state.model_id,
-            state.default_alpha,
+            state.engine.limits().default_alpha,
             if state.api_key.is_some() {
                 "bearer token required"
             } else {
@@ -243,9 +186,7 @@ pub fn serve_until(
         anyhow::Ok(())
     })?;
     // the router (and with it the last queue sender) is gone: the worker ends
-    worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?;
+    worker.join()?;
     Ok(())
 }
 
@@ -313,7 +254,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"status": "ok", "model": st.model_id, "fusion": st.fusion}))
+    Json(json!({"status": "ok", "model": st.model_id, "fusion": st.engine.has_fusion()}))
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -340,15 +281,32 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// A validated request, ready for the worker.
-struct Prepared {
-    ids: Vec<TokenId>,
-    cfg: GenerationConfig,
-    alpha: f64,
-    stream: bool,
+/// The engine's refusal as an OpenAI-style error.
+fn api_error(r: Reject) -> ApiError {
+    let e = ApiError::invalid(r.message, r.param);
+    let e = match r.code {
+        Some(c) => e.with_code(c),
+        None => e,
+    };
+    match r.kind {
+        RejectKind::Invalid | RejectKind::ContextLength => e,
+        RejectKind::Busy => e
+            .status(StatusCode::TOO_MANY_REQUESTS)
+            .with_code("queue_full")
+            .kind("rate_limit_error"),
+        RejectKind::ShuttingDown => e
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .kind("server_error"),
+    }
 }
 
-fn prepare(st: &AppState, c: &Common, text: &str, chat: bool) -> Result<Prepared, ApiError> {
+/// Validates a request for the one model served here and queues it.
+fn submit(
+    st: &AppState,
+    c: &Common,
+    text: &str,
+    chat: bool,
+) -> Result<(Prepared, UnboundedReceiver<JobEvent>), ApiError> {
     if c.model != st.model_id {
         return Err(ApiError::invalid(
             format!(
@@ -360,113 +318,21 @@ fn prepare(st: &AppState, c: &Common, text: &str, chat: bool) -> Result<Prepared
         .status(StatusCode::NOT_FOUND)
         .with_code("model_not_found"));
     }
-    let alpha = c.alpha.unwrap_or(st.default_alpha);
-    if !(0.0..=1.0).contains(&alpha) {
-        return Err(ApiError::invalid(
-            format!("alpha {alpha} is outside [0, 1] (0 is the untouched target)"),
-            Some("alpha"),
-        )
-        .with_code("invalid_value"));
-    }
-    if alpha > 0.0 && !st.fusion {
-        return Err(ApiError::invalid(
-            "this server runs without a calibration model (--calibration none): only alpha 0",
-            Some("alpha"),
-        )
-        .with_code("invalid_value"));
-    }
-    let n = c.n.unwrap_or(1);
-    if n == 0 || n > st.max_n {
-        return Err(
-            ApiError::invalid(format!("n must be in 1..={}", st.max_n), Some("n"))
-                .with_code("invalid_value"),
-        );
-    }
-    let temperature = c.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            "temperature must be in [0, 2]",
-            Some("temperature"),
-        ));
-    }
-    let top_p = c.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p must be in (0, 1]", Some("top_p")));
-    }
-    let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid(
-            "stop takes up to 4 non-empty strings",
-            Some("stop"),
-        ));
-    }
-    let ids = st.tok.encode(text, chat).map_err(|e| {
-        ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
-    })?;
-    let room = st.context.saturating_sub(ids.len());
-    let max_tokens =
-        c.max_completion_tokens
-            .or(c.max_tokens)
-            .unwrap_or(if chat { room.min(512) } else { 16 });
-    if ids.len() + max_tokens > st.context {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt is {} tokens and max_tokens {max_tokens}, beyond the model's context of {} tokens",
-                ids.len(),
-                st.context
-            ),
-            Some("max_tokens"),
-        )
-        .with_code("context_length_exceeded"));
-    }
-    Ok(Prepared {
-        ids,
-        cfg: GenerationConfig {
-            max_tokens,
-            n,
-            sampling: SamplingParams {
-                temperature,
-                top_k: 0,
-                top_p,
-                seed: c.seed.unwrap_or(0),
-            },
-            stop,
-            stop_tokens: vec![],
-        },
-        alpha,
-        stream: c.stream,
-    })
-}
-
-/// Queues a job; a full queue is a 429 at once.
-fn submit(st: &AppState, p: &Prepared) -> Result<UnboundedReceiver<JobEvent>, ApiError> {
-    let (tx, rx) = unbounded_channel();
-    let job = Job {
-        ids: p.ids.clone(),
-        cfg: p.cfg.clone(),
-        alpha: p.alpha,
-        events: tx,
-        deadline: Instant::now() + st.timeout,
+    let params = Params {
+        alpha: c.alpha,
+        n: c.n,
+        temperature: c.temperature,
+        top_p: c.top_p,
+        stop: c.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        seed: c.seed,
+        max_tokens: c.max_completion_tokens.or(c.max_tokens),
     };
-    match st.queue.try_send(job) {
-        Ok(()) => Ok(rx),
-        Err(TrySendError::Full(_)) => {
-            let e = ApiError::invalid(
-                "the server is busy (request queue full); retry shortly",
-                None,
-            )
-            .status(StatusCode::TOO_MANY_REQUESTS)
-            .with_code("queue_full")
-            .kind("rate_limit_error");
-            Err(e)
-        }
-        Err(TrySendError::Disconnected(_)) => {
-            let e = ApiError::invalid("the server is shutting down", None)
-                .status(StatusCode::SERVICE_UNAVAILABLE)
-                .kind("server_error");
-            Err(e)
-        }
-    }
+    let p = st.engine.prepare(&params, text, chat).map_err(api_error)?;
+    let (tx, rx) = unbounded_channel();
+    st.engine
+        .submit(&p, Box::new(Sink(tx)))
+        .map_err(api_error)?;
+    Ok((p, rx))
 }
 
 fn server_error(msg: String) -> ApiError {
@@ -488,7 +354,7 @@ async fn finished(
         }
         Err(server_error("the worker dropped the request".into()))
     };
-    tokio::time::timeout(st.timeout, wait)
+    tokio::time::timeout(st.engine.limits().timeout, wait)
         .await
         .unwrap_or_else(|_| {
             Err(
@@ -540,7 +406,7 @@ async fn chat(
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let text = match st.tok.apply_chat(&msgs) {
+    let text = match st.engine.tokenizer().apply_chat(&msgs) {
         Ok(t) => t,
         Err(e) => {
             return ApiError::invalid(
@@ -554,12 +420,8 @@ async fn chat(
 }
 
 async fn respond(st: Arc<AppState>, c: &Common, text: &str, kind: Kind) -> Response {
-    let p = match prepare(&st, c, text, kind == Kind::Chat) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    let rx = match submit(&st, &p) {
-        Ok(rx) => rx,
+    let (p, rx) = match submit(&st, c, text, kind == Kind::Chat) {
+        Ok(x) => x,
         Err(e) => return e.into_response(),
     };
     let serial = st.next_id.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +430,7 @@ async fn respond(st: Arc<AppState>, c: &Common, text: &str, kind: Kind) -> Respo
         Kind::Chat => format!("chatcmpl-{serial}"),
     };
     let created = now_unix();
-    if p.stream {
+    if c.stream {
         return stream(st, rx, id, created, kind, p.cfg.n, p.ids.len()).into_response();
     }
     let gens = match finished(&st, rx).await {
@@ -611,7 +473,7 @@ fn stream(
 ) -> impl IntoResponse {
     let (tx, out) = tokio::sync::mpsc::channel::<Result<Event, std::convert::Infallible>>(64);
     let model = st.model_id.clone();
-    let timeout = st.timeout;
+    let timeout = st.engine.limits().timeout;
     tokio::spawn(async move {
         let object = match kind {
             Kind::Completion => "text_completion",

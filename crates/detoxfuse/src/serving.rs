@@ -1,0 +1,343 @@
+//! The serving engine, without HTTP or an async runtime: one worker thread owns the models
+//! (decoding is CPU-bound and already uses every core); callers validate a request
+//! ([`Engine::prepare`]), then hand it over through a bounded queue ([`Engine::submit`]) with
+//! a sink for its events (text deltas, then the result). A full queue is refused at once, so
+//! memory stays bounded under any load. The `n` samples of a request decode together as one
+//! batch. A sink that reports its receiver gone, or a request past its deadline, cancels the
+//! job at the next token.
+//!
+//! `detoxfuse serve` puts axum, the OpenAI wire types and server-sent events around this.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::calibration::Fusion;
+use crate::error::{Error, Result};
+use crate::generate::{generate_streaming, Decoder, Generation, GenerationConfig, PlainDecoder};
+use crate::lm::{CausalLm, TokenId};
+use crate::sample::SamplingParams;
+use crate::text::Tokenizer;
+
+/// What a job reports, in order: deltas, then one `Done`.
+#[derive(Debug)]
+pub enum JobEvent {
+    Delta { index: usize, text: String },
+    Done(std::result::Result<Vec<Generation>, String>),
+}
+
+/// Where a job's events go. `send` returns false once nobody listens (the job stops).
+pub trait EventSink: Send {
+    fn send(&mut self, e: JobEvent) -> bool;
+    /// Whether the listener is gone already (a queued job is then skipped).
+    fn is_closed(&self) -> bool;
+}
+
+impl EventSink for std::sync::mpsc::Sender<JobEvent> {
+    fn send(&mut self, e: JobEvent) -> bool {
+        std::sync::mpsc::Sender::send(self, e).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// The engine's limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Jobs waiting beyond the one running.
+    pub queue: usize,
+    /// Time a request may take, queueing included.
+    pub timeout: Duration,
+    /// Most samples per request.
+    pub max_n: usize,
+    /// α of a request that does not choose one (0 without a calibration).
+    pub default_alpha: f64,
+}
+
+/// A request's sampling parameters as a client sends them (each optional).
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    pub alpha: Option<f64>,
+    pub n: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<usize>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// A parameter is out of range (`param`, `code` say which and why).
+    Invalid,
+    /// The prompt and `max_tokens` exceed the model's context.
+    ContextLength,
+    /// The queue is full: retry shortly.
+    Busy,
+    /// The engine is stopping.
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reject {
+    pub kind: RejectKind,
+    pub message: String,
+    pub param: Option<&'static str>,
+    /// An OpenAI-style error code (`invalid_value`, ...), when there is one.
+    pub code: Option<&'static str>,
+}
+
+impl Reject {
+    fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+        Self {
+            kind: RejectKind::Invalid,
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
+    }
+    fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+}
+
+/// A validated request, ready for [`Engine::submit`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub ids: Vec<TokenId>,
+    pub cfg: GenerationConfig,
+    pub alpha: f64,
+}
+
+struct Job {
+    ids: Vec<TokenId>,
+    cfg: GenerationConfig,
+    alpha: f64,
+    events: Box<dyn EventSink>,
+    deadline: Instant,
+}
+
+/// The handle requests go through (cheap to share: `&Engine` from any thread).
+pub struct Engine {
+    tok: Tokenizer,
+    context: usize,
+    fusion: bool,
+    limits: Limits,
+    queue: SyncSender<Job>,
+}
+
+/// The worker thread; [`Worker::join`] once every [`Engine`] is dropped.
+pub struct Worker(JoinHandle<()>);
+
+impl Worker {
+    pub fn join(self) -> Result<()> {
+        self.0
+            .join()
+            .map_err(|_| Error::Input("the serving worker thread panicked".into()))
+    }
+}
+
+impl Engine {
+    /// Starts the worker that owns `target` (and the calibration in `fusion`).
+    pub fn start(
+        target: Box<dyn CausalLm>,
+        tok: Tokenizer,
+        fusion: Option<Fusion>,
+        limits: Limits,
+    ) -> Result<(Engine, Worker)> {
+        if limits.queue == 0 {
+            return Err(Error::Input("--queue must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&limits.default_alpha) {
+            return Err(Error::Input(format!(
+                "--alpha {} is outside [0, 1]",
+                limits.default_alpha
+            )));
+        }
+        let (tx, rx) = sync_channel::<Job>(limits.queue);
+        let engine = Engine {
+            tok: tok.clone(),
+            context: target.info().context_length,
+            fusion: fusion.is_some(),
+            limits: Limits {
+                default_alpha: if fusion.is_some() {
+                    limits.default_alpha
+                } else {
+                    0.0
+                },
+                max_n: limits.max_n.max(1),
+                timeout: limits.timeout.max(Duration::from_secs(1)),
+                ..limits
+            },
+            queue: tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("detoxfuse-worker".into())
+            .spawn(move || worker(target, tok, fusion, rx))
+            .map_err(|e| Error::Input(format!("cannot start the serving worker: {e}")))?;
+        Ok((engine, Worker(handle)))
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    /// Whether a calibration is loaded (α > 0 allowed).
+    pub fn has_fusion(&self) -> bool {
+        self.fusion
+    }
+
+    /// Checks `p` and tokenizes `text` (`chat`: special tokens of a chat template allowed;
+    /// a default `max_tokens` of what the context leaves, at most 512, else 16).
+    pub fn prepare(
+        &self,
+        p: &Params,
+        text: &str,
+        chat: bool,
+    ) -> std::result::Result<Prepared, Reject> {
+        let alpha = p.alpha.unwrap_or(self.limits.default_alpha);
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(Reject::invalid(
+                format!("alpha {alpha} is outside [0, 1] (0 is the untouched target)"),
+                "alpha",
+            )
+            .code("invalid_value"));
+        }
+        if alpha > 0.0 && !self.fusion {
+            return Err(Reject::invalid(
+                "this server runs without a calibration model (--calibration none): only alpha 0",
+                "alpha",
+            )
+            .code("invalid_value"));
+        }
+        let n = p.n.unwrap_or(1);
+        if n == 0 || n > self.limits.max_n {
+            return Err(
+                Reject::invalid(format!("n must be in 1..={}", self.limits.max_n), "n")
+                    .code("invalid_value"),
+            );
+        }
+        let temperature = p.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(Reject::invalid(
+                "temperature must be in [0, 2]",
+                "temperature",
+            ));
+        }
+        let top_p = p.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Reject::invalid("top_p must be in (0, 1]", "top_p"));
+        }
+        if p.stop.len() > 4 || p.stop.iter().any(|s| s.is_empty()) {
+            return Err(Reject::invalid(
+                "stop takes up to 4 non-empty strings",
+                "stop",
+            ));
+        }
+        let ids = self
+            .tok
+            .encode(text, chat)
+            .map_err(|e| Reject::invalid(format!("cannot tokenize the prompt: {e}"), "prompt"))?;
+        let room = self.context.saturating_sub(ids.len());
+        let max_tokens = p
+            .max_tokens
+            .unwrap_or(if chat { room.min(512) } else { 16 });
+        if ids.len() + max_tokens > self.context {
+            return Err(Reject {
+                kind: RejectKind::ContextLength,
+                message: format!(
+                    "the prompt is {} tokens and max_tokens {max_tokens}, beyond the model's context of {} tokens",
+                    ids.len(),
+                    self.context
+                ),
+                param: Some("max_tokens"),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        Ok(Prepared {
+            ids,
+            cfg: GenerationConfig {
+                max_tokens,
+                n,
+                sampling: SamplingParams {
+                    temperature,
+                    top_k: 0,
+                    top_p,
+                    seed: p.seed.unwrap_or(0),
+                },
+                stop: p.stop.clone(),
+                stop_tokens: vec![],
+            },
+            alpha,
+        })
+    }
+
+    /// Queues `p`; its events go to `events`. A full queue is refused at once.
+    pub fn submit(
+        &self,
+        p: &Prepared,
+        events: Box<dyn EventSink>,
+    ) -> std::result::Result<(), Reject> {
+        let job = Job {
+            ids: p.ids.clone(),
+            cfg: p.cfg.clone(),
+            alpha: p.alpha,
+            events,
+            deadline: Instant::now() + self.limits.timeout,
+        };
+        let refuse = |kind, message: &str| Reject {
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(refuse(
+                RejectKind::Busy,
+                "the server is busy (request queue full); retry shortly",
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(refuse(
+                RejectKind::ShuttingDown,
+                "the server is shutting down",
+            )),
+        }
+    }
+}
+
+/// Runs jobs until every sender of the queue is gone.
+fn worker(target: Box<dyn CausalLm>, tok: Tokenizer, fusion: Option<Fusion>, jobs: Receiver<Job>) {
+    while let Ok(mut job) = jobs.recv() {
+        if job.events.is_closed() || Instant::now() > job.deadline {
+            continue; // the client is gone or out of time: skip the work
+        }
+        let deadline = job.deadline;
+        let result = (|| -> Result<Vec<Generation>> {
+            let mut dec: Box<dyn Decoder + '_> = match (&fusion, job.alpha) {
+                (Some(f), a) if a > 0.0 => Box::new(f.decoder(target.as_ref(), &tok, a)?),
+                _ => Box::new(PlainDecoder::new(target.as_ref())),
+            };
+            let events = &mut job.events;
+            generate_streaming(
+                dec.as_mut(),
+                &tok,
+                &job.ids,
+                &job.cfg,
+                &mut |index, text| {
+                    events.send(JobEvent::Delta {
+                        index,
+                        text: text.to_string(),
+                    }) && Instant::now() <= deadline
+                },
+            )
+        })();
+        let _ = job
+            .events
+            .send(JobEvent::Done(result.map_err(|e| format!("{e:#}"))));
+    }
+}
