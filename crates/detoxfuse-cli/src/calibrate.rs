@@ -205,23 +205,9 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         seed: a.seed,
     };
     let data = data_dir(cache, a.data.clone())?;
-    build_corpus(&hub, &out, &opts, &a.target, &data)
-}
-
-/// Builds the corpus at `out` (and its manifest beside it).
-pub fn build_corpus(
-    hub: &Hub,
-    out: &Path,
-    opts: &CorpusOptions,
-    target: &str,
-    data: &Path,
-) -> Result<()> {
-    let target = ModelArg {
-        model: target.to_string(),
-    }
-    .resolve(hub.cache())?;
+    let target = ModelArg { model: a.target }.resolve(cache)?;
     let target = target.to_string_lossy();
-    let s = prepare::build_corpus(hub, out, opts, &target, data, &mut Bar::counting())?;
+    let s = prepare::build_corpus(&hub, &out, &opts, &target, &data, &mut Bar::counting())?;
     let m = &s.manifest;
     for src in m["sources"].as_array().into_iter().flatten() {
         println!(

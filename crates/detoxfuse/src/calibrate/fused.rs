@@ -44,7 +44,9 @@ use rayon::prelude::*;
 
 use super::data::stable_hash;
 use super::guard::LeakageGuard;
-use super::model::{gemm_into, CalibrationModel, LayerTraining, MIN_COMPLEMENT};
+use super::model::{
+    head_grad_states, head_logits, CalibrationModel, LayerTraining, MIN_COMPLEMENT,
+};
 use super::ops::{self, Float};
 use super::optim::{AdamW, AdamWConfig};
 use super::selfgen::{Lean, SampledPrompt};
@@ -460,15 +462,11 @@ fn head_terms_typed<T: Float>(
     for start in (0..n).step_by(chunk) {
         let rows = chunk.min(n - start);
         let mm = |src: &[T], dst: &mut [T]| {
-            gemm_into(
-                (rows, vocab, d),
+            head_logits(
                 dst,
-                (1, vocab as isize),
-                false,
                 &src[start * d..(start + rows) * d],
-                (1, d as isize),
                 &w,
-                (d as isize, 1),
+                (rows, vocab, d),
             )
         };
         mm(&hv, &mut lf[..rows * vocab]);
@@ -526,15 +524,11 @@ fn head_terms_typed<T: Float>(
             sums.add(p);
         }
         if grad.is_some() {
-            gemm_into(
-                (rows, d, vocab),
+            head_grad_states(
                 &mut grad_h[start * d..(start + rows) * d],
-                (1, d as isize),
-                false,
                 &lf[..rows * vocab],
-                (1, vocab as isize),
                 &w,
-                (1, d as isize),
+                (rows, vocab, d),
             );
         }
     }

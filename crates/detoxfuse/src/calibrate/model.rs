@@ -649,6 +649,46 @@ pub fn head_cross_entropy(
 
 /// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
 #[allow(clippy::too_many_arguments)]
+/// `dst (rows×vocab) = h (rows×d) · Wᵀ` for a head `W` of `vocab` rows of `d`
+/// (`Wᵀ[k][j] = W[j·d + k]`): the logits of `rows` states.
+pub(crate) fn head_logits<T: Float>(
+    dst: &mut [T],
+    h: &[T],
+    w: &[T],
+    (rows, vocab, d): (usize, usize, usize),
+) {
+    gemm_into(
+        (rows, vocab, d),
+        dst,
+        (1, vocab as isize),
+        false,
+        h,
+        (1, d as isize),
+        w,
+        (d as isize, 1),
+    )
+}
+
+/// `dst (rows×d) = g (rows×vocab) · W (vocab×d)`: the gradient with respect to the states
+/// of `rows` logit gradients.
+pub(crate) fn head_grad_states<T: Float>(
+    dst: &mut [T],
+    g: &[T],
+    w: &[T],
+    (rows, vocab, d): (usize, usize, usize),
+) {
+    gemm_into(
+        (rows, d, vocab),
+        dst,
+        (1, d as isize),
+        false,
+        g,
+        (1, vocab as isize),
+        w,
+        (1, d as isize),
+    )
+}
+
 pub(crate) fn gemm_into<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
@@ -731,17 +771,7 @@ fn head_ce_typed<T: Float>(
         let rows = chunk.min(n - start);
         let hc = &h[start * d..(start + rows) * d];
         let lg = &mut logits[..rows * vocab];
-        // logits (rows×V) = h (rows×d) · Wᵀ: Wᵀ[k][j] = W[j·d + k].
-        gemm_into(
-            (rows, vocab, d),
-            lg,
-            (1, vocab as isize),
-            false,
-            hc,
-            (1, d as isize),
-            &w,
-            (d as isize, 1),
-        );
+        head_logits(lg, hc, &w, (rows, vocab, d));
         let tg = &targets[start..start + rows];
         // Per row: log-sum-exp, the target's loss, and (in place) its gradient with respect to
         // the logits. Cross-entropy's is `scale × (softmax − one-hot)`; unlikelihood's is the
@@ -781,18 +811,8 @@ fn head_ce_typed<T: Float>(
             .collect();
         total += losses.iter().sum::<f64>();
         if let Some((_, want_head)) = grads {
-            // grad_h (rows×d) = g (rows×V) · W (V×d).
             let gh = &mut grad_h[start * d..(start + rows) * d];
-            gemm_into(
-                (rows, d, vocab),
-                gh,
-                (1, d as isize),
-                false,
-                lg,
-                (1, vocab as isize),
-                &w,
-                (1, d as isize),
-            );
+            head_grad_states(gh, lg, &w, (rows, vocab, d));
             if want_head {
                 // grad_W (V×d) += gᵀ (V×rows) · h (rows×d).
                 gemm_into(

@@ -157,13 +157,7 @@ impl CausalLm for Gemma3 {
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = cache.len();
-        if offset + t > self.info.context_length {
-            return Err(Error::ContextOverflow {
-                tokens: offset + t,
-                requested: 0,
-                context: self.info.context_length,
-            });
-        }
+        self.info.check_context(offset + t)?;
         let c = &self.cfg;
         let eps = c.rms_norm_eps;
         let mut x = (self.embed.forward(ids)? * (c.hidden_size as f64).sqrt())?;

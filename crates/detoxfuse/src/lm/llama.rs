@@ -419,13 +419,7 @@ impl CausalLm for Llama {
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = cache.len();
-        if offset + t > self.info.context_length {
-            return Err(Error::ContextOverflow {
-                tokens: offset + t,
-                requested: 0,
-                context: self.info.context_length,
-            });
-        }
+        self.info.check_context(offset + t)?;
         let eps = self.cfg.rms_norm_eps as f32;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,

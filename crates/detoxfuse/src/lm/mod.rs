@@ -39,6 +39,20 @@ pub struct ModelInfo {
     pub context_length: usize,
 }
 
+impl ModelInfo {
+    /// An error when `tokens` positions (cache and new tokens) exceed the context.
+    pub fn check_context(&self, tokens: usize) -> Result<()> {
+        if tokens > self.context_length {
+            return Err(Error::ContextOverflow {
+                tokens,
+                requested: 0,
+                context: self.context_length,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A causal LM split at the point where output-layer fusion happens.
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
