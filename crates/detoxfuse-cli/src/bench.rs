@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use detoxfuse::bench::{measure, synthetic_prompt};
+use detoxfuse::bench::{measure, synthetic_prompt, threads as candle_threads};
 use detoxfuse::generate::PlainDecoder;
 
 #[derive(clap::Subcommand)]
@@ -170,31 +170,20 @@ pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
         println!("pytorch    not measured: no Python with torch + transformers (see scripts/bench_train_torch.py)");
         return Ok(());
     };
-    let out = Command::new(&py)
-        .arg("scripts/bench_train_torch.py")
-        .args(["--rows", &a.rows.to_string(), "--len", &a.len.to_string()])
-        .args([
-            "--layers",
-            &a.layers.to_string(),
-            "--steps",
-            &a.steps.to_string(),
-        ])
-        .args(["--threads", &candle_threads().to_string()])
-        .output()
-        .with_context(|| format!("running {}", py.display()))?;
-    if !out.status.success() {
-        println!(
-            "pytorch    failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return Ok(());
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
-        .context("reading the PyTorch script's JSON")?;
+    let v = match detoxfuse::bench::torch_train_speed(
+        &py,
+        a.rows,
+        a.len,
+        a.layers,
+        a.steps,
+        candle_threads(),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("pytorch    {e}");
+            return Ok(());
+        }
+    };
     let theirs = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     println!(
         "pytorch    {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB  (torch {})",
@@ -282,7 +271,14 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
         let mut dec = PlainDecoder::new(model.as_ref());
         let s = measure(&mut dec, &prompt, a.decode_tokens, a.batch, a.runs)?;
         let reference = match &py {
-            Some(py) => match llama_cpp(py, &path, threads, a.decode_tokens, a.runs, &prompt) {
+            Some(py) => match detoxfuse::bench::llama_cpp_speed(
+                py,
+                &path,
+                threads,
+                a.decode_tokens,
+                a.runs,
+                &prompt,
+            ) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     eprintln!("llama.cpp comparison skipped for {name}: {e:#}");
@@ -317,47 +313,4 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
-}
-
-/// Threads candle uses (RAYON_NUM_THREADS, else all cores).
-fn candle_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-fn llama_cpp(
-    py: &Path,
-    model: &Path,
-    threads: usize,
-    decode: usize,
-    runs: usize,
-    prompt: &[u32],
-) -> Result<(f64, f64)> {
-    // The driver script travels inside the binary (`python -c`: the arguments keep their
-    // sys.argv positions): nothing is read from the source tree.
-    let out = Command::new(py)
-        .arg("-c")
-        .arg(include_str!("../../../scripts/bench_llama_cpp.py"))
-        .arg(model)
-        .arg(threads.to_string())
-        .arg(decode.to_string())
-        .arg(runs.to_string())
-        .arg(serde_json::to_string(prompt)?)
-        .output()
-        .with_context(|| format!("running {}", py.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "llama.cpp bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))
-        .with_context(|| format!("llama.cpp bench printed {line:?}"))?;
-    Ok((
-        v["prompt_tps"].as_f64().unwrap_or(f64::NAN),
-        v["decode_tps"].as_f64().unwrap_or(f64::NAN),
-    ))
 }

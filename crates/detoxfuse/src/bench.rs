@@ -88,3 +88,189 @@ pub fn measure(
         batch,
     })
 }
+
+/// Threads candle uses (`RAYON_NUM_THREADS`, else all cores).
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs one of the embedded reference scripts with `python -c` (the arguments keep their
+/// `sys.argv` positions, nothing is read from the source tree) and parses the JSON object
+/// on its last line of output.
+fn run_script(
+    py: &std::path::Path,
+    script: &str,
+    what: &str,
+    args: &[String],
+) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| crate::Error::Input(format!("running {}: {e}", py.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(crate::Error::Input(format!(
+            "{what} failed: {}",
+            err.lines().last().unwrap_or("")
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim().lines().last().unwrap_or("")).map_err(|e| {
+        crate::Error::Input(format!("{what} printed {text:?}, not its JSON line ({e})"))
+    })
+}
+
+/// llama.cpp's prompt and decode tokens/s on `model` (llama-cpp-python in `py`), the same
+/// prompt, threads and decode length: `(prompt_tps, decode_tps)`.
+pub fn llama_cpp_speed(
+    py: &std::path::Path,
+    model: &std::path::Path,
+    threads: usize,
+    decode: usize,
+    runs: usize,
+    prompt: &[TokenId],
+) -> Result<(f64, f64)> {
+    let v = run_script(
+        py,
+        include_str!("../../../scripts/bench_llama_cpp.py"),
+        "llama.cpp bench",
+        &[
+            model.display().to_string(),
+            threads.to_string(),
+            decode.to_string(),
+            runs.to_string(),
+            serde_json::to_string(prompt)?,
+        ],
+    )?;
+    Ok((
+        v["prompt_tps"].as_f64().unwrap_or(f64::NAN),
+        v["decode_tps"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+/// PyTorch's calibration training speed on the same architecture and batch (torch and
+/// transformers in `py`): `tokens_per_s`, `step_seconds`, `peak_rss_mib`, `torch`.
+pub fn torch_train_speed(
+    py: &std::path::Path,
+    rows: usize,
+    len: usize,
+    layers: usize,
+    steps: usize,
+    threads: usize,
+) -> Result<serde_json::Value> {
+    let arg = |k: &str, v: usize| [format!("--{k}"), v.to_string()];
+    let args: Vec<String> = [
+        arg("rows", rows),
+        arg("len", len),
+        arg("layers", layers),
+        arg("steps", steps),
+        arg("threads", threads),
+    ]
+    .concat();
+    run_script(
+        py,
+        include_str!("../../../scripts/bench_train_torch.py"),
+        "the PyTorch training bench",
+        &args,
+    )
+}
+
+/// What one request of a load run came back with.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The HTTP status, `None` for a connection error.
+    pub status: Option<u16>,
+    pub latency: std::time::Duration,
+    /// 429/503 answers received before the final one.
+    pub rejections: usize,
+}
+
+/// A load run: `requests` POSTs of `body` to `http://{host}{path}` from `concurrency`
+/// clients (threads; one connection per request, like many simple API clients). With
+/// `retry_busy` a 429/503 is retried after that pause (and counted).
+pub struct Load<'a> {
+    pub host: &'a str,
+    pub path: &'a str,
+    pub body: &'a str,
+    pub api_key: Option<&'a str>,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub retry_busy: Option<std::time::Duration>,
+}
+
+/// One request; the status of the response.
+fn post(l: &Load) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(l.host)?;
+    let auth = l
+        .api_key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{}",
+        l.path,
+        l.host,
+        l.body.len(),
+        l.body
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    String::from_utf8_lossy(&resp)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status in the response"))
+}
+
+/// Runs `l`; the outcomes in no particular order.
+pub fn load(l: &Load) -> Vec<Outcome> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..l.concurrency.max(1))
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut out = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < l.requests {
+                        let t = Instant::now();
+                        let mut rejections = 0;
+                        let status = loop {
+                            let s = post(l).ok();
+                            match (l.retry_busy, s) {
+                                (Some(pause), Some(429) | Some(503)) => {
+                                    rejections += 1;
+                                    std::thread::sleep(pause);
+                                }
+                                _ => break s,
+                            }
+                        };
+                        out.push(Outcome {
+                            status,
+                            latency: t.elapsed(),
+                            rejections,
+                        });
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// The `p` quantile (0..=1) of sorted durations (zero for none).
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    if sorted.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}

@@ -1,13 +1,11 @@
-//! `detoxfuse bench serve`: a bounded load run against the server (our own small HTTP/1.1
-//! client on tokio: one connection per request, like many simple API clients).
+//! `detoxfuse bench serve`: a bounded load run against the server ([`detoxfuse::bench::load`]),
+//! with a server started in this process unless `--url` names one.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use detoxfuse::bench::{load, percentile, Load};
 
 #[derive(clap::Args)]
 pub struct LoadArgs {
@@ -39,41 +37,6 @@ pub struct LoadArgs {
     /// rejections are still counted. 0 = take the rejection as the answer.
     #[arg(long, default_value_t = 0)]
     retry_busy_ms: u64,
-}
-
-/// What one request came back with.
-struct Outcome {
-    status: Option<u16>,
-    latency: Duration,
-    /// 429/503 answers received before the final one.
-    rejections: usize,
-}
-
-async fn request(host: &str, body: &str, key: Option<&str>) -> Result<u16> {
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let msg = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(msg.as_bytes()).await?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).await?;
-    let text = String::from_utf8_lossy(&resp);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status in the response")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
@@ -139,51 +102,15 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         body["alpha"] = alpha.into();
     }
     let body = body.to_string();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
-    let outcomes: Vec<Outcome> = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..a.concurrency.max(1) {
-            let (next, host, body, key, n, retry) = (
-                next.clone(),
-                host.clone(),
-                body.clone(),
-                a.api_key.clone(),
-                a.requests,
-                a.retry_busy_ms,
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let t = Instant::now();
-                    let mut rejections = 0;
-                    let status = loop {
-                        let s = request(&host, &body, key.as_deref()).await.ok();
-                        if retry > 0 && matches!(s, Some(429) | Some(503)) {
-                            rejections += 1;
-                            tokio::time::sleep(Duration::from_millis(retry)).await;
-                            continue;
-                        }
-                        break s;
-                    };
-                    out.push(Outcome {
-                        status,
-                        latency: t.elapsed(),
-                        rejections,
-                    });
-                }
-                out
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap_or_default());
-        }
-        all
+    let outcomes = load(&Load {
+        host: &host,
+        path: "/v1/completions",
+        body: &body,
+        api_key: a.api_key.as_deref(),
+        requests: a.requests,
+        concurrency: a.concurrency,
+        retry_busy: (a.retry_busy_ms > 0).then(|| Duration::from_millis(a.retry_busy_ms)),
     });
     let wall = t0.elapsed();
 
