@@ -239,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
+    use detoxfuse::score::{ProfanityCheck, ToxicityScorer};
     use std::io::BufRead;
     let scorer = ProfanityCheck::shared();
     let Some(path) = a.input else {

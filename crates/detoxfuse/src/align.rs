@@ -204,7 +204,7 @@ pub fn embedding_pairs(
         .iter()
         .map(|&(a, b)| {
             let key = ((a as u64) << 32) | b as u64;
-            crate::calibrate::data::stable_hash(&key.to_le_bytes()) % 1000 < held_out_per_mille
+            crate::sample::stable_hash(&key.to_le_bytes()) % 1000 < held_out_per_mille
         })
         .collect();
     Ok(Pairs {
@@ -269,7 +269,7 @@ pub fn hidden_pairs(
         if pc.is_empty() {
             continue;
         }
-        let out = crate::calibrate::data::stable_hash(text.as_bytes()) % 1000 < held_out_per_mille;
+        let out = crate::sample::stable_hash(text.as_bytes()) % 1000 < held_out_per_mille;
         held_out.extend(std::iter::repeat_n(out, pc.len()));
         let n = pc.len();
         xs.push(

@@ -206,7 +206,7 @@ impl FusionMap {
         .into_iter()
         .map(|(k, v)| Ok((k.to_string(), v.to_dtype(DType::F16)?)))
         .collect::<Result<_>>()?;
-        crate::calibrate::fused::save_tensors(&t, path)
+        save_tensors(&t, path)
     }
 }
 
@@ -459,6 +459,19 @@ impl Decoder for FusedDecoder<'_> {
         self.logits(&ht, Some(hc))
     }
 }
+
+/// Writes safetensors atomically ([`crate::atomic::write_with`]).
+pub(crate) fn save_tensors(
+    t: &std::collections::HashMap<String, Tensor>,
+    path: &std::path::Path,
+) -> Result<()> {
+    crate::atomic::write_with(path, |tmp| Ok(candle_core::safetensors::save(t, tmp)?))
+}
+
+/// Manifest of the shared calibration part.
+pub const CALIBRATION_MANIFEST: &str = "calibration.json";
+/// The shared calibration part's tensors: LoRA factors (`lora.*`) or layer weights.
+pub const CALIBRATION_TENSORS: &str = "calibration.safetensors";
 
 #[cfg(test)]
 mod norm_tests {

@@ -79,10 +79,60 @@ impl Hub {
 
     /// The shipped fused calibration default, installed into `<cache>/calibration/fused-default`.
     pub fn fused_default(&self) -> Result<PathBuf> {
-        crate::calibrate::fused::install_shipped(
-            &self.cache.join("calibration").join("fused-default"),
-        )
+        install_shipped(&self.cache.join("calibration").join("fused-default"))
     }
+}
+
+/// The shipped default: `detoxfuse calibrate --recipe fused` with its default options (and
+/// each further target's map trained with `--shared`), embedded in the binary so that the
+/// main job needs no training and no file from the build tree.
+pub const SHIPPED: &[(&str, &[u8])] = &[
+    (
+        crate::fuse::CALIBRATION_MANIFEST,
+        include_bytes!("../../../assets/calibration/fused-smollm2-L3/calibration.json"),
+    ),
+    (
+        crate::fuse::CALIBRATION_TENSORS,
+        include_bytes!("../../../assets/calibration/fused-smollm2-L3/calibration.safetensors"),
+    ),
+    (
+        "targets/SmolLM2-135M-Instruct.Q4_1.json",
+        include_bytes!(
+            "../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.json"
+        ),
+    ),
+    (
+        "targets/SmolLM2-135M-Instruct.Q4_1.safetensors",
+        include_bytes!(
+            "../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.safetensors"
+        ),
+    ),
+    (
+        "targets/gemma-3-270m-q4_k_m.json",
+        include_bytes!(
+            "../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.json"
+        ),
+    ),
+    (
+        "targets/gemma-3-270m-q4_k_m.safetensors",
+        include_bytes!(
+            "../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.safetensors"
+        ),
+    ),
+];
+
+/// Writes the shipped default into `dir` (each file by temporary file and rename, only where
+/// it is missing or differs) and returns `dir`. Loading then checks every sha256 as for any
+/// artifact.
+pub fn install_shipped(dir: &Path) -> Result<PathBuf> {
+    for (name, bytes) in SHIPPED {
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|have| have == *bytes) {
+            continue;
+        }
+        crate::atomic::write(&path, bytes)?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// The vendored files as embedded: (path under `data/`, bytes).

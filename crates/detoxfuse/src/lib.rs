@@ -20,6 +20,7 @@ pub mod hub;
 pub mod lm;
 pub mod recipes;
 pub mod sample;
+pub mod score;
 pub mod serving;
 pub mod text;
 

@@ -26,9 +26,9 @@ use crate::calibrate::prepare;
 use crate::calibrate::selfgen::SelfGenConfig;
 use crate::calibrate::train::{self, Base, Event, HeadInit, TrainConfig, TrainSummary};
 use crate::error::{Error, Result};
-use crate::eval::score::ProfanityCheck;
 use crate::fetch::{Progress, Silent};
 use crate::hub::Hub;
+use crate::score::ProfanityCheck;
 
 /// The paper recipe's step count: corpus build + lens fit + training of the default model
 /// stay under an hour on 2 cores.

@@ -215,6 +215,16 @@ pub fn argmax(logits: &[f32]) -> TokenId {
     best as TokenId
 }
 
+/// FNV-1a: a hash that is the same on every platform and release.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

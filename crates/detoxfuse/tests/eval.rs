@@ -8,10 +8,10 @@ use common::model;
 use detoxfuse::eval::baselines::{BannedSequences, WordFilterDecoder};
 use detoxfuse::eval::fluency::{continuation_nll, continuation_nlls};
 use detoxfuse::eval::harness::{generate_samples, read_samples, Prompt};
-use detoxfuse::eval::score::ProfanityCheck;
 use detoxfuse::generate::{generate, GenerationConfig, PlainDecoder};
 use detoxfuse::lm::{self, LoadOptions};
 use detoxfuse::sample::SamplingParams;
+use detoxfuse::score::ProfanityCheck;
 use detoxfuse::text::Tokenizer;
 
 #[test]

@@ -15,9 +15,9 @@ use detoxfuse::calibrate::fused::{
 use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::{LayerTraining, Trainable};
 use detoxfuse::calibrate::selfgen::{self, Lean, Prompt, Sample, SampledPrompt, SelfGenConfig};
-use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
 use detoxfuse::fuse::FusedDecoder;
 use detoxfuse::generate::{Decoder, PlainDecoder};
+use detoxfuse::score::{ProfanityCheck, ToxicityScorer};
 use detoxfuse::text::Tokenizer;
 use rand::{Rng, SeedableRng};
 

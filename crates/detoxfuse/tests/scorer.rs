@@ -3,7 +3,7 @@
 
 mod common;
 
-use detoxfuse::eval::score::{ProfanityCheck, ToxicityScorer};
+use detoxfuse::score::{ProfanityCheck, ToxicityScorer};
 
 #[test]
 fn profanity_check_port_matches_predict_prob_to_1e_6() {

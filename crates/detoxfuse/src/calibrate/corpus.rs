@@ -16,8 +16,8 @@ use std::process::Command;
 
 use crate::calibrate::data::Record;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::score::ToxicityScorer;
 use crate::fetch::{sha256_file, Progress};
+use crate::score::ToxicityScorer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Registry {

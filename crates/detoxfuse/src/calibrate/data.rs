@@ -126,15 +126,7 @@ pub fn tokenize(records: &[Record], tok: &Tokenizer, max_len: usize) -> Result<V
     Ok(out)
 }
 
-/// FNV-1a: a hash that is the same on every platform and release.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
+pub use crate::sample::stable_hash;
 
 /// Splits records into (train, validation) by a hash of their text, so the split does not
 /// depend on order or on the rest of the corpus.

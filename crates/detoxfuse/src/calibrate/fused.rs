@@ -50,16 +50,15 @@ use super::model::{
 use super::ops::{self, Float};
 use super::optim::{AdamW, AdamWConfig};
 use super::selfgen::{Lean, SampledPrompt};
-use super::train::{self, Base};
+use super::train::Base;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::score::ToxicityScorer;
-pub use crate::fuse::{layer_norm, FusionMap, FusionNorm, MAP_A, MAP_BETA, MAP_GAMMA};
+pub use crate::fuse::{
+    layer_norm, FusionMap, FusionNorm, CALIBRATION_MANIFEST, CALIBRATION_TENSORS, MAP_A, MAP_BETA,
+    MAP_GAMMA,
+};
 use crate::lm::{CausalLm, TokenId};
+use crate::score::ToxicityScorer;
 use crate::text::Tokenizer;
-
-pub(crate) fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    crate::atomic::write_with(path, |tmp| Ok(candle_core::safetensors::save(t, tmp)?))
-}
 
 // ---------------------------------------------------------------------------------------
 // Data: which positions keep the target and which tokens are toxic.
@@ -992,7 +991,7 @@ pub fn train(
     progress: &mut dyn FnMut(FusedEvent),
 ) -> Result<FusedSummary> {
     check_config(cfg)?;
-    train::check_writable(out)?;
+    super::checkpoint::check_writable(out)?;
     let record_path = out.join("checkpoint.json");
     if !resume && record_path.exists() {
         return Err(Error::Input(format!(
@@ -1140,10 +1139,10 @@ pub fn train(
                 out.display()
             )));
         }
-        train::load_state(&out.join(&rec.file), &vars, &mut opt, rec.step)?;
+        super::checkpoint::load_state(&out.join(&rec.file), &vars, &mut opt, rec.step)?;
         state = rec;
     }
-    let mut log = train::open_log(&log_path, resume.then_some(state.step))?;
+    let mut log = super::checkpoint::open_log(&log_path, resume.then_some(state.step))?;
     let mut write_log = |v: &serde_json::Value| -> Result<()> {
         writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
     };
@@ -1270,8 +1269,8 @@ pub fn train(
         }
         if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) || last {
             let previous = std::mem::take(&mut state.file);
-            state.file = train::save_state(out, state.step, &vars, &opt)?;
-            train::commit_record(out, &state, &previous, &state.file)?;
+            state.file = super::checkpoint::save_state(out, state.step, &vars, &opt)?;
+            super::checkpoint::commit_record(out, &state, &previous, &state.file)?;
             progress(FusedEvent::Checkpoint { step: state.step });
         }
     }
@@ -1303,11 +1302,6 @@ pub fn train(
 // ---------------------------------------------------------------------------------------
 // The artifact: shared calibration part + one map per target.
 
-/// Manifest of the shared calibration part.
-pub const CALIBRATION_MANIFEST: &str = "calibration.json";
-/// The shared calibration part's tensors: LoRA factors (`lora.*`) or layer weights.
-pub const CALIBRATION_TENSORS: &str = "calibration.safetensors";
-
 /// The file stem a target's map is saved under.
 pub fn target_key(target_path: &Path) -> String {
     target_path
@@ -1338,7 +1332,7 @@ pub fn save_artifact(
     let manifest_path = dir.join(CALIBRATION_MANIFEST);
     // A run that trained only a map (over a shared calibration) leaves the shared part as is.
     let cal_manifest = if !trained.is_empty() || !manifest_path.exists() {
-        save_tensors(&trained, &tensors_path)?;
+        crate::fuse::save_tensors(&trained, &tensors_path)?;
         let m = serde_json::json!({
             "kind": "detoxfuse fused calibration",
             "detoxfuse_version": env!("CARGO_PKG_VERSION"),
@@ -1440,58 +1434,6 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
         .unwrap_or_default()
         .to_string();
     Ok((cal, sha))
-}
-
-/// The shipped default: `detoxfuse calibrate --recipe fused` with its default options (and
-/// each further target's map trained with `--shared`), embedded in the binary so that the
-/// main job needs no training and no file from the build tree.
-pub const SHIPPED: &[(&str, &[u8])] = &[
-    (
-        CALIBRATION_MANIFEST,
-        include_bytes!("../../../../assets/calibration/fused-smollm2-L3/calibration.json"),
-    ),
-    (
-        CALIBRATION_TENSORS,
-        include_bytes!("../../../../assets/calibration/fused-smollm2-L3/calibration.safetensors"),
-    ),
-    (
-        "targets/SmolLM2-135M-Instruct.Q4_1.json",
-        include_bytes!(
-            "../../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.json"
-        ),
-    ),
-    (
-        "targets/SmolLM2-135M-Instruct.Q4_1.safetensors",
-        include_bytes!(
-            "../../../../assets/calibration/fused-smollm2-L3/targets/SmolLM2-135M-Instruct.Q4_1.safetensors"
-        ),
-    ),
-    (
-        "targets/gemma-3-270m-q4_k_m.json",
-        include_bytes!(
-            "../../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.json"
-        ),
-    ),
-    (
-        "targets/gemma-3-270m-q4_k_m.safetensors",
-        include_bytes!(
-            "../../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.safetensors"
-        ),
-    ),
-];
-
-/// Writes the shipped default into `dir` (each file by temporary file and rename, only where
-/// it is missing or differs) and returns `dir`. Loading then checks every sha256 as for any
-/// artifact.
-pub fn install_shipped(dir: &Path) -> Result<PathBuf> {
-    for (name, bytes) in SHIPPED {
-        let path = dir.join(name);
-        if std::fs::read(&path).is_ok_and(|have| have == *bytes) {
-            continue;
-        }
-        crate::atomic::write(&path, bytes)?;
-    }
-    Ok(dir.to_path_buf())
 }
 
 /// A loaded fused calibration for one target.

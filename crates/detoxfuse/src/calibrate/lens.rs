@@ -13,8 +13,8 @@
 use candle_core::{DType, Tensor};
 
 use super::data::{self, Example};
+use super::model::make_batch;
 use super::model::CalibrationModel;
-use super::train::make_batch;
 use crate::error::{Error, Result};
 
 /// The items a lens is fitted on: every `len / texts`-th from the start, at most `texts`.

@@ -1,6 +1,7 @@
 //! Step 1 of the method: the calibration model, its training corpus and its trainer.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod corpus;
 pub mod data;
 pub mod fused;

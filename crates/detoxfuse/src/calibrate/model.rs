@@ -113,6 +113,15 @@ impl Batch {
     }
 }
 
+/// The batch of `examples[idx]`, right-padded with `pad`.
+pub fn make_batch(examples: &[super::data::Example], idx: &[usize], pad: u32) -> Result<Batch> {
+    let rows: Vec<(&[u32], &[bool])> = idx
+        .iter()
+        .map(|&i| (examples[i].ids.as_slice(), examples[i].mask.as_slice()))
+        .collect();
+    Batch::new(&rows, pad, &candle_core::Device::Cpu)
+}
+
 /// The calibration model's parameters: trainable ones are [`Var`]s, frozen ones plain tensors.
 pub struct CalibrationModel {
     pub config: LlamaConfig,

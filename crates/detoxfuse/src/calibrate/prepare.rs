@@ -13,9 +13,9 @@ use super::guard::LeakageGuard;
 use super::probe;
 use super::selfgen::{self, SelfGenConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::eval::score::ProfanityCheck;
 use crate::fetch::{sha256_file, Progress, Silent};
 use crate::hub::Hub;
+use crate::score::ProfanityCheck;
 
 /// The scorer every data builder filters with (named in each manifest).
 pub const SCORER: &str = "alt-profanity-check 1.9.1 (Rust port; lexical)";

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use super::corpus::{line_statements, read_lossy, toxigen_files, HELD_BACK_GROUPS};
 use super::data::{self, Record};
+use super::model::make_batch;
 use super::model::{CalibrationModel, LossSum};
-use super::train::make_batch;
 use crate::error::{Error, Result};
 use crate::text::Tokenizer;
 

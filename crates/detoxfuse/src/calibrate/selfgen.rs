@@ -20,8 +20,8 @@ use super::corpus::{self, HELD_BACK_GROUPS};
 use super::data::stable_hash;
 use super::guard::LeakageGuard;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::score::ToxicityScorer;
 use crate::lm::{CausalLm, TokenId};
+use crate::score::ToxicityScorer;
 use crate::text::Tokenizer;
 
 /// Whether a prompt leans toxic.

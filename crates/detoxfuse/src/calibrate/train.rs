@@ -15,10 +15,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
+use super::checkpoint::{check_writable, commit_record, load_state, open_log, save_state};
 use super::data::{self, Example};
-use super::model::{Batch, CalibrationModel, LossSum, Objective, Trainable};
+use super::model::{make_batch, CalibrationModel, LossSum, Objective, Trainable};
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::lm::export::{self, HfLlama};
@@ -234,24 +235,6 @@ impl Base {
     }
 }
 
-/// Makes sure `dir` exists and is writable before hours of work depend on it.
-pub(crate) fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::Input(format!(
-            "cannot create output directory {}: {e}; choose a writable --out",
-            dir.display()
-        ))
-    })?;
-    tempfile::NamedTempFile::new_in(dir).map_err(|e| {
-        Error::Input(format!(
-            "output directory {} is not writable: {e}; choose a writable --out",
-            dir.display()
-        ))
-    })?;
-    Ok(())
-}
-
-/// Trains a calibration model from `base` on `corpus`, writing to `out`.
 pub fn train(
     base: &Base,
     corpus: &Path,
@@ -613,14 +596,6 @@ fn read_corpus_manifest(corpus: &Path) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-pub fn make_batch(examples: &[Example], idx: &[usize], pad: u32) -> Result<Batch> {
-    let rows: Vec<(&[u32], &[bool])> = idx
-        .iter()
-        .map(|&i| (examples[i].ids.as_slice(), examples[i].mask.as_slice()))
-        .collect();
-    Batch::new(&rows, pad, &Device::Cpu)
-}
-
 fn save_checkpoint(
     out: &Path,
     state: &mut CheckpointRecord,
@@ -630,74 +605,6 @@ fn save_checkpoint(
     let previous = std::mem::take(&mut state.file);
     state.file = save_state(out, state.step, model.vars(), opt)?;
     commit_record(out, state, &previous, &state.file)
-}
-
-/// Writes parameters and optimizer moments as `checkpoint-{step}.safetensors` (temporary
-/// file, fsync, rename) and returns the file name. Nothing refers to it until
-/// [`commit_record`] names it.
-pub(crate) fn save_state(
-    out: &Path,
-    step: usize,
-    vars: &std::collections::BTreeMap<String, candle_core::Var>,
-    opt: &AdamW,
-) -> Result<String> {
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    for (name, var) in vars {
-        t.insert(format!("param.{name}"), var.as_tensor().clone());
-        t.insert(format!("m.{name}"), opt.m[name].clone());
-        t.insert(format!("v.{name}"), opt.v[name].clone());
-    }
-    let file = format!("checkpoint-{step:06}.safetensors");
-    crate::atomic::write_with(&out.join(&file), |tmp| {
-        Ok(candle_core::safetensors::save(&t, tmp)?)
-    })?;
-    Ok(file)
-}
-
-/// Atomically replaces `checkpoint.json` by `record` (the commit point of a checkpoint),
-/// then removes the previous checkpoint's tensor file.
-pub(crate) fn commit_record<R: serde::Serialize>(
-    out: &Path,
-    record: &R,
-    previous: &str,
-    current: &str,
-) -> Result<()> {
-    crate::atomic::write(
-        &out.join("checkpoint.json"),
-        serde_json::to_string_pretty(record)?.as_bytes(),
-    )?;
-    if !previous.is_empty() && previous != current {
-        let _ = std::fs::remove_file(out.join(previous));
-    }
-    Ok(())
-}
-
-/// Reads parameters and optimizer moments written by [`save_state`] back into `vars` and
-/// `opt`.
-pub(crate) fn load_state(
-    file: &Path,
-    vars: &std::collections::BTreeMap<String, candle_core::Var>,
-    opt: &mut AdamW,
-    step: usize,
-) -> Result<()> {
-    let t = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
-        Error::Input(format!(
-            "--resume: {} is unreadable ({e}); start again without --resume",
-            file.display()
-        ))
-    })?;
-    for (name, var) in vars {
-        let get = |k: String| {
-            t.get(&k)
-                .cloned()
-                .ok_or_else(|| Error::Input(format!("--resume: {} lacks {k}", file.display())))
-        };
-        var.set(&get(format!("param.{name}"))?)?;
-        opt.m.insert(name.clone(), get(format!("m.{name}"))?);
-        opt.v.insert(name.clone(), get(format!("v.{name}"))?);
-    }
-    opt.step = step;
-    Ok(())
 }
 
 fn load_checkpoint(
@@ -743,44 +650,4 @@ fn load_checkpoint(
     }
     load_state(&out.join(&rec.file), model.vars(), opt, rec.step)?;
     Ok(rec)
-}
-
-/// Opens a run's `log.jsonl` for appending: resuming from `Some(step)` drops the lines
-/// written after that checkpoint, a fresh run (`None`) starts an empty log.
-pub(crate) fn open_log(path: &Path, resumed_at: Option<usize>) -> Result<std::fs::File> {
-    match resumed_at {
-        Some(step) => truncate_log(path, step)?,
-        None if path.exists() => {
-            std::fs::remove_file(path).ctx(|| format!("removing {}", path.display()))?
-        }
-        None => {}
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .ctx(|| format!("opening {}", path.display()))
-}
-
-/// Drops log lines past `step` (written after the checkpoint a run resumes from).
-fn truncate_log(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .collect();
-    crate::atomic::write(
-        path,
-        kept.iter()
-            .map(|l| format!("{l}\n"))
-            .collect::<String>()
-            .as_bytes(),
-    )
 }

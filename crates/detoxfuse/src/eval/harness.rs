@@ -15,9 +15,9 @@ use std::time::Instant;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::fluency::continuation_nlls;
 use crate::eval::metrics;
-use crate::eval::score::ToxicityScorer;
 use crate::generate::{generate, Decoder, GenerationConfig};
 use crate::lm::CausalLm;
+use crate::score::ToxicityScorer;
 use crate::text::Tokenizer;
 
 /// One prompt of the input file.
@@ -175,7 +175,7 @@ pub struct PromptSamples {
 
 /// The sampling seed of the prompt on `line`: the same for every method and every resume.
 pub fn prompt_seed(seed: u64, line: usize) -> u64 {
-    seed ^ crate::calibrate::data::stable_hash(&(line as u64).to_le_bytes())
+    seed ^ crate::sample::stable_hash(&(line as u64).to_le_bytes())
 }
 
 /// Generates `cfg.n` samples for each prompt not yet in `out`, appending a line per prompt.

@@ -7,4 +7,5 @@ pub mod harness;
 pub mod metrics;
 pub mod protocol;
 pub mod report;
-pub mod score;
+/// The scorer lives at the top ([`crate::score`]): training filters with it too.
+pub use crate::score;

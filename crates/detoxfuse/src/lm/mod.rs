@@ -21,8 +21,7 @@ pub use attention::KvCache;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
-/// A token id in some model's vocabulary.
-pub type TokenId = u32;
+pub use crate::text::TokenId;
 
 /// What a caller needs to know about a loaded model.
 #[derive(Debug, Clone, serde::Serialize)]

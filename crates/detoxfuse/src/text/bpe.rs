@@ -11,8 +11,8 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 
+use super::TokenId;
 use crate::error::{Error, Result};
-use crate::lm::TokenId;
 
 #[derive(Clone)]
 pub struct ByteLevelBpe {

@@ -9,6 +9,9 @@
 mod bpe;
 mod chat;
 mod spm;
+/// A token id in some model's vocabulary.
+pub type TokenId = u32;
+
 pub mod vocab;
 
 use std::path::Path;
@@ -17,7 +20,6 @@ pub use chat::{ChatMessage, ChatTemplate};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::lm::TokenId;
 
 /// GGUF `tokenizer.ggml.token_type` values.
 const TYPE_NORMAL: i32 = 1;

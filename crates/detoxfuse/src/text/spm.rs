@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use crate::lm::TokenId;
+use super::TokenId;
 
 #[derive(Clone)]
 pub struct Spm {

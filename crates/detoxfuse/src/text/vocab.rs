@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
+use super::TokenId;
 use super::Tokenizer;
-use crate::lm::TokenId;
 
 /// Pairs of ids (first tokenizer, second tokenizer) whose tokens decode to the same bytes.
 #[derive(Debug, Clone)]

@@ -38,7 +38,7 @@ pub struct ProfanityCheck {
     folds: Vec<Fold>,
 }
 
-const MODEL_JSON: &str = include_str!("../../../../assets/profanity_check_1.9.1.json");
+const MODEL_JSON: &str = include_str!("../../../assets/profanity_check_1.9.1.json");
 
 impl ProfanityCheck {
     /// The shipped model (parsed once per process).
