@@ -440,6 +440,14 @@ impl TrainPrinter {
         }
     }
 
+    /// A trainer starts (or resumes) at `step` of `steps`.
+    fn start(&mut self, step: usize, steps: usize, line: String) {
+        self.pb.set_length(steps as u64);
+        self.pb.set_position(step as u64);
+        self.pb.reset_eta();
+        self.say(line);
+    }
+
     pub fn finish(self) {
         self.pb.finish_and_clear();
     }
@@ -463,7 +471,7 @@ impl Observer for TrainPrinter {
 
     fn train_event(&mut self, e: Event) {
         self.data = None;
-        let pb = &self.pb;
+        let pb = self.pb.clone();
         match e {
             Event::Start {
                 step,
@@ -471,17 +479,12 @@ impl Observer for TrainPrinter {
                 train_examples,
                 val_examples,
                 trainable_params,
-            } => {
-                pb.set_length(steps as u64);
-                pb.set_position(step as u64);
-                pb.reset_eta();
-                self.say(format!(
-                    "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
-                    train_examples,
-                    val_examples,
-                    trainable_params as f64 / 1e6
-                ));
-            }
+            } => self.start(step, steps, format!(
+                "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
+                train_examples,
+                val_examples,
+                trainable_params as f64 / 1e6
+            )),
             Event::Step(s) => {
                 self.window_tokens += s.tokens;
                 self.window_secs += s.seconds;
@@ -536,7 +539,7 @@ impl Observer for TrainPrinter {
 
     fn fused_event(&mut self, e: FusedEvent) {
         self.data = None;
-        let pb = &self.pb;
+        let pb = self.pb.clone();
         match e {
             FusedEvent::Start {
                 step,
@@ -545,16 +548,11 @@ impl Observer for TrainPrinter {
                 detox_rows,
                 trainable_params,
                 stats,
-            } => {
-                pb.set_length(steps as u64);
-                pb.set_position(step as u64);
-                pb.reset_eta();
-                self.say(format!(
-                    "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
-                    stats.prompts, stats.samples, stats.toxic_samples, stats.keep_positions,
-                    stats.detox_positions, stats.detox_from_prompts, trainable_params as f64 / 1e6
-                ));
-            }
+            } => self.start(step, steps, format!(
+                "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
+                stats.prompts, stats.samples, stats.toxic_samples, stats.keep_positions,
+                stats.detox_positions, stats.detox_from_prompts, trainable_params as f64 / 1e6
+            )),
             FusedEvent::Step(s) => {
                 pb.set_position(s.step as u64);
                 pb.set_message(format!(
