@@ -41,14 +41,18 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Methods to run: base, fused (one row per --alphas value), fusednorm (the same, each
-    /// fused state rescaled to the target state's norm; not in the paper), wordfilter,
-    /// dexperts (not by default: its expert and anti-expert train on first use, ~1.5 h on
-    /// 2 cores).
+    /// fused state rescaled to the target state's norm; not in the paper), paper (the paper
+    /// recipe's model, one row per --paper-alphas value), wordfilter, dexperts (not by
+    /// default: its expert and anti-expert train on first use, ~1.5 h on 2 cores).
     #[arg(long, value_delimiter = ',', default_values_t = ["base".to_string(), "fused".into(), "wordfilter".into()])]
     methods: Vec<String>,
     /// Fusion strengths for the fused rows.
     #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.2, 0.3])]
     alphas: Vec<f64>,
+    /// Alphas of the `paper` rows: the paper recipe's calibration model with its alignment
+    /// (trained on first use, ~50 min), the comparison the issue asks for at its best alpha.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1])]
+    paper_alphas: Vec<f64>,
     /// Calibration for the fused rows: "default" (the shipped fusion-aware calibration, no training), "fused" (the one
     /// `calibrate --recipe fused` trains here, on first use), "paper" (the paper recipe's model,
     /// trained on first use), or a directory.
@@ -161,7 +165,7 @@ impl EvalObserver for EvalPrinter {
 
 pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
     let plan = EvalPlan {
-        methods: Method::parse_list(&a.methods, &a.alphas, &a.dexperts_beta)?,
+        methods: Method::parse_list(&a.methods, &a.alphas, &a.paper_alphas, &a.dexperts_beta)?,
         target: a.model.model,
         evaluator: a.evaluator,
         prompts: a.prompts,

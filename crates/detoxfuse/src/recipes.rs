@@ -458,6 +458,19 @@ mod tests {
         );
     }
 
+    /// The shipped default is what [`Recipe::Fused`] trains: its recorded options are the
+    /// recipe's defaults (so "reproduce the shipped model" is "run the default recipe").
+    #[test]
+    fn the_shipped_calibration_was_trained_with_the_default_recipe() {
+        let (_, bytes) = crate::hub::SHIPPED
+            .iter()
+            .find(|(n, _)| *n == fused::CALIBRATION_MANIFEST)
+            .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        let cfg: FusedConfig = serde_json::from_value(m["trained_by"]["config"].clone()).unwrap();
+        assert_eq!(cfg, FusedConfig::default());
+    }
+
     #[test]
     fn the_recipes_differ_where_they_should() {
         let hub = Hub::new("/c");

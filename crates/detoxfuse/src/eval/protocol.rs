@@ -36,6 +36,8 @@ pub enum Method {
     Fused(f64),
     /// The fused model at α with every fused state rescaled to the target state's norm.
     FusedNorm(f64),
+    /// The paper recipe's calibration model with its alignment, at α (the comparison row).
+    Paper(f64),
     WordFilter,
     /// DExperts-style: `logits = base + β · (expert − anti-expert)`.
     Dexperts(f32),
@@ -48,14 +50,20 @@ impl Method {
             Method::Base => "base".into(),
             Method::Fused(a) => format!("fused-a{a}"),
             Method::FusedNorm(a) => format!("fused-norm-a{a}"),
+            Method::Paper(a) => format!("paper-a{a}"),
             Method::WordFilter => "wordfilter".into(),
             Method::Dexperts(b) => format!("dexperts-b{b}"),
         }
     }
 
-    /// The rows that method names stand for: `fused`/`fusednorm` one per alpha, `dexperts`
-    /// one per beta.
-    pub fn parse_list(names: &[String], alphas: &[f64], betas: &[f32]) -> Result<Vec<Method>> {
+    /// The rows that method names stand for: `fused`/`fusednorm` one per alpha, `paper` one
+    /// per paper alpha, `dexperts` one per beta.
+    pub fn parse_list(
+        names: &[String],
+        alphas: &[f64],
+        paper_alphas: &[f64],
+        betas: &[f32],
+    ) -> Result<Vec<Method>> {
         let mut out = Vec::new();
         for m in names {
             match m.as_str() {
@@ -74,6 +82,16 @@ impl Method {
                         });
                     }
                 }
+                "paper" => {
+                    for &alpha in paper_alphas {
+                        if !(0.0..=1.0).contains(&alpha) {
+                            return Err(Error::Input(format!(
+                                "--paper-alphas: {alpha} is outside [0, 1]"
+                            )));
+                        }
+                        out.push(Method::Paper(alpha));
+                    }
+                }
                 "wordfilter" => out.push(Method::WordFilter),
                 "dexperts" => {
                     for &beta in betas {
@@ -86,7 +104,7 @@ impl Method {
                     }
                 }
                 other => return Err(Error::Input(format!(
-                    "--methods: unknown method {other:?}; choose from base, fused, fusednorm, wordfilter, dexperts"
+                    "--methods: unknown method {other:?}; choose from base, fused, fusednorm, paper, wordfilter, dexperts"
                 ))),
             }
         }
@@ -219,6 +237,20 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
     let needs_cal = methods
         .iter()
         .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_)));
+    let paper = if methods.iter().any(|m| matches!(m, Method::Paper(_))) {
+        Some(calibration::load_fusion(
+            hub,
+            &CalibrationSpec::Paper,
+            None,
+            &target_path,
+            target.as_ref(),
+            0.0,
+            a.align_variant,
+            obs,
+        )?)
+    } else {
+        None
+    };
     let fusion = if needs_cal {
         Some(calibration::load_fusion(
             hub,
@@ -299,6 +331,7 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         "target": target_id, "evaluator": evaluator_id,
         "perplexity_samples_per_prompt": per_prompt_ppl,
         "calibration": fusion.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
+        "paper_calibration": paper.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
         "anti_expert": anti.as_ref().map(|(d, ..)| d),
         "expert": anti.as_ref().map(|(_, _, e, _)| e),
         "word_list": banned.as_ref().map(|b| serde_json::json!({
@@ -376,6 +409,13 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
                         .decoder_with(target.as_ref(), &tok, *alpha, norm)?,
                 )
             }
+            Method::Paper(alpha) => {
+                Box::new(paper.as_ref().expect("loaded for paper rows").decoder(
+                    target.as_ref(),
+                    &tok,
+                    *alpha,
+                )?)
+            }
             Method::WordFilter => Box::new(WordFilterDecoder::new(
                 Box::new(PlainDecoder::new(target.as_ref())),
                 banned.as_ref().expect("loaded for the word filter"),
@@ -402,7 +442,7 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
             &mut |done, total| obs.advance(done, total),
         )?;
     }
-    drop((fusion, anti, target));
+    drop((fusion, paper, anti, target));
 
     if !a.no_perplexity {
         let evaluator = lm::load(&evaluator_path)?;
