@@ -497,7 +497,7 @@ mod tests {
             steps: 0,
             optim: AdamWConfig {
                 total_steps: 0,
-                ..c.optim.clone()
+                ..c.optim
             },
             ..c.clone()
         };

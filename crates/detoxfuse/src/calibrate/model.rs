@@ -656,8 +656,6 @@ pub fn head_cross_entropy(
     }
 }
 
-/// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
-#[allow(clippy::too_many_arguments)]
 /// `dst (rows×vocab) = h (rows×d) · Wᵀ` for a head `W` of `vocab` rows of `d`
 /// (`Wᵀ[k][j] = W[j·d + k]`): the logits of `rows` states.
 pub(crate) fn head_logits<T: Float>(
@@ -698,6 +696,8 @@ pub(crate) fn head_grad_states<T: Float>(
     )
 }
 
+/// `dst (m×n) = [dst +] lhs · rhs` with explicit (column, row) strides, on all threads.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
