@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use detoxfuse::calibrate::corpus::{self, CorpusOptions};
 use detoxfuse::calibrate::fused::FusedEvent;
-use detoxfuse::calibrate::model::CalibrationModel;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::calibrate::selfgen::SelfGenConfig;
-use detoxfuse::calibrate::train::{self, Base, Event, HeadInit, TrainConfig};
-use detoxfuse::calibrate::{lens, prepare, probe};
+use detoxfuse::calibrate::train::{self, Event, HeadInit, TrainConfig};
+use detoxfuse::calibrate::{prepare, probe};
 use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, Observer, PaperJob, Recipe};
 use indicatif::ProgressBar;
@@ -639,67 +638,44 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| Recipe::Paper.result_dir(&Hub::new(cache)));
-    let (trained, tok) = CalibrationModel::load_dir(&dir)?;
-    let layers = trained.config.num_hidden_layers;
     let base_path = ModelArg {
         model: a.base.clone(),
     }
     .resolve(cache)?;
-    let base = Base::load(&base_path, layers)?;
-    let mut init = base.init(layers, Trainable::default())?;
-    // A model trained from a tuned-lens head started with that head: rebuild it.
-    let lens_path = dir.join(train::LENS_FILE);
-    let lens_note = if lens_path.exists() {
-        init = lens::apply(init, &lens::read(&lens_path)?)?;
-        "its tuned-lens head"
-    } else {
-        "the base's tied head"
-    };
-    drop(base);
-    // The whole base LM, for scale: what a real language model assigns to the same text.
-    let full = if a.full_base {
-        Some(Base::load_full(&base_path)?)
-    } else {
-        None
-    };
-    let tok = &tok;
     let toxigen = data_dir(cache, a.data.clone())?.join("toxigen");
+    let r = probe::compare(&dir, &base_path, &toxigen, a.per_group, a.full_base)?;
     println!(
         "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
         corpus::HELD_BACK_GROUPS
     );
+    let lens_note = if r.lens {
+        "its tuned-lens head"
+    } else {
+        "the base's tied head"
+    };
     println!(
-        "init = the base's first {layers} layers, its final norm and {lens_note}, before training"
+        "init = the base's first {} layers, its final norm and {lens_note}, before training",
+        r.layers
     );
     println!(
         "{:<8} {:>7} {:>8} {:>14} {:>15} {:>10} {:>16}",
         "set", "items", "tokens", "init logprob", "trained logprob", "change", "full base logprob"
     );
-    let mut changes = Vec::new();
-    for kind in ["hate", "neutral"] {
-        let items = probe::items(&toxigen, kind, a.per_group)?;
-        let before = probe::mean_nll(&init, tok, &items)?;
-        let after = probe::mean_nll(&trained, tok, &items)?;
-        let reference = match &full {
-            Some(m) => -probe::mean_nll(m, tok, &items)?.mean(),
-            None => f64::NAN,
-        };
-        let change = before.mean() - after.mean();
-        changes.push(change);
+    for row in &r.rows {
         println!(
             "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4} {:>16.4}",
-            kind,
-            items.len(),
-            before.tokens,
-            -before.mean(),
-            -after.mean(),
-            change,
-            reference
+            row.kind,
+            row.items,
+            row.tokens,
+            row.init,
+            row.trained,
+            row.change(),
+            row.full_base
         );
     }
     println!(
         "toxic minus neutral change: {:+.4} nats/token (negative: training moved probability away from toxic continuations more than from neutral ones)",
-        changes[0] - changes[1]
+        r.rows[0].change() - r.rows[1].change()
     );
     Ok(())
 }

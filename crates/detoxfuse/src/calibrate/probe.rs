@@ -77,3 +77,81 @@ pub fn mean_nll(model: &CalibrationModel, tok: &Tokenizer, records: &[Record]) -
     }
     Ok(sum)
 }
+
+/// One set's probe result (mean log-probability per token, nats).
+#[derive(Debug, Clone)]
+pub struct ProbeRow {
+    /// "hate" or "neutral".
+    pub kind: &'static str,
+    pub items: usize,
+    pub tokens: usize,
+    /// Before training: the base's first layers (with the tuned-lens head when the model
+    /// was trained from one).
+    pub init: f64,
+    pub trained: f64,
+    /// The whole base model's, when asked for (NaN otherwise).
+    pub full_base: f64,
+}
+
+impl ProbeRow {
+    /// How far training lowered the set's log-probability (positive: less likely).
+    pub fn change(&self) -> f64 {
+        self.init - self.trained
+    }
+}
+
+/// The probe of a trained calibration model directory against the model it started from.
+pub struct ProbeReport {
+    pub layers: usize,
+    /// Whether the "before" model carries the run's tuned-lens head.
+    pub lens: bool,
+    pub rows: Vec<ProbeRow>,
+}
+
+/// Scores the held-back hate and neutral lists under the model in `trained_dir`, under its
+/// initialisation from `base_path` and (with `full_base`) under the whole base.
+pub fn compare(
+    trained_dir: &Path,
+    base_path: &Path,
+    toxigen_dir: &Path,
+    per_group: usize,
+    full_base: bool,
+) -> Result<ProbeReport> {
+    use super::model::Trainable;
+    use super::train::{Base, LENS_FILE};
+    let (trained, tok) = CalibrationModel::load_dir(trained_dir)?;
+    let layers = trained.config.num_hidden_layers;
+    let base = Base::load(base_path, layers)?;
+    let mut init = base.init(layers, Trainable::default())?;
+    // A model trained from a tuned-lens head started with that head: rebuild it.
+    let lens_path = trained_dir.join(LENS_FILE);
+    let lens = lens_path.exists();
+    if lens {
+        init = super::lens::apply(init, &super::lens::read(&lens_path)?)?;
+    }
+    drop(base);
+    let full = if full_base {
+        Some(Base::load_full(base_path)?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for kind in ["hate", "neutral"] {
+        let items = items(toxigen_dir, kind, per_group)?;
+        let before = mean_nll(&init, &tok, &items)?;
+        let after = mean_nll(&trained, &tok, &items)?;
+        let full_base = match &full {
+            Some(m) => -mean_nll(m, &tok, &items)?.mean(),
+            None => f64::NAN,
+        };
+        rows.push(ProbeRow {
+            kind,
+            items: items.len(),
+            tokens: before.tokens,
+            init: -before.mean(),
+            trained: -after.mean(),
+            full_base,
+        });
+    }
+    Ok(ProbeReport { layers, lens, rows })
+}
