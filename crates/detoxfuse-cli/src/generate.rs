@@ -1,13 +1,14 @@
 //! `detoxfuse generate`: one prompt, or a JSONL file of prompts, to JSONL continuations.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
+use detoxfuse::batch::{self, BatchObserver, BatchOptions, PromptJob};
+use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::sample::SamplingParams;
-use detoxfuse::text::{ChatMessage, Tokenizer};
+use detoxfuse::text::Tokenizer;
 use indicatif::ProgressBar;
 
 #[derive(clap::Args)]
@@ -70,46 +71,34 @@ pub struct GenerateArgs {
     align_variant: crate::align::VariantArg,
 }
 
-/// One prompt of the input, with the line it came from (1-based).
-struct Job {
-    line: usize,
-    id: Option<serde_json::Value>,
-    prompt: String,
+/// The batch's progress on a bar; skipped prompts as lines above it.
+struct Bar<'a>(&'a ProgressBar);
+
+impl BatchObserver for Bar<'_> {
+    fn progress(&mut self, started: usize) {
+        self.0.set_position(started as u64)
+    }
+    fn skipped(&mut self, line: usize, e: &detoxfuse::Error) {
+        self.0
+            .suspend(|| eprintln!("line {line}: {e}; prompt skipped"))
+    }
 }
 
 pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
-    let mut jobs = Vec::new();
-    let mut bad_lines = 0;
-    match (&a.prompt, &a.input) {
-        (Some(p), None) => jobs.push(Job {
-            line: 1,
-            id: None,
-            prompt: p.clone(),
-        }),
-        (None, Some(path)) => {
-            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            for (i, line) in BufReader::new(f).lines().enumerate() {
-                let line = line.with_context(|| {
-                    format!("{}: line {} is not valid UTF-8 text", path.display(), i + 1)
-                })?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match detoxfuse::eval::harness::parse_prompt_line(&line) {
-                    Ok((id, prompt)) => jobs.push(Job {
-                        line: i + 1,
-                        id,
-                        prompt,
-                    }),
-                    Err(e) if a.fail_fast => bail!("{}:{}: {e}", path.display(), i + 1),
-                    Err(e) => {
-                        eprintln!("{}:{}: {e}; line skipped", path.display(), i + 1);
-                        bad_lines += 1;
-                    }
-                }
-            }
-        }
+    let (jobs, bad) = match (&a.prompt, &a.input) {
+        (Some(p), None) => (
+            vec![PromptJob {
+                line: 1,
+                id: None,
+                prompt: p.clone(),
+            }],
+            Vec::new(),
+        ),
+        (None, Some(path)) => batch::read_jobs(path, a.fail_fast)?,
         _ => bail!("give a prompt with --prompt TEXT or a JSONL file with --input FILE"),
+    };
+    for b in &bad {
+        eprintln!("{b}; line skipped");
     }
 
     let path = a.model.resolve(cache)?;
@@ -142,7 +131,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
     cfg.sampling.validate()?;
 
     let done = match (&a.output, a.resume) {
-        (Some(out), true) if out.exists() => completed_lines(out)?,
+        (Some(out), true) if out.exists() => batch::completed_lines(out)?,
         _ => Default::default(),
     };
     let mut sink: Box<dyn Write> = match &a.output {
@@ -163,56 +152,35 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
         ProgressBar::hidden()
     };
     bar.set_style(crate::bar_style(Some("prompts")));
-    let mut failed = 0;
     let mut dec: Box<dyn Decoder + '_> = match &fusion {
         Some(f) => Box::new(f.decoder(model.as_ref(), &tok, a.alpha)?),
         None => Box::new(PlainDecoder::new(model.as_ref())),
     };
-    let fusion_info = fusion.as_ref().map(|f| {
-        serde_json::json!({"alpha": a.alpha, "calibration": f.calibration, "alignment": f.alignment})
-    });
-    for job in jobs {
-        bar.inc(1);
-        if done.contains(&job.line) {
-            continue;
-        }
-        let text = if a.chat {
-            tok.apply_chat(&[ChatMessage::user(&job.prompt)])?
-        } else {
-            job.prompt.clone()
-        };
-        let result = tok
-            .encode(&text, a.chat)
-            .and_then(|ids| generate(dec.as_mut(), &tok, &ids, &cfg).map(|g| (ids.len(), g)));
-        let record = match result {
-            Ok((prompt_tokens, gens)) => serde_json::json!({
-                "line": job.line, "id": job.id, "prompt": job.prompt, "prompt_tokens": prompt_tokens,
-                "generations": gens, "model": path.file_name().map(|n| n.to_string_lossy()),
-                "sampling": cfg.sampling, "max_tokens": cfg.max_tokens, "fusion": fusion_info,
-            }),
-            Err(e) if a.fail_fast || a.input.is_none() => bail!("prompt on line {}: {e}", job.line),
-            Err(e) => {
-                bar.suspend(|| eprintln!("line {}: {e}; prompt skipped", job.line));
-                failed += 1;
-                continue;
-            }
-        };
-        // one whole line per write, flushed: an interrupted run leaves complete records only
-        // (a torn last line is dropped by --resume)
-        sink.write_all(format!("{record}\n").as_bytes())?;
-        sink.flush()?;
-    }
+    let opts = BatchOptions {
+        chat: a.chat,
+        fail_fast: a.fail_fast || a.input.is_none(),
+        done: &done,
+        model: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        fusion: fusion.as_ref().map(|f| {
+            serde_json::json!({"alpha": a.alpha, "calibration": f.calibration, "alignment": f.alignment})
+        }),
+    };
+    let failed = batch::run(
+        dec.as_mut(),
+        &tok,
+        &jobs,
+        &cfg,
+        &opts,
+        sink.as_mut(),
+        &mut Bar(&bar),
+    );
     bar.finish_and_clear();
-    if bad_lines + failed > 0 {
-        bail!("{bad_lines} invalid input line(s) and {failed} failed prompt(s); the other prompts were written");
+    let failed = failed?;
+    if !bad.is_empty() || failed > 0 {
+        bail!(
+            "{} invalid input line(s) and {failed} failed prompt(s); the other prompts were written",
+            bad.len()
+        );
     }
     Ok(())
-}
-
-/// Line numbers already written to `out`; truncates a torn last record.
-fn completed_lines(out: &Path) -> Result<std::collections::HashSet<usize>> {
-    Ok(detoxfuse::eval::harness::complete_records(out)?
-        .iter()
-        .filter_map(|v| v["line"].as_u64().map(|n| n as usize))
-        .collect())
 }

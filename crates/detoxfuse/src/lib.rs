@@ -7,6 +7,7 @@
 
 pub mod align;
 pub mod atomic;
+pub mod batch;
 pub mod bench;
 pub mod calibrate;
 pub mod calibration;
