@@ -9,7 +9,7 @@ use detoxfuse::calibration::{self, CalibrationSpec, Fusion};
 use detoxfuse::hub::Hub;
 use detoxfuse::lm::CausalLm;
 
-use crate::calibrate::TrainPrinter;
+use crate::calibrate::with_printer;
 use crate::ModelArg;
 
 #[derive(clap::Args)]
@@ -64,10 +64,9 @@ impl From<VariantArg> for Variant {
 /// The paper-recipe calibration model directory for `arg` ("paper": the default one, trained
 /// now if missing).
 pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
-    let mut p = TrainPrinter::new(0, false, "calibrate");
-    let dir = calibration::paper_model_dir(&Hub::new(cache), &CalibrationSpec::parse(arg), &mut p);
-    p.finish();
-    Ok(dir?)
+    with_printer(0, false, "calibrate", |p| {
+        calibration::paper_model_dir(&Hub::new(cache), &CalibrationSpec::parse(arg), p)
+    })
 }
 
 pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
@@ -91,11 +90,9 @@ pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
         ..AlignConfig::default()
     };
     let corpus = a.corpus.clone().unwrap_or_else(|| Hub::new(cache).corpus());
-    let mut p = TrainPrinter::new(0, false, "align");
-    let m =
-        calibration::learn_alignment(&cal_dir, &target_path, &cfg, a.texts, &corpus, &out, &mut p);
-    p.finish();
-    let m = m?;
+    let m = with_printer(0, false, "align", |p| {
+        calibration::learn_alignment(&cal_dir, &target_path, &cfg, a.texts, &corpus, &out, p)
+    })?;
     println!(
         "{:?} alignment {} -> {}: {} training / {} held-out pairs, K = {}, {} epochs; final loss {:.4}; held-out retrieval accuracy@1 {:.4} (random init {:.4}) -> {}",
         cfg.variant,
@@ -123,17 +120,16 @@ pub fn load_fusion(
     alpha: f64,
     variant: Variant,
 ) -> Result<Fusion> {
-    let mut p = TrainPrinter::new(0, false, "calibrate");
-    let f = calibration::load_fusion(
-        &Hub::new(cache),
-        &CalibrationSpec::parse(calibration),
-        alignment,
-        target_path,
-        target,
-        alpha,
-        variant,
-        &mut p,
-    );
-    p.finish();
-    Ok(f?)
+    with_printer(0, false, "calibrate", |p| {
+        calibration::load_fusion(
+            &Hub::new(cache),
+            &CalibrationSpec::parse(calibration),
+            alignment,
+            target_path,
+            target,
+            alpha,
+            variant,
+            p,
+        )
+    })
 }

@@ -343,6 +343,11 @@ pub enum HeadInitArg {
 }
 
 impl CalibrateArgs {
+    /// Whether a run in `dir` resumes: `--resume`, or `--resume-if-present` with a checkpoint.
+    pub(crate) fn resumes(&self, dir: &Path) -> bool {
+        self.resume || (self.resume_if_present && dir.join("checkpoint.json").exists())
+    }
+
     fn config(&self, cache: &Path) -> TrainConfig {
         // Without the term its options stay at their defaults, so runs recorded before the
         // option existed still resume.
@@ -450,6 +455,20 @@ impl TrainPrinter {
     pub fn finish(self) {
         self.pb.finish_and_clear();
     }
+}
+
+/// Runs `f` with a [`TrainPrinter`] and clears its bar before returning, so that what the
+/// caller prints next stands alone.
+pub fn with_printer<T>(
+    steps: usize,
+    quiet: bool,
+    prefix: &'static str,
+    f: impl FnOnce(&mut TrainPrinter) -> detoxfuse::Result<T>,
+) -> Result<T> {
+    let mut p = TrainPrinter::new(steps, quiet, prefix);
+    let r = f(&mut p);
+    p.finish();
+    Ok(r?)
 }
 
 impl detoxfuse::fetch::Progress for TrainPrinter {
@@ -582,8 +601,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
         model: a.base.clone(),
     }
     .resolve(cache)?;
-    let resume = a.resume || (a.resume_if_present && out.join("checkpoint.json").exists());
-    let mut p = TrainPrinter::new(cfg.steps, a.quiet, "calibrate");
+    let resume = a.resumes(&out);
     let job = PaperJob {
         base: &base_path.to_string_lossy(),
         corpus: a.corpus.as_deref(),
@@ -591,9 +609,9 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
         cfg: &cfg,
         resume,
     };
-    let summary = recipes::train_paper(&hub, &job, &mut p);
-    p.finish();
-    let summary = summary?;
+    let summary = with_printer(cfg.steps, a.quiet, "calibrate", |p| {
+        recipes::train_paper(&hub, &job, p)
+    })?;
     println!(
         "{} steps, {} tokens ({} of them in this run's {:.0} s, {:.0} tok/s); validation loss {} -> {:.4}; model: {}",
         summary.steps,

@@ -10,7 +10,7 @@ use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, FusedJob, Recipe};
 
-use crate::calibrate::{data_dir, CalibrateArgs, TrainPrinter};
+use crate::calibrate::{data_dir, with_printer, CalibrateArgs};
 use crate::ModelArg;
 
 #[derive(clap::Args)]
@@ -137,13 +137,10 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
         dir => PathBuf::from(dir),
     });
     let out = a.out.as_deref();
-    let run_dir = out.map(Path::to_path_buf).unwrap_or_else(|| match &shared {
-        Some(_) => Recipe::Fused
-            .run_dir(&hub)
-            .join(format!("map-{}", fused::target_key(&target))),
-        None => Recipe::Fused.run_dir(&hub),
-    });
-    let resume = a.resume || (a.resume_if_present && run_dir.join("checkpoint.json").exists());
+    let run_dir = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| recipes::fused_run_dir(&hub, &target, shared.is_some()));
+    let resume = a.resumes(&run_dir);
     let job = FusedJob {
         base: &base.to_string_lossy(),
         target: &target.to_string_lossy(),
@@ -154,10 +151,9 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
         cfg: &cfg,
         resume,
     };
-    let mut p = TrainPrinter::new(cfg.steps, a.quiet, "calibrate (fused)");
-    let summary = recipes::train_fused(&hub, &job, &mut p);
-    p.finish();
-    let summary = summary?;
+    let summary = with_printer(cfg.steps, a.quiet, "calibrate (fused)", |p| {
+        recipes::train_fused(&hub, &job, p)
+    })?;
     println!(
         "{} steps in {:.0} s; validation {}; artifact: {}",
         summary.steps,

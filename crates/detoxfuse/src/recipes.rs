@@ -214,6 +214,17 @@ pub struct FusedJob<'a> {
     pub resume: bool,
 }
 
+/// Where the fused recipe trains by default: [`Recipe::Fused`]'s run directory, or
+/// `map-<target>` inside it for a map trained over shared layers.
+pub fn fused_run_dir(hub: &Hub, target: &Path, shared: bool) -> PathBuf {
+    let dir = Recipe::Fused.run_dir(hub);
+    if shared {
+        dir.join(format!("map-{}", fused::target_key(target)))
+    } else {
+        dir
+    }
+}
+
 /// Trains the fused recipe (or one more target's map with `shared`), sampling its
 /// self-generated data first when missing.
 pub fn train_fused(hub: &Hub, job: &FusedJob, obs: &mut dyn Observer) -> Result<FusedSummary> {
@@ -243,12 +254,10 @@ pub fn train_fused(hub: &Hub, job: &FusedJob, obs: &mut dyn Observer) -> Result<
             dir.join("samples.jsonl")
         }
     };
-    let default_dir = Recipe::Fused.run_dir(hub);
-    let out = match (job.out, job.shared) {
-        (Some(o), _) => o.to_path_buf(),
-        (None, Some(_)) => default_dir.join(format!("map-{}", fused::target_key(&target_path))),
-        (None, None) => default_dir,
-    };
+    let out = job
+        .out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| fused_run_dir(hub, &target_path, job.shared.is_some()));
     let mut cfg = job.cfg.clone();
     if job.shared.is_some() {
         cfg.layer_training = LayerTraining::Frozen;
@@ -272,8 +281,7 @@ pub fn train_fused(hub: &Hub, job: &FusedJob, obs: &mut dyn Observer) -> Result<
             .map(Path::to_path_buf)
             .unwrap_or_else(|| out.join("artifact")),
     };
-    let resume = job.resume;
-    fused::train(&inputs, &out, &cfg, resume, &mut |e| obs.fused_event(e))
+    fused::train(&inputs, &out, &cfg, job.resume, &mut |e| obs.fused_event(e))
 }
 
 impl Hub {

@@ -234,37 +234,28 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
 
     let target = lm::load(&target_path)?;
     let tok = Tokenizer::for_model(&target_path)?;
-    let needs_cal = methods
-        .iter()
-        .any(|m| matches!(m, Method::Fused(_) | Method::FusedNorm(_)));
-    let paper = if methods.iter().any(|m| matches!(m, Method::Paper(_))) {
-        Some(calibration::load_fusion(
+    // A calibration is loaded only when some row fuses with it.
+    let mut load = |wanted: fn(&Method) -> bool, spec: &CalibrationSpec| -> Result<Option<_>> {
+        if !methods.iter().any(wanted) {
+            return Ok(None);
+        }
+        let f = calibration::load_fusion(
             hub,
-            &CalibrationSpec::Paper,
+            spec,
             None,
             &target_path,
             target.as_ref(),
             0.0,
             a.align_variant,
-            obs,
-        )?)
-    } else {
-        None
+            &mut *obs,
+        )?;
+        Ok(Some(f))
     };
-    let fusion = if needs_cal {
-        Some(calibration::load_fusion(
-            hub,
-            &a.calibration,
-            None,
-            &target_path,
-            target.as_ref(),
-            0.0,
-            a.align_variant,
-            obs,
-        )?)
-    } else {
-        None
-    };
+    let paper = load(|m| matches!(m, Method::Paper(_)), &CalibrationSpec::Paper)?;
+    let fusion = load(
+        |m| matches!(m, Method::Fused(_) | Method::FusedNorm(_)),
+        &a.calibration,
+    )?;
     let anti = if methods.iter().any(|m| matches!(m, Method::Dexperts(_))) {
         let expert_dir = calibration::paper_model_dir(hub, &a.expert, obs)?;
         let expert = lm::load(&expert_dir)?;
