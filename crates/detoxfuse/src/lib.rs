@@ -19,6 +19,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod lm;
+pub mod openai;
 pub mod recipes;
 pub mod sample;
 pub mod score;

@@ -2,7 +2,6 @@
 //! around the library's serving engine ([`detoxfuse::serving`]: one worker, a bounded
 //! queue, cancellation). Here: axum routes, auth, the wire types and server-sent events.
 
-pub mod api;
 pub mod load;
 
 use std::net::SocketAddr;
@@ -23,14 +22,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use detoxfuse::generate::Generation;
 use detoxfuse::lm;
-use detoxfuse::serving::{
-    Engine, EventSink, JobEvent, Limits, Params, Prepared, Reject, RejectKind,
-};
+use detoxfuse::openai::{self, ApiError, Endpoint, Reply};
+use detoxfuse::serving::{Engine, EventSink, JobEvent, Limits};
 use detoxfuse::text::Tokenizer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-
-use api::{ApiError, ChatRequest, Common, CompletionRequest};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -216,12 +212,14 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/health", get(health))
         .merge(v1)
         .fallback(|| async {
-            ApiError::invalid(
-                "no such route: see /v1/models, /v1/completions, /v1/chat/completions, /health",
-                None,
+            error(
+                ApiError::invalid(
+                    "no such route: see /v1/models, /v1/completions, /v1/chat/completions, /health",
+                    None,
+                )
+                .status(404)
+                .with_code("not_found"),
             )
-            .status(StatusCode::NOT_FOUND)
-            .with_code("not_found")
         })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -240,10 +238,10 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
                 "missing or wrong API key: send Authorization: Bearer <key>",
                 None,
             )
-            .status(StatusCode::UNAUTHORIZED)
+            .status(401)
             .with_code("invalid_api_key")
             .kind("authentication_error");
-            return e.into_response();
+            return error(e);
         }
     }
     next.run(req).await
@@ -263,82 +261,65 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     }]}))
 }
 
-/// Parses a JSON body, mapping every failure to an OpenAI-style 4xx.
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> std::result::Result<T, ApiError> {
-    let bytes = body.map_err(|e| {
-        let status = e.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body too large (see the server's --max-body)".to_string()
-        } else {
-            format!("could not read the request body: {e}")
-        };
-        ApiError::invalid(msg, None).status(status)
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::invalid(format!("invalid JSON body: {e}"), None).with_code("invalid_json")
-    })
-}
-
-/// The engine's refusal as an OpenAI-style error.
-fn api_error(r: Reject) -> ApiError {
-    let e = ApiError::invalid(r.message, r.param);
-    let e = match r.code {
-        Some(c) => e.with_code(c),
-        None => e,
-    };
-    match r.kind {
-        RejectKind::Invalid | RejectKind::ContextLength => e,
-        RejectKind::Busy => e
-            .status(StatusCode::TOO_MANY_REQUESTS)
-            .with_code("queue_full")
-            .kind("rate_limit_error"),
-        RejectKind::ShuttingDown => e
-            .status(StatusCode::SERVICE_UNAVAILABLE)
-            .kind("server_error"),
+/// An OpenAI-style error response (with `retry-after` when the client should retry).
+fn error(e: ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, Json(e.body())).into_response();
+    if e.is_busy() {
+        r.headers_mut()
+            .insert("retry-after", header::HeaderValue::from_static("1"));
     }
+    r
 }
 
-/// Validates a request for the one model served here and queues it.
-fn submit(
-    st: &AppState,
-    c: &Common,
-    text: &str,
-    chat: bool,
-) -> Result<(Prepared, UnboundedReceiver<JobEvent>), ApiError> {
-    if c.model != st.model_id {
-        return Err(ApiError::invalid(
-            format!(
-                "model {:?} is not served here; GET /v1/models lists {:?}",
-                c.model, st.model_id
-            ),
-            Some("model"),
-        )
-        .status(StatusCode::NOT_FOUND)
-        .with_code("model_not_found"));
-    }
-    let params = Params {
-        alpha: c.alpha,
-        n: c.n,
-        temperature: c.temperature,
-        top_p: c.top_p,
-        stop: c.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
-        seed: c.seed,
-        max_tokens: c.max_completion_tokens.or(c.max_tokens),
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(st, Endpoint::Completion, body).await
+}
+
+async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(st, Endpoint::Chat, body).await
+}
+
+/// Parses, validates and queues a request, then answers it whole or as a stream.
+async fn respond(
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let queued = (|| {
+        let bytes = body.map_err(|e| {
+            let status = e.status();
+            let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request body too large (see the server's --max-body)".to_string()
+            } else {
+                format!("could not read the request body: {e}")
+            };
+            ApiError::invalid(msg, None).status(status.as_u16())
+        })?;
+        let r = openai::parse_request(endpoint, &bytes, &st.model_id, st.engine.tokenizer())?;
+        let p = st
+            .engine
+            .prepare(&r.common.params(), &r.text, endpoint == Endpoint::Chat)?;
+        let (tx, rx) = unbounded_channel();
+        st.engine.submit(&p, Box::new(Sink(tx)))?;
+        Ok::<_, ApiError>((r, p, rx))
+    })();
+    let (r, p, rx) = match queued {
+        Ok(x) => x,
+        Err(e) => return error(e),
     };
-    let p = st.engine.prepare(&params, text, chat).map_err(api_error)?;
-    let (tx, rx) = unbounded_channel();
-    st.engine
-        .submit(&p, Box::new(Sink(tx)))
-        .map_err(api_error)?;
-    Ok((p, rx))
-}
-
-fn server_error(msg: String) -> ApiError {
-    ApiError::invalid(msg, None)
-        .status(StatusCode::INTERNAL_SERVER_ERROR)
-        .kind("server_error")
+    let serial = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let reply = Reply::new(endpoint, serial, now_unix(), &st.model_id, p.ids.len());
+    if r.common.stream {
+        return stream(st.engine.limits().timeout, rx, reply, p.cfg.n).into_response();
+    }
+    match finished(&st, rx).await {
+        Ok(gens) => Json(reply.whole(&gens, p.alpha)).into_response(),
+        Err(e) => error(e),
+    }
 }
 
 /// Waits for a job's result (non-streaming), within the request timeout.
@@ -349,150 +330,26 @@ async fn finished(
     let wait = async {
         while let Some(ev) = rx.recv().await {
             if let JobEvent::Done(r) = ev {
-                return r.map_err(server_error);
+                return r.map_err(ApiError::server);
             }
         }
-        Err(server_error("the worker dropped the request".into()))
+        Err(ApiError::server("the worker dropped the request"))
     };
     tokio::time::timeout(st.engine.limits().timeout, wait)
         .await
-        .unwrap_or_else(|_| {
-            Err(
-                ApiError::invalid("the request timed out (see the server's --timeout)", None)
-                    .status(StatusCode::GATEWAY_TIMEOUT)
-                    .kind("timeout"),
-            )
-        })
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let r: CompletionRequest = match parse_body(body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let prompts = r.prompt.into_vec();
-    if prompts.len() != 1 {
-        return ApiError::invalid("send one prompt per request", Some("prompt")).into_response();
-    }
-    respond(st, &r.common, &prompts[0], Kind::Completion).await
-}
-
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let r: ChatRequest = match parse_body(body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    if r.messages.is_empty() {
-        return ApiError::invalid("messages must not be empty", Some("messages")).into_response();
-    }
-    let msgs = match r
-        .messages
-        .iter()
-        .map(|m| m.to_chat())
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let text = match st.engine.tokenizer().apply_chat(&msgs) {
-        Ok(t) => t,
-        Err(e) => {
-            return ApiError::invalid(
-                format!("cannot apply the chat template: {e}"),
-                Some("messages"),
-            )
-            .into_response()
-        }
-    };
-    respond(st, &r.common, &text, Kind::Chat).await
-}
-
-async fn respond(st: Arc<AppState>, c: &Common, text: &str, kind: Kind) -> Response {
-    let (p, rx) = match submit(&st, c, text, kind == Kind::Chat) {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    let serial = st.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match kind {
-        Kind::Completion => format!("cmpl-{serial}"),
-        Kind::Chat => format!("chatcmpl-{serial}"),
-    };
-    let created = now_unix();
-    if c.stream {
-        return stream(st, rx, id, created, kind, p.cfg.n, p.ids.len()).into_response();
-    }
-    let gens = match finished(&st, rx).await {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let completion_tokens: usize = gens.iter().map(|g| g.token_ids.len()).sum();
-    let choices: Vec<Value> = gens
-        .iter()
-        .enumerate()
-        .map(|(i, g)| match kind {
-            Kind::Completion => json!({"text": g.text, "index": i, "logprobs": null,
-                                       "finish_reason": api::finish(g.finish_reason)}),
-            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": g.text},
-                                 "logprobs": null, "finish_reason": api::finish(g.finish_reason)}),
-        })
-        .collect();
-    let object = match kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion",
-    };
-    Json(json!({
-        "id": id, "object": object, "created": created, "model": st.model_id,
-        "choices": choices, "usage": api::usage(p.ids.len(), completion_tokens),
-        "alpha": p.alpha,
-    }))
-    .into_response()
+        .unwrap_or_else(|_| Err(ApiError::timeout()))
 }
 
 /// Server-sent events: one chunk per text delta, a final chunk per choice with its
 /// finish_reason (and usage), then `[DONE]`.
 fn stream(
-    st: Arc<AppState>,
+    timeout: Duration,
     mut rx: UnboundedReceiver<JobEvent>,
-    id: String,
-    created: u64,
-    kind: Kind,
+    reply: Reply,
     n: usize,
-    prompt_tokens: usize,
 ) -> impl IntoResponse {
     let (tx, out) = tokio::sync::mpsc::channel::<Result<Event, std::convert::Infallible>>(64);
-    let model = st.model_id.clone();
-    let timeout = st.engine.limits().timeout;
     tokio::spawn(async move {
-        let object = match kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
-        let chunk = |index: usize, text: Option<&str>, finish: Option<&str>| -> Value {
-            let choice = match kind {
-                Kind::Completion => json!({"text": text.unwrap_or(""), "index": index,
-                                           "logprobs": null, "finish_reason": finish}),
-                Kind::Chat => {
-                    let delta = match text {
-                        Some(t) => json!({"content": t}),
-                        None => json!({}),
-                    };
-                    json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
-                }
-            };
-            json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
-        };
         let send = |v: Value| {
             let tx = tx.clone();
             async move {
@@ -501,13 +358,9 @@ fn stream(
                     .is_ok()
             }
         };
-        if kind == Kind::Chat {
-            for i in 0..n {
-                let mut c = chunk(i, None, None);
-                c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-                if !send(c).await {
-                    return;
-                }
+        for c in reply.opening(n) {
+            if !send(c).await {
+                return;
             }
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -516,30 +369,18 @@ fn stream(
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(_) => {
-                    let e = ApiError::invalid(
-                        "the request timed out (see the server's --timeout)",
-                        None,
-                    );
-                    let _ = send(e.body()).await;
+                    let _ = send(ApiError::timeout().body()).await;
                     break;
                 }
             };
             match ev {
                 JobEvent::Delta { index, text } => {
-                    if !send(chunk(index, Some(&text), None)).await {
+                    if !send(reply.chunk(index, Some(&text), None)).await {
                         return; // client gone: dropping rx cancels the job
                     }
                 }
                 JobEvent::Done(Ok(gens)) => {
-                    let completion: usize = gens.iter().map(|g| g.token_ids.len()).sum();
-                    for (i, g) in gens.iter().enumerate() {
-                        let mut c = chunk(i, None, Some(api::finish(g.finish_reason)));
-                        if kind == Kind::Completion {
-                            c["choices"][0]["text"] = json!("");
-                        }
-                        if i + 1 == gens.len() {
-                            c["usage"] = api::usage(prompt_tokens, completion);
-                        }
+                    for c in reply.closing(&gens) {
                         if !send(c).await {
                             return;
                         }
@@ -547,7 +388,7 @@ fn stream(
                     break;
                 }
                 JobEvent::Done(Err(msg)) => {
-                    let _ = send(server_error(msg).body()).await;
+                    let _ = send(ApiError::server(msg).body()).await;
                     break;
                 }
             }
