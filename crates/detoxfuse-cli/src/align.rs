@@ -21,10 +21,9 @@ pub struct AlignArgs {
     /// Target model: a .gguf file, a Hugging Face directory or a fetched name.
     #[arg(long, short, default_value = "smollm2")]
     target: String,
-    /// embedding: the paper's (input-embedding rows of common tokens); hidden: final hidden
-    /// states on shared text (where fusion happens).
-    #[arg(long, value_enum, default_value_t = VariantArg::Embedding)]
-    variant: VariantArg,
+    /// Which states the map is learned on.
+    #[arg(long, value_enum, default_value_t = Variant::Embedding)]
+    variant: Variant,
     /// Output file (A as safetensors; the manifest goes beside it as .json).
     /// Default: <calibration>/../align/<target>.<variant>.safetensors.
     #[arg(long, short)]
@@ -46,21 +45,6 @@ pub struct AlignArgs {
     corpus: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum VariantArg {
-    Embedding,
-    Hidden,
-}
-
-impl From<VariantArg> for Variant {
-    fn from(v: VariantArg) -> Self {
-        match v {
-            VariantArg::Embedding => Variant::Embedding,
-            VariantArg::Hidden => Variant::Hidden,
-        }
-    }
-}
-
 /// The paper-recipe calibration model directory for `arg` ("paper": the default one, trained
 /// now if missing).
 pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
@@ -75,7 +59,7 @@ pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
         model: a.target.clone(),
     }
     .resolve(cache)?;
-    let variant: Variant = a.variant.into();
+    let variant = a.variant;
     let out = a
         .out
         .clone()

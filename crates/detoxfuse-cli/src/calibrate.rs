@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use detoxfuse::calibrate::corpus::{self, CorpusOptions};
+use detoxfuse::calibrate::corpus::CorpusOptions;
 use detoxfuse::calibrate::fused::FusedEvent;
 use detoxfuse::calibrate::model::Trainable;
 use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::calibrate::selfgen::SelfGenConfig;
-use detoxfuse::calibrate::train::{self, Event, HeadInit, TrainConfig};
+use detoxfuse::calibrate::train::{Event, HeadInit, TrainConfig};
 use detoxfuse::calibrate::{prepare, probe};
 use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, Observer, PaperJob, Recipe};
@@ -207,32 +207,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
     let target = ModelArg { model: a.target }.resolve(cache)?;
     let target = target.to_string_lossy();
     let s = prepare::build_corpus(&hub, &out, &opts, &target, &data, &mut Bar::counting())?;
-    let m = &s.manifest;
-    for src in m["sources"].as_array().into_iter().flatten() {
-        println!(
-            "{:<13} {}",
-            src["source"]["name"].as_str().unwrap_or("?"),
-            src["stats"]
-        );
-    }
-    let paired = &m["paired"];
-    if !paired.is_null() {
-        println!(
-            "paired        sampled {} kept {} (dropped: toxic {}, restating {}, short {})",
-            paired["sampled"],
-            paired["kept"],
-            paired["dropped_toxic"],
-            paired["dropped_restating"],
-            paired["dropped_short"]
-        );
-    }
-    println!(
-        "{} records -> {} (manifest {}) in {:.0} s",
-        s.records,
-        out.display(),
-        s.manifest_path.display(),
-        s.seconds
-    );
+    println!("{s}\n-> {}", out.display());
     Ok(())
 }
 
@@ -292,12 +267,9 @@ pub struct CalibrateArgs {
     /// Train an untied LM head too.
     #[arg(long)]
     pub(crate) train_head: bool,
-    /// How the LM head starts: `lens` fits a linear map from the truncated model's final
-    /// hidden states to the whole base model's (a "tuned lens", ~2 minutes) and folds it into
-    /// an untied head, so the model starts as a language model; `tied` keeps the base's
-    /// tied head (the truncated stack then starts far from a language model).
+    /// How the LM head starts.
     #[arg(long, value_enum, default_value = "lens")]
-    pub(crate) head_init: HeadInitArg,
+    pub(crate) head_init: HeadInit,
     /// Corpus texts whose hidden states fit the lens.
     #[arg(long, default_value_t = 200)]
     pub(crate) lens_texts: usize,
@@ -336,12 +308,6 @@ pub enum RecipeArg {
     Paper,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum HeadInitArg {
-    Lens,
-    Tied,
-}
-
 impl CalibrateArgs {
     /// Whether a run in `dir` resumes: `--resume`, or `--resume-if-present` with a checkpoint.
     pub(crate) fn resumes(&self, dir: &Path) -> bool {
@@ -364,8 +330,8 @@ impl CalibrateArgs {
             )
         };
         let (head_init, lens_texts, lens_ridge) = match self.head_init {
-            HeadInitArg::Lens => (HeadInit::Lens, self.lens_texts, self.lens_ridge),
-            HeadInitArg::Tied => (HeadInit::Tied, 0, 0.0),
+            HeadInit::Lens => (HeadInit::Lens, self.lens_texts, self.lens_ridge),
+            HeadInit::Tied => (HeadInit::Tied, 0, 0.0),
         };
         TrainConfig {
             head_init,
@@ -419,8 +385,6 @@ pub struct TrainPrinter {
     quiet: bool,
     data: Option<Bar>,
     val: f64,
-    window_tokens: usize,
-    window_secs: f64,
 }
 
 impl TrainPrinter {
@@ -430,8 +394,6 @@ impl TrainPrinter {
             quiet,
             data: None,
             val: f64::NAN,
-            window_tokens: 0,
-            window_secs: 0.0,
         }
     }
 
@@ -489,102 +451,46 @@ impl Observer for TrainPrinter {
 
     fn train_event(&mut self, e: Event) {
         self.data = None;
-        let pb = self.pb.clone();
         match e {
-            Event::Start {
-                step,
-                steps,
-                train_examples,
-                val_examples,
-                trainable_params,
-            } => self.start(step, steps, format!(
-                "{} train / {} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
-                train_examples,
-                val_examples,
-                trainable_params as f64 / 1e6
-            )),
+            Event::Start { step, steps, .. } => self.start(step, steps, e.to_string()),
             Event::Step(s) => {
-                self.window_tokens += s.tokens;
-                self.window_secs += s.seconds;
-                let tps = self.window_tokens as f64 / self.window_secs.max(1e-9);
-                pb.set_position(s.step as u64);
+                self.pb.set_position(s.step as u64);
                 let ul = s
                     .unlikelihood
                     .map_or(String::new(), |u| format!(" ul {u:.4}"));
-                pb.set_message(format!(
-                    "loss {:.3}{ul} val {:.3} lr {:.2e} {:.0} tok/s",
-                    s.loss, self.val, s.lr, tps
+                let tps = s.tokens as f64 / s.seconds.max(1e-9);
+                let (loss, val, lr) = (s.loss, self.val, s.lr);
+                self.pb.set_message(format!(
+                    "loss {loss:.3}{ul} val {val:.3} lr {lr:.2e} {tps:.0} tok/s"
                 ));
                 if self.quiet {
-                    println!(
-                        "step {} loss {:.4}{ul} lr {:.3e} grad_norm {:.3} tok/s {:.0}",
-                        s.step, s.loss, s.lr, s.grad_norm, tps
-                    );
-                }
-                if s.step % 20 == 0 {
-                    self.window_tokens = 0;
-                    self.window_secs = 0.0;
+                    println!("{e}");
                 }
             }
-            Event::Validation {
-                step,
-                loss,
-                unlikely_nll,
-            } => {
+            Event::Validation { loss, .. } => {
                 self.val = loss;
-                let toxic = unlikely_nll.map_or(String::new(), |n| {
-                    format!("  held-out unlikely continuations {n:.4} nats/token (should rise)")
-                });
-                self.say(format!("step {step:>5}  validation loss {loss:.4}{toxic}"));
+                self.say(e.to_string());
             }
             Event::Checkpoint { .. } => {}
-            Event::Lens {
-                positions,
-                relative_error,
-                seconds,
-            } => match relative_error {
-                Some(e) => self.say(format!(
-                    "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
-                     (relative squared error {e:.3} against the whole base's hidden states)"
-                )),
-                None => self.say(format!(
-                    "tuned-lens head read back from {}",
-                    train::LENS_FILE
-                )),
-            },
+            Event::Lens { .. } => self.say(e.to_string()),
         }
     }
 
     fn fused_event(&mut self, e: FusedEvent) {
         self.data = None;
-        let pb = self.pb.clone();
         match e {
-            FusedEvent::Start {
-                step,
-                steps,
-                keep_rows,
-                detox_rows,
-                trainable_params,
-                stats,
-            } => self.start(step, steps, format!(
-                "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
-                stats.prompts, stats.samples, stats.toxic_samples, stats.keep_positions,
-                stats.detox_positions, stats.detox_from_prompts, trainable_params as f64 / 1e6
-            )),
+            FusedEvent::Start { step, steps, .. } => self.start(step, steps, e.to_string()),
             FusedEvent::Step(s) => {
-                pb.set_position(s.step as u64);
-                pb.set_message(format!(
+                self.pb.set_position(s.step as u64);
+                self.pb.set_message(format!(
                     "kl {:.4} ul {:.4} p(toxic) {:.4} {:.1} s/step",
                     s.kl, s.unlikelihood, s.toxic_prob, s.seconds
                 ));
                 if self.quiet {
-                    println!(
-                        "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
-                        s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
-                    );
+                    println!("{e}");
                 }
             }
-            FusedEvent::Validation(v) => self.say(format!("validation {v}")),
+            FusedEvent::Validation(_) => self.say(e.to_string()),
             FusedEvent::Checkpoint { .. } => {}
         }
     }
@@ -662,39 +568,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
     .resolve(cache)?;
     let toxigen = data_dir(cache, a.data.clone())?.join("toxigen");
     let r = probe::compare(&dir, &base_path, &toxigen, a.per_group, a.full_base)?;
-    println!(
-        "held-back ToxiGen groups: {:?}; continuation = 6th statement after 5 as context",
-        corpus::HELD_BACK_GROUPS
-    );
-    let lens_note = if r.lens {
-        "its tuned-lens head"
-    } else {
-        "the base's tied head"
-    };
-    println!(
-        "init = the base's first {} layers, its final norm and {lens_note}, before training",
-        r.layers
-    );
-    println!(
-        "{:<8} {:>7} {:>8} {:>14} {:>15} {:>10} {:>16}",
-        "set", "items", "tokens", "init logprob", "trained logprob", "change", "full base logprob"
-    );
-    for row in &r.rows {
-        println!(
-            "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4} {:>16.4}",
-            row.kind,
-            row.items,
-            row.tokens,
-            row.init,
-            row.trained,
-            row.change(),
-            row.full_base
-        );
-    }
-    println!(
-        "toxic minus neutral change: {:+.4} nats/token (negative: training moved probability away from toxic continuations more than from neutral ones)",
-        r.rows[0].change() - r.rows[1].change()
-    );
+    println!("{r}");
     Ok(())
 }
 

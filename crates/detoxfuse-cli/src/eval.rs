@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use detoxfuse::align::Variant;
 use detoxfuse::calibration::CalibrationSpec;
 use detoxfuse::eval::protocol::{self, EvalObserver, EvalPlan, Method};
 use detoxfuse::hub::Hub;
@@ -62,8 +63,8 @@ pub struct EvalArgs {
     /// its own head), or "paper" (the paper recipe's default model, trained on first use).
     #[arg(long, default_value = "paper")]
     expert: String,
-    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Hidden)]
-    align_variant: crate::align::VariantArg,
+    #[arg(long, value_enum, default_value_t = Variant::Hidden)]
+    align_variant: Variant,
     /// DExperts anti-expert: a calibration-trainer model directory trained on toxic text
     /// ("default" = trained on first use from `detoxfuse corpus toxic`, same budget as the
     /// calibration model).
@@ -177,7 +178,7 @@ pub fn run(cache: &Path, a: EvalArgs) -> Result<()> {
         temperature: a.temperature,
         seed: a.seed,
         calibration: CalibrationSpec::parse(&a.calibration),
-        align_variant: a.align_variant.into(),
+        align_variant: a.align_variant,
         expert: CalibrationSpec::parse(&a.expert),
         anti_expert: (a.anti_expert != "default").then(|| PathBuf::from(&a.anti_expert)),
         perplexity_samples: a.perplexity_samples,

@@ -37,16 +37,13 @@ pub struct FusedArgs {
     pub alpha_max: f64,
     #[arg(long, default_value_t = FusedConfig::default().keep_weight)]
     pub keep_weight: f64,
-    /// fused: the keep term's divergence: reverse = KL(p_α‖p_target) (penalises what sampling
-    /// from the fused model would put where the target puts little), forward = KL(p_target‖p_α).
+    /// fused: the keep term's divergence.
     #[arg(long, value_enum, default_value = "reverse")]
-    pub keep_divergence: DivergenceArg,
+    pub keep_divergence: fused::Divergence,
     /// fused: how the fused state is scaled before the target's head, in training and at
-    /// inference (recorded in each target's manifest): paper = the paper's formula as is;
-    /// keep-target-norm = then rescaled to the target state's RMS, so that α changes the
-    /// direction of the state and not the temperature of the distribution.
+    /// inference (recorded in each target's manifest).
     #[arg(long, value_enum, default_value = "keep-target-norm")]
-    pub fusion_norm: FusionNormArg,
+    pub fusion_norm: detoxfuse::fuse::FusionNorm,
     /// fused: weight of the unlikelihood term (0: keep only).
     #[arg(long, default_value_t = FusedConfig::default().detox_weight)]
     pub detox_weight: f64,
@@ -62,18 +59,6 @@ pub struct FusedArgs {
     /// one calibration model, a map per target. "fused" = the default artifact.
     #[arg(long)]
     pub shared: Option<String>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum DivergenceArg {
-    Reverse,
-    Forward,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum FusionNormArg {
-    Paper,
-    KeepTargetNorm,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -106,15 +91,9 @@ pub(crate) fn config(a: &CalibrateArgs) -> FusedConfig {
         alpha_min: f.alpha_min,
         alpha_max: f.alpha_max,
         keep_weight: f.keep_weight,
-        keep_divergence: match f.keep_divergence {
-            DivergenceArg::Reverse => fused::Divergence::Reverse,
-            DivergenceArg::Forward => fused::Divergence::Forward,
-        },
+        keep_divergence: f.keep_divergence,
         detox_weight: f.detox_weight,
-        fusion_norm: match f.fusion_norm {
-            FusionNormArg::Paper => fused::FusionNorm::Paper,
-            FusionNormArg::KeepTargetNorm => fused::FusionNorm::KeepTargetNorm,
-        },
+        fusion_norm: f.fusion_norm,
         eval_every: a.eval_every.unwrap_or(d.eval_every),
         checkpoint_every: a.checkpoint_every,
         seed: a.seed,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use detoxfuse::align::Variant;
 use detoxfuse::batch::{self, BatchObserver, BatchOptions, PromptJob};
 use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::sample::SamplingParams;
@@ -67,8 +68,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.2, requires = "calibration")]
     alpha: f64,
     /// Which alignment to use or learn when --alignment is not given.
-    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Hidden, requires = "calibration")]
-    align_variant: crate::align::VariantArg,
+    #[arg(long, value_enum, default_value_t = Variant::Hidden, requires = "calibration")]
+    align_variant: Variant,
 }
 
 /// The batch's progress on a bar; skipped prompts as lines above it.
@@ -112,7 +113,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
             &path,
             model.as_ref(),
             a.alpha,
-            a.align_variant.into(),
+            a.align_variant,
         )?),
         None => None,
     };

@@ -239,8 +239,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    use detoxfuse::score::{ProfanityCheck, ToxicityScorer};
-    use std::io::BufRead;
+    use detoxfuse::score::{score_jsonl, ProfanityCheck, ToxicityScorer};
     let scorer = ProfanityCheck::shared();
     let Some(path) = a.input else {
         if a.texts.is_empty() {
@@ -254,50 +253,17 @@ fn score(a: ScoreArgs) -> Result<()> {
         }
         return Ok(());
     };
-    let f = std::fs::File::open(&path)
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
-    let mut bad = 0;
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!(
-                    "{}:{}: invalid JSON: {e}; line skipped",
-                    path.display(),
-                    i + 1
-                );
-                bad += 1;
-                continue;
-            }
-        };
-        let texts: Vec<String> = if let Some(gens) = v["generations"].as_array() {
-            gens.iter()
-                .filter_map(|g| g["text"].as_str().map(String::from))
-                .collect()
-        } else if let Some(t) = v[&a.field].as_str() {
-            vec![t.to_string()]
-        } else {
-            eprintln!(
-                "{}:{}: no \"{}\" string; line skipped",
-                path.display(),
-                i + 1,
-                a.field
-            );
-            bad += 1;
-            continue;
-        };
-        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    let bad = score_jsonl(&path, &a.field, scorer, &mut |line, toxicity| {
         println!(
             "{}",
-            serde_json::json!({"line": i + 1, "toxicity": scorer.score(&refs), "scorer": scorer.name()})
-        );
+            serde_json::json!({"line": line, "toxicity": toxicity, "scorer": scorer.name()})
+        )
+    })?;
+    for b in &bad {
+        eprintln!("{b}; line skipped");
     }
-    if bad > 0 {
-        anyhow::bail!("{bad} invalid line(s); the others were scored");
+    if !bad.is_empty() {
+        anyhow::bail!("{} invalid line(s); the others were scored", bad.len());
     }
     Ok(())
 }

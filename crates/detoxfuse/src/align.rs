@@ -26,8 +26,11 @@ use crate::text::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Variant {
+    /// The paper's: input-embedding rows of common tokens.
     Embedding,
+    /// Final hidden states on shared text (where fusion happens).
     Hidden,
 }
 

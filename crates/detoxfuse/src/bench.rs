@@ -274,3 +274,86 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// What a load run measured, summed up ([`std::fmt::Display`] prints it as the report lines
+/// of `detoxfuse bench serve`).
+#[derive(Debug, Clone)]
+pub struct LoadSummary {
+    pub requests: usize,
+    pub wall: std::time::Duration,
+    pub tokens_per_request: usize,
+    /// Responses per status ("connection error" for none).
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// Latencies of the 200s and of the final 429/503s, sorted.
+    pub ok: Vec<std::time::Duration>,
+    pub busy: Vec<std::time::Duration>,
+    /// 429/503 answers that were retried (with `retry_busy`).
+    pub retried: usize,
+}
+
+impl LoadSummary {
+    pub fn new(outcomes: &[Outcome], wall: std::time::Duration, tokens_per_request: usize) -> Self {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for o in outcomes {
+            let k = o
+                .status
+                .map_or("connection error".into(), |s| s.to_string());
+            *counts.entry(k).or_default() += 1;
+        }
+        let latencies = |keep: fn(Option<u16>) -> bool| {
+            let mut v: Vec<_> = outcomes
+                .iter()
+                .filter(|o| keep(o.status))
+                .map(|o| o.latency)
+                .collect();
+            v.sort();
+            v
+        };
+        Self {
+            requests: outcomes.len(),
+            wall,
+            tokens_per_request,
+            counts,
+            ok: latencies(|s| s == Some(200)),
+            busy: latencies(|s| matches!(s, Some(429) | Some(503))),
+            retried: outcomes.iter().map(|o| o.rejections).sum(),
+        }
+    }
+
+    /// Responses that were neither 200 nor a deliberate 429/503 (errors of the server).
+    pub fn unexpected(&self) -> usize {
+        self.counts
+            .iter()
+            .filter(|(k, _)| !["200", "429", "503"].contains(&k.as_str()))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+impl std::fmt::Display for LoadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.wall.as_secs_f64().max(1e-9);
+        let ms = |v: &[std::time::Duration], p| percentile(v, p).as_secs_f64() * 1e3;
+        writeln!(
+            f,
+            "completed (200): {} = {:.2} req/s, {:.1} generated tok/s; latency p50 {:.0} ms, p99 {:.0} ms",
+            self.ok.len(),
+            self.ok.len() as f64 / secs,
+            (self.ok.len() * self.tokens_per_request) as f64 / secs,
+            ms(&self.ok, 0.5),
+            ms(&self.ok, 0.99)
+        )?;
+        writeln!(
+            f,
+            "rejected (429/503): {}; their latency p50 {:.1} ms, p99 {:.1} ms",
+            self.busy.len(),
+            ms(&self.busy, 0.5),
+            ms(&self.busy, 0.99)
+        )?;
+        write!(f, "status counts: {:?}", self.counts)?;
+        if self.retried > 0 {
+            write!(f, "\n429/503 answers retried: {}", self.retried)?;
+        }
+        Ok(())
+    }
+}

@@ -49,6 +49,7 @@ enum CalState<'m> {
 /// How the fused state is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum FusionNorm {
     /// The paper's formula as is.
     #[default]

@@ -153,9 +153,70 @@ fn tokens(text: &str) -> impl Iterator<Item = &str> {
     out.into_iter()
 }
 
+/// The texts of one line of a JSONL file to score: each generation's `text` of a
+/// `detoxfuse generate` record (`{"generations": [{"text": ...}, ...]}`), else the string at
+/// `field`. An error says what the line lacks.
+pub fn line_texts(line: &str, field: &str) -> std::result::Result<Vec<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    if let Some(gens) = v["generations"].as_array() {
+        return Ok(gens
+            .iter()
+            .filter_map(|g| g["text"].as_str().map(String::from))
+            .collect());
+    }
+    match v[field].as_str() {
+        Some(t) => Ok(vec![t.to_string()]),
+        None => Err(format!("no {field:?} string")),
+    }
+}
+
+/// Scores each non-blank line of the JSONL file at `path` ([`line_texts`]), handing
+/// `(line number, scores)` to `scored` as it goes. A bad line is skipped; the messages of
+/// the skipped lines are returned.
+pub fn score_jsonl(
+    path: &std::path::Path,
+    field: &str,
+    scorer: &dyn ToxicityScorer,
+    scored: &mut dyn FnMut(usize, Vec<f64>),
+) -> Result<Vec<String>> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::Input(format!("opening {}: {e}", path.display())))?;
+    let mut bad = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let line = line.map_err(|e| Error::Input(format!("{}: {e}", at())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match line_texts(&line, field) {
+            Ok(texts) => {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                scored(i + 1, scorer.score(&refs));
+            }
+            Err(e) => bad.push(format!("{}: {e}", at())),
+        }
+    }
+    Ok(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jsonl_lines_give_their_texts_or_say_what_they_lack() {
+        let gen = r#"{"line": 1, "generations": [{"text": "a"}, {"text": "b"}]}"#;
+        assert_eq!(line_texts(gen, "text").unwrap(), ["a", "b"]);
+        assert_eq!(line_texts(r#"{"body": "x"}"#, "body").unwrap(), ["x"]);
+        assert!(line_texts(r#"{"text": 3}"#, "text")
+            .unwrap_err()
+            .contains("no \"text\" string"));
+        assert!(line_texts("{", "text")
+            .unwrap_err()
+            .starts_with("invalid JSON"));
+    }
 
     #[test]
     fn tokens_follow_sklearn_pattern() {

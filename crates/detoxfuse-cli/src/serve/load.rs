@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use detoxfuse::bench::{load, percentile, Load};
+use detoxfuse::bench::{load, Load, LoadSummary};
 
 #[derive(clap::Args)]
 pub struct LoadArgs {
@@ -112,67 +112,18 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         concurrency: a.concurrency,
         retry_busy: (a.retry_busy_ms > 0).then(|| Duration::from_millis(a.retry_busy_ms)),
     });
-    let wall = t0.elapsed();
-
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for o in &outcomes {
-        let k = o
-            .status
-            .map_or("connection error".to_string(), |s| s.to_string());
-        *counts.entry(k).or_default() += 1;
-    }
-    let mut ok: Vec<Duration> = outcomes
-        .iter()
-        .filter(|o| o.status == Some(200))
-        .map(|o| o.latency)
-        .collect();
-    ok.sort();
-    let mut busy: Vec<Duration> = outcomes
-        .iter()
-        .filter(|o| matches!(o.status, Some(429) | Some(503)))
-        .map(|o| o.latency)
-        .collect();
-    busy.sort();
+    let summary = LoadSummary::new(&outcomes, t0.elapsed(), a.max_tokens);
     println!(
-        "{} requests at concurrency {} ({} tokens each, alpha {}, server queue {}) in {:.1} s",
-        outcomes.len(),
+        "{} requests at concurrency {} ({} tokens each, alpha {}, server queue {}, retry after {} ms) in {:.1} s",
+        summary.requests,
         a.concurrency,
         a.max_tokens,
         a.alpha.map_or("server default".into(), |x| x.to_string()),
-        if a.url.is_some() {
-            "?".to_string()
-        } else {
-            a.queue.to_string()
-        },
-        wall.as_secs_f64()
+        if a.url.is_some() { "?".to_string() } else { a.queue.to_string() },
+        a.retry_busy_ms,
+        summary.wall.as_secs_f64()
     );
-    println!(
-        "completed (200): {} = {:.2} req/s, {:.1} generated tok/s; latency p50 {:.0} ms, p99 {:.0} ms",
-        ok.len(),
-        ok.len() as f64 / wall.as_secs_f64(),
-        (ok.len() * a.max_tokens) as f64 / wall.as_secs_f64(),
-        percentile(&ok, 0.5).as_secs_f64() * 1e3,
-        percentile(&ok, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "rejected (429/503): {}; their latency p50 {:.1} ms, p99 {:.1} ms",
-        busy.len(),
-        percentile(&busy, 0.5).as_secs_f64() * 1e3,
-        percentile(&busy, 0.99).as_secs_f64() * 1e3
-    );
-    println!("status counts: {counts:?}");
-    if a.retry_busy_ms > 0 {
-        println!(
-            "429/503 answers retried after {} ms: {}",
-            a.retry_busy_ms,
-            outcomes.iter().map(|o| o.rejections).sum::<usize>()
-        );
-    }
-    let unexpected: usize = counts
-        .iter()
-        .filter(|(k, _)| !["200", "429", "503"].contains(&k.as_str()))
-        .map(|(_, v)| v)
-        .sum();
+    println!("{summary}");
     if let Some((stop, thread)) = server {
         let _ = stop.send(());
         let result = thread
@@ -185,8 +136,11 @@ pub fn run(cache: &Path, a: LoadArgs) -> Result<()> {
         );
         result.context("the server did not stop cleanly")?;
     }
-    if unexpected > 0 {
-        bail!("{unexpected} responses were neither 200 nor a deliberate 429/503");
+    if summary.unexpected() > 0 {
+        bail!(
+            "{} responses were neither 200 nor a deliberate 429/503",
+            summary.unexpected()
+        );
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use detoxfuse::align::Variant;
 use detoxfuse::generate::Generation;
 use detoxfuse::lm;
 use detoxfuse::openai::{self, ApiError, Endpoint, Reply};
@@ -51,8 +52,8 @@ pub struct ServeArgs {
     /// Alignment from `detoxfuse align` (default: the one beside the calibration model).
     #[arg(long)]
     alignment: Option<std::path::PathBuf>,
-    #[arg(long, value_enum, default_value_t = crate::align::VariantArg::Hidden)]
-    align_variant: crate::align::VariantArg,
+    #[arg(long, value_enum, default_value_t = Variant::Hidden)]
+    align_variant: Variant,
     /// Fusion strength used when a request does not send `alpha`.
     #[arg(long, default_value_t = 0.2)]
     alpha: f64,
@@ -123,7 +124,7 @@ pub fn serve_until(
             &path,
             target.as_ref(),
             a.alpha,
-            a.align_variant.into(),
+            a.align_variant,
         )?),
     };
     let (engine, worker) = Engine::start(

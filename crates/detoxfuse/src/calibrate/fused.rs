@@ -325,6 +325,7 @@ pub enum Term {
 /// Which divergence the keep term minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Divergence {
     /// `KL(p_t ‖ p_α)`: mass-covering; lets `p_α` spread mass where the target has little.
     #[default]
@@ -860,6 +861,34 @@ pub enum FusedEvent<'a> {
     Checkpoint {
         step: usize,
     },
+}
+
+/// One line per event, as `detoxfuse calibrate --recipe fused` prints it.
+impl std::fmt::Display for FusedEvent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FusedEvent::Start {
+                step,
+                steps,
+                keep_rows,
+                detox_rows,
+                trainable_params,
+                stats: d,
+            } => write!(
+                f,
+                "{} prompts, {} continuations ({} with a toxic token): {} keep positions, {} toxic tokens ({} in prompts); {keep_rows} keep rows and {detox_rows} detox rows for training; {:.2} M trainable parameters; step {step} of {steps}",
+                d.prompts, d.samples, d.toxic_samples, d.keep_positions, d.detox_positions,
+                d.detox_from_prompts, *trainable_params as f64 / 1e6
+            ),
+            FusedEvent::Step(s) => write!(
+                f,
+                "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
+                s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
+            ),
+            FusedEvent::Validation(v) => write!(f, "validation {v}"),
+            FusedEvent::Checkpoint { step } => write!(f, "checkpoint at step {step}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

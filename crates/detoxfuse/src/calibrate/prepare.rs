@@ -36,6 +36,37 @@ pub struct CorpusSummary {
     pub seconds: f64,
 }
 
+/// Per source and for the paired data, what was kept and dropped (as `detoxfuse corpus
+/// build` prints it).
+impl std::fmt::Display for CorpusSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.manifest;
+        for src in m["sources"].as_array().into_iter().flatten() {
+            let name = src["source"]["name"].as_str().unwrap_or("?");
+            writeln!(f, "{name:<13} {}", src["stats"])?;
+        }
+        let p = &m["paired"];
+        if !p.is_null() {
+            writeln!(
+                f,
+                "paired        sampled {} kept {} (dropped: toxic {}, restating {}, short {})",
+                p["sampled"],
+                p["kept"],
+                p["dropped_toxic"],
+                p["dropped_restating"],
+                p["dropped_short"]
+            )?;
+        }
+        write!(
+            f,
+            "{} records (manifest {}) in {:.0} s",
+            self.records,
+            self.manifest_path.display(),
+            self.seconds
+        )
+    }
+}
+
 /// Builds the clean corpus at `out` (and its manifest beside it): every clean source
 /// fetched, split and filtered, plus (with `opts.paired_samples > 0`) the `target`'s replies
 /// to ToxiGen statements of the groups not held back.

@@ -108,6 +108,58 @@ pub struct ProbeReport {
     pub rows: Vec<ProbeRow>,
 }
 
+/// The probe's table, as `detoxfuse probe` prints it.
+impl std::fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "held-back ToxiGen groups: {HELD_BACK_GROUPS:?}; continuation = 6th statement after 5 as context"
+        )?;
+        let head = if self.lens {
+            "its tuned-lens head"
+        } else {
+            "the base's tied head"
+        };
+        writeln!(
+            f,
+            "init = the base's first {} layers, its final norm and {head}, before training",
+            self.layers
+        )?;
+        writeln!(
+            f,
+            "{:<8} {:>7} {:>8} {:>14} {:>15} {:>10} {:>16}",
+            "set",
+            "items",
+            "tokens",
+            "init logprob",
+            "trained logprob",
+            "change",
+            "full base logprob"
+        )?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<8} {:>7} {:>8} {:>14.4} {:>15.4} {:>+10.4} {:>16.4}",
+                r.kind,
+                r.items,
+                r.tokens,
+                r.init,
+                r.trained,
+                r.change(),
+                r.full_base
+            )?;
+        }
+        if let [toxic, neutral, ..] = &self.rows[..] {
+            write!(
+                f,
+                "toxic minus neutral change: {:+.4} nats/token (negative: training moved probability away from toxic continuations more than from neutral ones)",
+                toxic.change() - neutral.change()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Scores the held-back hate and neutral lists under the model in `trained_dir`, under its
 /// initialisation from `base_path` and (with `full_base`) under the whole base.
 pub fn compare(

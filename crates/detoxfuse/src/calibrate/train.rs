@@ -67,11 +67,12 @@ pub struct TrainConfig {
 /// How the calibration model's LM head starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum HeadInit {
     /// The base's tied head over the truncated layer stack. Not a language model (about −18
     /// nats per token on held-back text), so training raises the probability of everything.
     Tied,
-    /// A tuned-lens head ([`super::lens`]): the truncated model starts as an approximation of
+    /// A tuned-lens head (`calibrate::lens`, ~2 minutes to fit): the truncated model starts as an approximation of
     /// the whole base model.
     Lens,
 }
@@ -137,6 +138,63 @@ pub enum Event<'a> {
         relative_error: Option<f64>,
         seconds: f64,
     },
+}
+
+/// One line per event, as `detoxfuse calibrate` prints it.
+impl std::fmt::Display for Event<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Start {
+                step,
+                steps,
+                train_examples,
+                val_examples,
+                trainable_params,
+            } => write!(
+                f,
+                "{train_examples} train / {val_examples} validation examples, {:.1} M trainable parameters, step {step} of {steps}",
+                *trainable_params as f64 / 1e6
+            ),
+            Event::Step(s) => {
+                write!(f, "step {} loss {:.4}", s.step, s.loss)?;
+                if let Some(u) = s.unlikelihood {
+                    write!(f, " ul {u:.4}")?;
+                }
+                write!(
+                    f,
+                    " lr {:.3e} grad_norm {:.3} tok/s {:.0}",
+                    s.lr,
+                    s.grad_norm,
+                    s.tokens as f64 / s.seconds.max(1e-9)
+                )
+            }
+            Event::Validation {
+                step,
+                loss,
+                unlikely_nll,
+            } => {
+                write!(f, "step {step:>5}  validation loss {loss:.4}")?;
+                match unlikely_nll {
+                    Some(n) => write!(
+                        f,
+                        "  held-out unlikely continuations {n:.4} nats/token (should rise)"
+                    ),
+                    None => Ok(()),
+                }
+            }
+            Event::Checkpoint { step } => write!(f, "checkpoint at step {step}"),
+            Event::Lens {
+                positions,
+                relative_error: Some(e),
+                seconds,
+            } => write!(
+                f,
+                "tuned-lens head fitted on {positions} token positions in {seconds:.0} s \
+                 (relative squared error {e:.3} against the whole base's hidden states)"
+            ),
+            Event::Lens { .. } => write!(f, "tuned-lens head read back from {LENS_FILE}"),
+        }
+    }
 }
 
 /// One optimizer step, as logged.
