@@ -10,7 +10,6 @@ use detoxfuse::hub::Hub;
 use detoxfuse::lm::CausalLm;
 
 use crate::calibrate::with_printer;
-use crate::ModelArg;
 
 #[derive(clap::Args)]
 pub struct AlignArgs {
@@ -55,10 +54,7 @@ pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
 
 pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
     let cal_dir = calibration_dir(cache, &a.calibration)?;
-    let target_path = ModelArg {
-        model: a.target.clone(),
-    }
-    .resolve(cache)?;
+    let target_path = crate::resolve(cache, &a.target)?;
     let variant = a.variant;
     let out = a
         .out

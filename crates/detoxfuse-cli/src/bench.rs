@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use detoxfuse::bench::{measure, synthetic_prompt, threads as candle_threads};
+use detoxfuse::align::Variant;
+use detoxfuse::bench::{
+    measure, synthetic_prompt, threads as candle_threads, EngineSpeed, FusedSpeed,
+};
 use detoxfuse::generate::PlainDecoder;
 
 #[derive(clap::Subcommand)]
@@ -46,22 +49,9 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
         "threads {}, prompt {} tokens, decode {} tokens, batch {}, alpha {}, plain and fused alternating, medians of {} runs",
         candle_threads(), a.prompt_tokens, a.decode_tokens, a.batch, a.alpha, a.runs
     );
-    println!(
-        "{:<10} {:>6} {:>11} {:>11} {:>7} | {:>13} {:>13} {:>7}",
-        "target",
-        "path",
-        "plain t/s",
-        "fused t/s",
-        "ratio",
-        "plain batched",
-        "fused batched",
-        "ratio"
-    );
+    println!("{}", FusedSpeed::HEADER);
     for name in &a.targets {
-        let path = crate::ModelArg {
-            model: name.clone(),
-        }
-        .resolve(cache)?;
+        let path = crate::resolve(cache, name)?;
         let model = detoxfuse::lm::load(&path)?;
         let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
         let f = crate::align::load_fusion(
@@ -71,41 +61,12 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             &path,
             model.as_ref(),
             a.alpha,
-            detoxfuse::align::Variant::Hidden,
+            Variant::Hidden,
         )?;
-        let prompt = synthetic_prompt(a.prompt_tokens, tok.vocab_size().min(32_000), tok.bos);
-        let (mut plain, mut fusedv) = (Vec::new(), Vec::new());
-        for _ in 0..a.runs.max(1) {
-            let mut p = PlainDecoder::new(model.as_ref());
-            plain.push(measure(&mut p, &prompt, a.decode_tokens, a.batch, 1)?);
-            let mut d = f.decoder(model.as_ref(), &tok, a.alpha)?;
-            fusedv.push(measure(&mut d, &prompt, a.decode_tokens, a.batch, 1)?);
-        }
-        let med = |v: &[detoxfuse::bench::Speed], g: fn(&detoxfuse::bench::Speed) -> f64| {
-            detoxfuse::bench::median(v.iter().map(g).collect())
-        };
-        let (pd, fd) = (
-            med(&plain, |s| s.decode_tps),
-            med(&fusedv, |s| s.decode_tps),
-        );
-        let (pb, fb) = (
-            med(&plain, |s| s.batched_tps),
-            med(&fusedv, |s| s.batched_tps),
-        );
+        let shape = (a.prompt_tokens, a.decode_tokens, a.batch, a.runs);
         println!(
-            "{:<10} {:>6} {:>11.1} {:>11.1} {:>7.2} | {:>13.1} {:>13.1} {:>7.2}",
-            name,
-            if detoxfuse::fuse::same_tokenizer(&tok, &f.tokenizer) {
-                "shared"
-            } else {
-                "cross"
-            },
-            pd,
-            fd,
-            fd / pd,
-            pb,
-            fb,
-            fb / pb
+            "{}",
+            FusedSpeed::measure(name, model.as_ref(), &tok, &f, a.alpha, shape)?
         );
     }
     Ok(())
@@ -135,10 +96,7 @@ pub struct TrainBenchArgs {
 
 pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
     use detoxfuse::calibrate::{bench, model::Trainable, train::Base};
-    let path = crate::ModelArg {
-        model: a.base.clone(),
-    }
-    .resolve(cache)?;
+    let path = crate::resolve(cache, &a.base)?;
     let base = Base::load(&path, a.layers)?;
     let model = base.init(a.layers, Trainable::default())?;
     drop(base);
@@ -243,24 +201,10 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
         "threads {threads}, prompt {} tokens, decode {} tokens, batch {}, medians of {} runs",
         a.prompt_tokens, a.decode_tokens, a.batch, a.runs
     );
-    println!(
-        "{:<10} {:>12} {:>12} {:>14} {:>9} | {:>12} {:>12} {:>8} {:>8}",
-        "model",
-        "prompt t/s",
-        "decode t/s",
-        "batched t/s",
-        "batch÷1",
-        "llama.cpp pp",
-        "llama.cpp tg",
-        "pp ratio",
-        "tg ratio"
-    );
+    println!("{}", EngineSpeed::HEADER);
     let mut all = Vec::new();
     for name in &a.models {
-        let path = crate::ModelArg {
-            model: name.clone(),
-        }
-        .resolve(cache)?;
+        let path = crate::resolve(cache, &name)?;
         let model = detoxfuse::lm::load(&path)?;
         let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
         let prompt = synthetic_prompt(
@@ -287,22 +231,13 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
             },
             None => None,
         };
-        let (rpp, rtg) = reference
-            .as_ref()
-            .map_or((f64::NAN, f64::NAN), |r| (r.0, r.1));
-        println!(
-            "{:<10} {:>12.1} {:>12.1} {:>14.1} {:>8.2}x | {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x",
-            name,
-            s.prompt_tps,
-            s.decode_tps,
-            s.batched_tps,
-            s.batched_tps / s.decode_tps,
-            rpp,
-            rtg,
-            s.prompt_tps / rpp,
-            s.decode_tps / rtg
-        );
-        all.push(serde_json::json!({"model": name, "path": path, "threads": threads, "speed": s,
+        let row = EngineSpeed {
+            model: name.clone(),
+            speed: s,
+            llama_cpp: reference.clone(),
+        };
+        println!("{row}");
+        all.push(serde_json::json!({"model": name, "path": path, "threads": threads, "speed": row.speed,
             "llama_cpp": reference.map(|r| serde_json::json!({"prompt_tps": r.0, "decode_tps": r.1}))}));
     }
     if py.is_none() {

@@ -14,7 +14,7 @@ use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, Observer, PaperJob, Recipe};
 use indicatif::ProgressBar;
 
-use crate::{Bar, ModelArg};
+use crate::Bar;
 
 /// The data directory: `given` (a `--data` option), else `$DETOXFUSE_DATA`, else the
 /// vendored data installed into the cache ([`detoxfuse::hub::Hub::data_dir`]).
@@ -172,7 +172,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
             return build_toxic_corpus(&hub, &out, &data, t.threshold);
         }
         CorpusCmd::Selfgen(g) => {
-            let target = ModelArg { model: g.target }.resolve(cache)?;
+            let target = crate::resolve(cache, &g.target)?;
             let out = g.out.unwrap_or_else(|| hub.selfgen_dir(&target));
             let cfg = SelfGenConfig {
                 toxic_prompts: g.toxic_prompts,
@@ -204,7 +204,7 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         seed: a.seed,
     };
     let data = data_dir(cache, a.data.clone())?;
-    let target = ModelArg { model: a.target }.resolve(cache)?;
+    let target = crate::resolve(cache, &a.target)?;
     let target = target.to_string_lossy();
     let s = prepare::build_corpus(&hub, &out, &opts, &target, &data, &mut Bar::counting())?;
     println!("{s}\n-> {}", out.display());
@@ -503,10 +503,7 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     let hub = Hub::new(cache);
     let cfg = a.config(cache);
     let out = a.out.clone().unwrap_or_else(|| Recipe::Paper.run_dir(&hub));
-    let base_path = ModelArg {
-        model: a.base.clone(),
-    }
-    .resolve(cache)?;
+    let base_path = crate::resolve(cache, &a.base)?;
     let resume = a.resumes(&out);
     let job = PaperJob {
         base: &base_path.to_string_lossy(),
@@ -562,10 +559,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| Recipe::Paper.result_dir(&Hub::new(cache)));
-    let base_path = ModelArg {
-        model: a.base.clone(),
-    }
-    .resolve(cache)?;
+    let base_path = crate::resolve(cache, &a.base)?;
     let toxigen = data_dir(cache, a.data.clone())?.join("toxigen");
     let r = probe::compare(&dir, &base_path, &toxigen, a.per_group, a.full_base)?;
     println!("{r}");

@@ -11,7 +11,6 @@ use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, FusedJob, Recipe};
 
 use crate::calibrate::{data_dir, with_printer, CalibrateArgs};
-use crate::ModelArg;
 
 #[derive(clap::Args)]
 pub struct FusedArgs {
@@ -104,13 +103,10 @@ pub(crate) fn config(a: &CalibrateArgs) -> FusedConfig {
 pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
     let hub = Hub::new(cache);
     let cfg = config(a);
-    let resolve = |m: &str| {
-        ModelArg {
-            model: m.to_string(),
-        }
-        .resolve(cache)
-    };
-    let (target, base) = (resolve(&a.fused.target)?, resolve(&a.base)?);
+    let (target, base) = (
+        crate::resolve(cache, &a.fused.target)?,
+        crate::resolve(cache, &a.base)?,
+    );
     let shared = a.fused.shared.as_ref().map(|s| match s.as_str() {
         "fused" => Recipe::Fused.result_dir(&hub),
         dir => PathBuf::from(dir),

@@ -100,10 +100,14 @@ pub struct ModelArg {
 }
 
 impl ModelArg {
-    /// Resolves a name to its cached file, fetching it on first use.
     pub fn resolve(&self, cache: &std::path::Path) -> Result<PathBuf> {
-        Ok(detoxfuse::hub::Hub::new(cache).model(&self.model, &mut Bar::new())?)
+        resolve(cache, &self.model)
     }
+}
+
+/// Resolves a model name or path to its file, fetching a named model on first use.
+pub fn resolve(cache: &std::path::Path, model: &str) -> Result<PathBuf> {
+    Ok(detoxfuse::hub::Hub::new(cache).model(model, &mut Bar::new())?)
 }
 
 #[derive(clap::Args)]

@@ -25,6 +25,117 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+impl Speed {
+    /// The per-field medians of several measurements (one each).
+    pub fn median_of(v: &[Speed]) -> Speed {
+        let m = |g: fn(&Speed) -> f64| median(v.iter().map(g).collect());
+        Speed {
+            prompt_tps: m(|s| s.prompt_tps),
+            decode_tps: m(|s| s.decode_tps),
+            batched_tps: m(|s| s.batched_tps),
+            batch: v.first().map_or(0, |s| s.batch),
+        }
+    }
+}
+
+/// What `detoxfuse bench fused` measures per target: plain against fused decoding of the same
+/// synthetic prompt, in alternating runs (medians).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FusedSpeed {
+    pub target: String,
+    /// The calibration model reads another tokenizer's tokens (re-encoding every step).
+    pub cross_tokenizer: bool,
+    pub plain: Speed,
+    pub fused: Speed,
+}
+
+impl FusedSpeed {
+    pub const HEADER: &'static str =
+        "target       path   plain t/s   fused t/s   ratio | plain batched fused batched   ratio";
+
+    /// Measures `fusion` at `alpha` over `target` (tokenizer `tok`), `runs` times each.
+    pub fn measure(
+        name: &str,
+        target: &dyn crate::lm::CausalLm,
+        tok: &crate::text::Tokenizer,
+        fusion: &crate::calibration::Fusion,
+        alpha: f64,
+        (prompt_tokens, decode_tokens, batch, runs): (usize, usize, usize, usize),
+    ) -> Result<FusedSpeed> {
+        let prompt = synthetic_prompt(prompt_tokens, tok.vocab_size().min(32_000), tok.bos);
+        let (mut plain, mut fused) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let mut p = crate::generate::PlainDecoder::new(target);
+            plain.push(measure(&mut p, &prompt, decode_tokens, batch, 1)?);
+            let mut d = fusion.decoder(target, tok, alpha)?;
+            fused.push(measure(&mut d, &prompt, decode_tokens, batch, 1)?);
+        }
+        Ok(FusedSpeed {
+            target: name.to_string(),
+            cross_tokenizer: !crate::fuse::same_tokenizer(tok, &fusion.tokenizer),
+            plain: Speed::median_of(&plain),
+            fused: Speed::median_of(&fused),
+        })
+    }
+}
+
+/// The row under [`FusedSpeed::HEADER`].
+impl std::fmt::Display for FusedSpeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, q) = (&self.plain, &self.fused);
+        write!(
+            f,
+            "{:<10} {:>6} {:>11.1} {:>11.1} {:>7.2} | {:>13.1} {:>13.1} {:>7.2}",
+            self.target,
+            if self.cross_tokenizer {
+                "cross"
+            } else {
+                "shared"
+            },
+            p.decode_tps,
+            q.decode_tps,
+            q.decode_tps / p.decode_tps,
+            p.batched_tps,
+            q.batched_tps,
+            q.batched_tps / p.batched_tps
+        )
+    }
+}
+
+/// What `detoxfuse bench` measures per model: the engine, and llama.cpp on the same file
+/// (prompt and decode tokens/s) when it ran.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineSpeed {
+    pub model: String,
+    pub speed: Speed,
+    pub llama_cpp: Option<(f64, f64)>,
+}
+
+impl EngineSpeed {
+    pub const HEADER: &'static str = "model        prompt t/s   decode t/s    batched t/s   batch÷1 | llama.cpp pp llama.cpp tg pp ratio tg ratio";
+}
+
+/// The row under [`EngineSpeed::HEADER`] (NaN where llama.cpp did not run).
+impl std::fmt::Display for EngineSpeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.speed;
+        let (pp, tg) = self.llama_cpp.unwrap_or((f64::NAN, f64::NAN));
+        write!(
+            f,
+            "{:<10} {:>12.1} {:>12.1} {:>14.1} {:>8.2}x | {:>12.1} {:>12.1} {:>7.2}x {:>7.2}x",
+            self.model,
+            s.prompt_tps,
+            s.decode_tps,
+            s.batched_tps,
+            s.batched_tps / s.decode_tps,
+            pp,
+            tg,
+            s.prompt_tps / pp,
+            s.decode_tps / tg
+        )
+    }
+}
+
 /// Deterministic prompt of `n` tokens cycling through ordinary ids.
 pub fn synthetic_prompt(n: usize, vocab: usize, first: Option<TokenId>) -> Vec<TokenId> {
     let mut p: Vec<TokenId> = first.into_iter().collect();
