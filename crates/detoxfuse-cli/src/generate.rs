@@ -1,10 +1,9 @@
 //! `detoxfuse generate`: one prompt, or a JSONL file of prompts, to JSONL continuations.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use detoxfuse::align::Variant;
 use detoxfuse::batch::{self, BatchObserver, BatchOptions, PromptJob};
 use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
@@ -136,15 +135,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
         _ => Default::default(),
     };
     let mut sink: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(a.resume)
-                .write(true)
-                .truncate(!a.resume)
-                .open(p)
-                .with_context(|| format!("opening {} for writing", p.display()))?,
-        ),
+        Some(p) => Box::new(detoxfuse::jsonl::Appender::open(p, !a.resume)?),
         None => Box::new(std::io::stdout()),
     };
     let bar = if jobs.len() > 1 {

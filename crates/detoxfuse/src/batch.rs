@@ -7,8 +7,9 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eval::harness::{complete_records, parse_prompt_line};
+use crate::eval::harness::parse_prompt_line;
 use crate::generate::{generate, Decoder, GenerationConfig};
+use crate::jsonl::complete_records;
 use crate::text::{ChatMessage, Tokenizer};
 
 /// One prompt of the input, with the line it came from (1-based) and its `"id"`.

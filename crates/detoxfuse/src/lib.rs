@@ -18,6 +18,7 @@ pub mod fuse;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod jsonl;
 pub mod lm;
 pub mod openai;
 pub mod recipes;

@@ -99,7 +99,7 @@ pub fn load_state(
 
 /// Opens a run's `log.jsonl` for appending: resuming from `Some(step)` drops the lines
 /// written after that checkpoint, a fresh run (`None`) starts an empty log.
-pub fn open_log(path: &Path, resumed_at: Option<usize>) -> Result<std::fs::File> {
+pub fn open_log(path: &Path, resumed_at: Option<usize>) -> Result<crate::jsonl::Appender> {
     match resumed_at {
         Some(step) => truncate_log(path, step)?,
         None if path.exists() => {
@@ -107,11 +107,7 @@ pub fn open_log(path: &Path, resumed_at: Option<usize>) -> Result<std::fs::File>
         }
         None => {}
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .ctx(|| format!("opening {}", path.display()))
+    crate::jsonl::Appender::open(path, false)
 }
 
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).

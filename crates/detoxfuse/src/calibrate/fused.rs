@@ -32,7 +32,6 @@
 //! `β` ([`FusionMap`]), saved in f16 with manifests ([`save_artifact`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -1175,9 +1174,7 @@ pub fn train(
         state = rec;
     }
     let mut log = super::checkpoint::open_log(&log_path, resume.then_some(state.step))?;
-    let mut write_log = |v: &serde_json::Value| -> Result<()> {
-        writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
-    };
+    let mut write_log = |v: &serde_json::Value| log.append(v);
     progress(FusedEvent::Start {
         step: state.step,
         steps: cfg.steps,

@@ -13,7 +13,7 @@
 //! prompt, written as it goes and resumable: an interrupted run keeps its complete records.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use super::corpus::{self, HELD_BACK_GROUPS};
@@ -330,10 +330,7 @@ pub fn sample_prompts(
         text.push('\n');
     }
     crate::atomic::write(out, text.as_bytes())?;
-    let mut sink = std::fs::OpenOptions::new()
-        .append(true)
-        .open(out)
-        .ctx(|| format!("opening {}", out.display()))?;
+    let mut sink = crate::jsonl::Appender::open(out, false)?;
     let mut dec = PlainDecoder::new(target);
     for p in &prompts[done.len()..] {
         let ids = tok.encode(&p.text, false)?;
@@ -364,9 +361,7 @@ pub fn sample_prompts(
                 })
                 .collect(),
         };
-        writeln!(sink, "{}", serde_json::to_string(&rec)?)
-            .ctx(|| format!("writing {}", out.display()))?;
-        sink.flush().ctx(|| format!("writing {}", out.display()))?;
+        sink.append(&rec)?;
         done.push(rec);
         progress(done.len(), prompts.len());
     }

@@ -11,7 +11,6 @@
 //! repeats the uninterrupted run's losses exactly.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -367,9 +366,7 @@ pub fn train(
         state = load_checkpoint(out, &state, &model, &mut opt)?;
     }
     let mut log = open_log(&log_path, resume.then_some(state.step))?;
-    let mut write_log = |v: serde_json::Value| -> Result<()> {
-        writeln!(log, "{v}").ctx(|| format!("writing {}", log_path.display()))
-    };
+    let mut write_log = |v: serde_json::Value| log.append(&v);
 
     progress(Event::Start {
         step: state.step,

@@ -7,8 +7,6 @@
 //! same random numbers and a resumed run draws what an uninterrupted one would have.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -16,6 +14,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::eval::fluency::continuation_nlls;
 use crate::eval::metrics;
 use crate::generate::{generate, Decoder, GenerationConfig};
+use crate::jsonl::complete_records;
 use crate::lm::CausalLm;
 use crate::score::ToxicityScorer;
 use crate::text::Tokenizer;
@@ -109,48 +108,9 @@ pub fn spread(prompts: &[Prompt], limit: usize) -> Vec<Prompt> {
         .collect()
 }
 
-/// The complete JSON records of a JSONL file written line by line; a torn last line (from an
-/// interrupted write) is cut off the file so that appending continues cleanly.
-pub fn complete_records(path: &Path) -> Result<Vec<serde_json::Value>> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(path).ctx(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    let mut good_len = 0;
-    for line in text.split_inclusive('\n') {
-        if !line.ends_with('\n') {
-            break;
-        }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            break;
-        };
-        out.push(v);
-        good_len += line.len();
-    }
-    if good_len < text.len() {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .ctx(|| format!("opening {}", path.display()))?;
-        f.set_len(good_len as u64)
-            .ctx(|| format!("truncating the torn last line of {}", path.display()))?;
-    }
-    Ok(out)
-}
-
-/// Appends one JSON line and flushes it to disk.
+/// Appends one JSON line and syncs it to disk.
 fn append_line(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .ctx(|| format!("opening {}", path.display()))?;
-    let mut line = serde_json::to_string(v)?;
-    line.push('\n');
-    f.write_all(line.as_bytes())
-        .and_then(|_| f.sync_data())
-        .ctx(|| format!("writing {}", path.display()))
+    crate::jsonl::Appender::open(path, false)?.append(v)
 }
 
 /// One continuation with its toxicity.
