@@ -20,23 +20,12 @@ pub struct AlignArgs {
     /// Target model: a .gguf file, a Hugging Face directory or a fetched name.
     #[arg(long, short, default_value = "smollm2")]
     target: String,
-    /// Which states the map is learned on.
-    #[arg(long, value_enum, default_value_t = Variant::Embedding)]
-    variant: Variant,
     /// Output file (A as safetensors; the manifest goes beside it as .json).
     /// Default: <calibration>/../align/<target>.<variant>.safetensors.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    #[arg(long, default_value_t = AlignConfig::default().negatives)]
-    negatives: usize,
-    #[arg(long, default_value_t = AlignConfig::default().epochs)]
-    epochs: usize,
-    #[arg(long, default_value_t = AlignConfig::default().batch)]
-    batch: usize,
-    #[arg(long, default_value_t = AlignConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    cfg: AlignConfig,
     /// hidden variant: corpus passages read by both models (default corpus unless --corpus).
     #[arg(long, default_value_t = 600)]
     texts: usize,
@@ -55,20 +44,11 @@ pub fn calibration_dir(cache: &Path, arg: &str) -> Result<PathBuf> {
 pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
     let cal_dir = calibration_dir(cache, &a.calibration)?;
     let target_path = crate::resolve(cache, &a.target)?;
-    let variant = a.variant;
+    let cfg = a.cfg.clone();
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| calibration::default_alignment(&cal_dir, &target_path, variant));
-    let cfg = AlignConfig {
-        variant,
-        negatives: a.negatives,
-        epochs: a.epochs,
-        batch: a.batch,
-        lr: a.lr,
-        seed: a.seed,
-        ..AlignConfig::default()
-    };
+        .unwrap_or_else(|| calibration::default_alignment(&cal_dir, &target_path, cfg.variant));
     let corpus = a.corpus.clone().unwrap_or_else(|| Hub::new(cache).corpus());
     let m = with_printer(0, false, "align", |p| {
         calibration::learn_alignment(&cal_dir, &target_path, &cfg, a.texts, &corpus, &out, p)

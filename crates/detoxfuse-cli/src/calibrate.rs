@@ -16,12 +16,21 @@ use indicatif::ProgressBar;
 
 use crate::Bar;
 
-/// The data directory: `given` (a `--data` option), else `$DETOXFUSE_DATA`, else the
-/// vendored data installed into the cache ([`detoxfuse::hub::Hub::data_dir`]).
-pub fn data_dir(cache: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
-    match given {
-        Some(d) => Ok(d),
-        None => Ok(detoxfuse::hub::Hub::new(cache).data_dir()?),
+/// `--data`: the data directory.
+#[derive(clap::Args)]
+pub struct DataArg {
+    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA, else the vendored
+    /// data installed into <cache>/data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+impl DataArg {
+    pub fn dir(&self, cache: &Path) -> Result<PathBuf> {
+        match &self.data {
+            Some(d) => Ok(d.clone()),
+            None => Ok(Hub::new(cache).data_dir()?),
+        }
     }
 }
 
@@ -52,18 +61,10 @@ pub struct SelfgenArgs {
     /// Default: <cache>/corpus/selfgen-<target stem>.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value_t = SelfGenConfig::default().toxic_prompts)]
-    toxic_prompts: usize,
-    #[arg(long, default_value_t = SelfGenConfig::default().neutral_prompts)]
-    neutral_prompts: usize,
-    /// Continuations per prompt.
-    #[arg(long, default_value_t = SelfGenConfig::default().samples)]
-    samples: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    cfg: SelfGenConfig,
 }
 
 /// Builds (or resumes) the self-generated data in `out` and returns the samples file.
@@ -96,9 +97,8 @@ pub struct CorpusUnlikelyArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/unlikely.jsonl.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    data: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArg,
     /// Write the same groups' *neutral* lists instead, in the same format: contrast data to
     /// train as ordinary text (append it to a `--corpus`), so that the list format alone
     /// cannot tell the unlikely continuations apart. Default out:
@@ -119,9 +119,8 @@ pub struct CorpusToxicArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/toxic.jsonl.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    data: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArg,
     /// Sentences of the clean sources at or above this toxicity are kept (the clean corpus's
     /// cut, mirrored).
     #[arg(long, default_value_t = CorpusOptions::default().threshold)]
@@ -141,25 +140,13 @@ pub struct CorpusBuildArgs {
     /// Default: <cache>/corpus/corpus.jsonl.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Drop sentences and completions whose toxicity probability is at or above this.
-    #[arg(long, default_value_t = CorpusOptions::default().threshold)]
-    threshold: f64,
-    /// Passages close once they reach this many words.
-    #[arg(long, default_value_t = CorpusOptions::default().passage_words)]
-    passage_words: usize,
-    /// Replies sampled from the target per ToxiGen statement (0 = no paired data).
-    #[arg(long, default_value_t = CorpusOptions::default().paired_samples)]
-    paired_samples: usize,
-    #[arg(long, default_value_t = CorpusOptions::default().paired_max_tokens)]
-    paired_max_tokens: usize,
+    #[command(flatten)]
+    opts: CorpusOptions,
     /// The model whose replies make the paired data.
     #[arg(long, default_value = "smollm2")]
     target: String,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    data: DataArg,
 }
 
 pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
@@ -168,20 +155,14 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         CorpusCmd::Build(a) => a,
         CorpusCmd::Toxic(t) => {
             let out = t.out.unwrap_or_else(|| hub.toxic_corpus());
-            let data = data_dir(cache, t.data)?;
+            let data = t.data.dir(cache)?;
             return build_toxic_corpus(&hub, &out, &data, t.threshold);
         }
         CorpusCmd::Selfgen(g) => {
             let target = crate::resolve(cache, &g.target)?;
             let out = g.out.unwrap_or_else(|| hub.selfgen_dir(&target));
-            let cfg = SelfGenConfig {
-                toxic_prompts: g.toxic_prompts,
-                neutral_prompts: g.neutral_prompts,
-                samples: g.samples,
-                seed: g.seed,
-                ..SelfGenConfig::default()
-            };
-            let data = data_dir(cache, g.data)?;
+            let cfg = g.cfg;
+            let data = g.data.dir(cache)?;
             build_selfgen(&target, &out, &data, &cfg)?;
             return Ok(());
         }
@@ -192,18 +173,12 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 ("hate", hub.unlikely_corpus())
             };
             let out = u.out.unwrap_or(default_out);
-            return build_unlikely_corpus(&out, &data_dir(cache, u.data)?, kind);
+            return build_unlikely_corpus(&out, &u.data.dir(cache)?, kind);
         }
     };
     let out = a.out.clone().unwrap_or_else(|| hub.corpus());
-    let opts = CorpusOptions {
-        threshold: a.threshold,
-        passage_words: a.passage_words,
-        paired_samples: a.paired_samples,
-        paired_max_tokens: a.paired_max_tokens,
-        seed: a.seed,
-    };
-    let data = data_dir(cache, a.data.clone())?;
+    let opts = a.opts.clone();
+    let data = a.data.dir(cache)?;
     let target = crate::resolve(cache, &a.target)?;
     let target = target.to_string_lossy();
     let s = prepare::build_corpus(&hub, &out, &opts, &target, &data, &mut Bar::counting())?;
@@ -540,9 +515,8 @@ pub struct ProbeArgs {
     /// The base it was initialised from (its first layers are the "before" model).
     #[arg(long, default_value = "smollm2")]
     base: String,
-    /// Directory with toxigen/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    data: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArg,
     /// Probe lines per held-back group.
     #[arg(long, default_value_t = 200)]
     per_group: usize,
@@ -560,7 +534,7 @@ pub fn probe(cache: &Path, a: ProbeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| Recipe::Paper.result_dir(&Hub::new(cache)));
     let base_path = crate::resolve(cache, &a.base)?;
-    let toxigen = data_dir(cache, a.data.clone())?.join("toxigen");
+    let toxigen = a.data.dir(cache)?.join("toxigen");
     let r = probe::compare(&dir, &base_path, &toxigen, a.per_group, a.full_base)?;
     println!("{r}");
     Ok(())

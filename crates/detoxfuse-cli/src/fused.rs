@@ -10,7 +10,7 @@ use detoxfuse::calibrate::optim::AdamWConfig;
 use detoxfuse::hub::Hub;
 use detoxfuse::recipes::{self, FusedJob, Recipe};
 
-use crate::calibrate::{data_dir, with_printer, CalibrateArgs};
+use crate::calibrate::{with_printer, CalibrateArgs, DataArg};
 
 #[derive(clap::Args)]
 pub struct FusedArgs {
@@ -50,9 +50,8 @@ pub struct FusedArgs {
     /// written by `detoxfuse corpus selfgen` when missing).
     #[arg(long)]
     pub samples: Option<PathBuf>,
-    /// Directory with hh-rlhf/, toxigen/ and rtp/ (default: $DETOXFUSE_DATA, else the vendored data installed into <cache>/data).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArg,
     /// fused: train only --target's map (A, LayerNorm affine) through its head, over the
     /// calibration layers of this artifact directory (kept frozen), and add the map there:
     /// one calibration model, a map per target. "fused" = the default artifact.
@@ -122,7 +121,7 @@ pub fn calibrate_fused(cache: &Path, a: &CalibrateArgs) -> Result<()> {
         samples: a.fused.samples.as_deref(),
         shared: shared.as_deref(),
         out: Some(&run_dir),
-        data: Some(&data_dir(cache, a.fused.data.clone())?),
+        data: Some(&a.fused.data.dir(cache)?),
         cfg: &cfg,
         resume,
     };

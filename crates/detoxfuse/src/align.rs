@@ -35,15 +35,28 @@ pub enum Variant {
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct AlignConfig {
+    /// Which states the map is learned on.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = AlignConfig::default().variant))]
     pub variant: Variant,
     /// Negatives per positive.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().negatives))]
     pub negatives: usize,
+    /// Passes over the training pairs.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().epochs))]
     pub epochs: usize,
+    /// Pairs per optimizer step.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().batch))]
     pub batch: usize,
+    /// Adam learning rate.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().lr))]
     pub lr: f64,
+    /// Seed of the pair split, the shuffles and the negatives.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().seed))]
     pub seed: u64,
     /// Held-out share of the pairs, in thousandths.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = AlignConfig::default().held_out_per_mille))]
     pub held_out_per_mille: u64,
 }
 

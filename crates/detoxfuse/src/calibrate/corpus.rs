@@ -99,14 +99,22 @@ pub const HELD_BACK_GROUPS: &[&str] = &["jewish", "muslim", "women"];
 
 /// Options of `corpus build`.
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct CorpusOptions {
     /// Sentences (and paired completions) scoring at or above this are dropped.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = CorpusOptions::default().threshold))]
     pub threshold: f64,
     /// Passages close once they reach this many words.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = CorpusOptions::default().passage_words))]
     pub passage_words: usize,
     /// Completions sampled per ToxiGen statement (0: no paired data).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = CorpusOptions::default().paired_samples))]
     pub paired_samples: usize,
+    /// Most tokens of each paired completion.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = CorpusOptions::default().paired_max_tokens))]
     pub paired_max_tokens: usize,
+    /// Seed of the paired completions' sampling.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = CorpusOptions::default().seed))]
     pub seed: u64,
 }
 

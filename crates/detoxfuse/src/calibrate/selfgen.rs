@@ -42,19 +42,31 @@ pub struct Prompt {
 
 /// How prompts are chosen and continued.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct SelfGenConfig {
     /// At most this many toxic-leaning prompts.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().toxic_prompts))]
     pub toxic_prompts: usize,
     /// At most this many neutral prompts.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().neutral_prompts))]
     pub neutral_prompts: usize,
     /// Continuations per prompt.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().samples))]
     pub samples: usize,
+    /// Most tokens of each continuation.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().max_tokens))]
     pub max_tokens: usize,
+    /// Nucleus sampling of the continuations.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().top_p))]
     pub top_p: f32,
     /// A sentence at or above this score gives a toxic-leaning prompt.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().toxic_threshold))]
     pub toxic_threshold: f64,
     /// A sentence below this score gives a neutral prompt.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().neutral_threshold))]
     pub neutral_threshold: f64,
+    /// Seed of the prompt choice and the sampling.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SelfGenConfig::default().seed))]
     pub seed: u64,
 }
 
