@@ -23,13 +23,61 @@ use crate::generate::{rows_of, Decoder};
 use crate::lm::{ids_tensor, CausalLm, KvCache, TokenId};
 use crate::text::Tokenizer;
 
+/// The calibration tokenizer's reading of a byte stream that grows by the target's tokens
+/// (cross-tokenizer fusion). A target token may end inside a UTF-8 character, and a longer
+/// text may tokenize differently at its end, so each push re-encodes the complete-UTF-8
+/// prefix and says how many of the previous ids still stand: the calibration model's cache
+/// rolls back to there.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CrossText {
+    text: Vec<u8>,
+    ids: Vec<TokenId>,
+}
+
+impl CrossText {
+    /// The calibration ids of the complete-UTF-8 prefix read so far.
+    pub fn ids(&self) -> &[TokenId] {
+        &self.ids
+    }
+
+    /// The bytes read so far (possibly ending inside a character).
+    pub fn bytes(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// Appends `bytes`. `None`: the ids did not change. `Some(keep)`: the first `keep` ids
+    /// stand and `ids()[keep..]` (never empty) are new, to be run through the calibration
+    /// model.
+    pub fn push(&mut self, tok: &Tokenizer, bytes: &[u8]) -> Result<Option<usize>> {
+        self.text.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.text) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&self.text[..e.valid_up_to()]).expect("valid prefix"),
+        };
+        let ids = tok.encode(valid, false)?;
+        if ids == self.ids {
+            return Ok(None);
+        }
+        let mut keep = self
+            .ids
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if keep == ids.len() {
+            // The text grew but its tokens shrank to a prefix: recompute the last one.
+            keep = keep.saturating_sub(1);
+        }
+        self.ids = ids;
+        Ok((!self.ids.is_empty()).then_some(keep))
+    }
+}
+
 /// The calibration side of one batch row when tokenizers differ.
 #[derive(Clone)]
 struct CrossRow {
-    /// Text read so far (the target's tokens rendered to bytes).
-    text: Vec<u8>,
-    /// The calibration tokenizer's ids for the complete-UTF-8 prefix of `text`.
-    ids: Vec<TokenId>,
+    /// Text read so far (the target's tokens rendered to bytes) and its calibration ids.
+    text: CrossText,
     cache: KvCache,
     /// Final hidden state at the last calibration position, `(d_cal)`.
     hidden: Tensor,
@@ -288,7 +336,7 @@ impl<'m> FusedDecoder<'m> {
     /// The calibration model's ids for each row (cross-tokenizer path; empty otherwise).
     pub fn calibration_ids(&self) -> Vec<Vec<TokenId>> {
         match &self.state {
-            CalState::Cross { rows, .. } => rows.iter().map(|r| r.ids.clone()).collect(),
+            CalState::Cross { rows, .. } => rows.iter().map(|r| r.text.ids().to_vec()).collect(),
             CalState::Shared { .. } => Vec::new(),
         }
     }
@@ -308,24 +356,13 @@ impl<'m> FusedDecoder<'m> {
         row: &mut CrossRow,
         bytes: &[u8],
     ) -> Result<()> {
-        row.text.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&row.text) {
-            Ok(s) => s,
-            Err(e) => std::str::from_utf8(&row.text[..e.valid_up_to()]).expect("valid prefix"),
-        };
-        let ids = tok.encode(valid, false)?;
-        if ids == row.ids {
+        let Some(keep) = row.text.push(tok, bytes)? else {
             return Ok(());
-        }
-        let mut keep = row.ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-        if keep == ids.len() {
-            // The text grew but its tokens shrank to a prefix: recompute the last one.
-            keep -= 1;
-        }
+        };
         row.cache.truncate(keep)?;
-        let h = cal.forward_hidden(&ids_tensor(&[ids[keep..].to_vec()])?, &mut row.cache)?;
+        let new = row.text.ids()[keep..].to_vec();
+        let h = cal.forward_hidden(&ids_tensor(&[new])?, &mut row.cache)?;
         row.hidden = last(&h)?.squeeze(0)?;
-        row.ids = ids;
         Ok(())
     }
 }
@@ -376,8 +413,7 @@ impl Decoder for FusedDecoder<'_> {
                     .flat_map(|&t| target_tok.token_bytes(t, false))
                     .collect();
                 let mut row = CrossRow {
-                    text: Vec::new(),
-                    ids: Vec::new(),
+                    text: CrossText::default(),
                     cache: cal.new_cache(),
                     hidden: Tensor::zeros(
                         cal.info().hidden_size,
@@ -386,7 +422,7 @@ impl Decoder for FusedDecoder<'_> {
                     )?,
                 };
                 Self::advance_row(cal, cal_tok, &mut row, &bytes)?;
-                if row.ids.is_empty() {
+                if row.text.ids().is_empty() {
                     return Err(Error::Input(
                         "the prompt has no text for the calibration model to read".into(),
                     ));

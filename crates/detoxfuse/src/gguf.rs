@@ -41,19 +41,33 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| bad(format!("bad header: {e}")))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            // Declared sizes are untrusted: every product and sum is checked, and a tensor
+            // must lie inside the file before anything is allocated for it.
+            let dims = info.shape.dims();
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| bad(format!("tensor {name} has absurd dimensions {dims:?}")))?;
             let bs = info.ggml_dtype.block_size();
             if elems % bs != 0 {
                 return Err(bad(format!(
                     "tensor {name} has {elems} elements, not a multiple of its block size {bs}"
                 )));
             }
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > file_len {
-                return Err(bad(format!(
+            let end = (elems / bs)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|b| (b as u64).checked_add(info.offset))
+                .and_then(|b| b.checked_add(content.tensor_data_offset));
+            match end {
+                Some(end) if end <= file_len => {}
+                Some(end) => return Err(bad(format!(
                     "truncated: tensor {name} ends at byte {end} but the file has {file_len} bytes"
-                )));
+                ))),
+                None => {
+                    return Err(bad(format!(
+                        "tensor {name} has an absurd offset or size (beyond 2^64 bytes)"
+                    )))
+                }
             }
         }
         Ok(Self {

@@ -8,7 +8,9 @@
 //!
 //! `detoxfuse serve` puts axum, the OpenAI wire types and server-sent events around this.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,24 @@ pub struct Limits {
     pub max_n: usize,
     /// α of a request that does not choose one (0 without a calibration).
     pub default_alpha: f64,
+    /// Most tokens one request may ask to generate, `n × max_tokens`.
+    pub max_request_tokens: usize,
+    /// Most tokens the queued and running requests may hold together, each counted as
+    /// `n × (prompt + max_tokens)` (their KV caches); more are refused as busy.
+    pub max_queued_tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue: 16,
+            timeout: Duration::from_secs(300),
+            max_n: 16,
+            default_alpha: 0.2,
+            max_request_tokens: 16 * 512,
+            max_queued_tokens: 1 << 17,
+        }
+    }
 }
 
 /// A request's sampling parameters as a client sends them (each optional).
@@ -113,6 +133,8 @@ pub struct Prepared {
 }
 
 struct Job {
+    /// Its share of [`Limits::max_queued_tokens`], given back when it is done.
+    cost: Cost,
     ids: Vec<TokenId>,
     cfg: GenerationConfig,
     alpha: f64,
@@ -120,8 +142,21 @@ struct Job {
     deadline: Instant,
 }
 
+/// Tokens held by a queued or running job; released on drop (done, skipped or refused).
+struct Cost {
+    tokens: usize,
+    pool: Arc<AtomicUsize>,
+}
+
+impl Drop for Cost {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.tokens, Ordering::AcqRel);
+    }
+}
+
 /// The handle requests go through (cheap to share: `&Engine` from any thread).
 pub struct Engine {
+    queued_tokens: Arc<AtomicUsize>,
     tok: Tokenizer,
     context: usize,
     fusion: bool,
@@ -159,6 +194,7 @@ impl Engine {
         }
         let (tx, rx) = sync_channel::<Job>(limits.queue);
         let engine = Engine {
+            queued_tokens: Arc::new(AtomicUsize::new(0)),
             tok: tok.clone(),
             context: target.info().context_length,
             fusion: fusion.is_some(),
@@ -247,7 +283,7 @@ impl Engine {
         let max_tokens = p
             .max_tokens
             .unwrap_or(if chat { room.min(512) } else { 16 });
-        if ids.len() + max_tokens > self.context {
+        if ids.len().saturating_add(max_tokens) > self.context {
             return Err(Reject {
                 kind: RejectKind::ContextLength,
                 message: format!(
@@ -258,6 +294,27 @@ impl Engine {
                 param: Some("max_tokens"),
                 code: Some("context_length_exceeded"),
             });
+        }
+        if n.saturating_mul(max_tokens) > self.limits.max_request_tokens {
+            return Err(Reject::invalid(
+                format!(
+                    "n × max_tokens = {n} × {max_tokens} is beyond this server's {} tokens a request (its --max-request-tokens)",
+                    self.limits.max_request_tokens
+                ),
+                "max_tokens",
+            )
+            .code("request_too_large"));
+        }
+        if n.saturating_mul(ids.len().saturating_add(max_tokens)) > self.limits.max_queued_tokens {
+            return Err(Reject::invalid(
+                format!(
+                    "n × (prompt + max_tokens) = {n} × ({} + {max_tokens}) is beyond the {} tokens this server holds at once (its --max-queued-tokens)",
+                    ids.len(),
+                    self.limits.max_queued_tokens
+                ),
+                "max_tokens",
+            )
+            .code("request_too_large"));
         }
         Ok(Prepared {
             ids,
@@ -283,18 +340,31 @@ impl Engine {
         p: &Prepared,
         events: Box<dyn EventSink>,
     ) -> std::result::Result<(), Reject> {
-        let job = Job {
-            ids: p.ids.clone(),
-            cfg: p.cfg.clone(),
-            alpha: p.alpha,
-            events,
-            deadline: Instant::now() + self.limits.timeout,
+        let tokens = p.cfg.n * (p.ids.len() + p.cfg.max_tokens);
+        let held = self.queued_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
+        let cost = Cost {
+            tokens,
+            pool: self.queued_tokens.clone(),
         };
         let refuse = |kind, message: &str| Reject {
             kind,
             message: message.into(),
             param: None,
             code: None,
+        };
+        if held > self.limits.max_queued_tokens {
+            return Err(refuse(
+                RejectKind::Busy,
+                "the server is busy (too many tokens queued); retry shortly",
+            ));
+        }
+        let job = Job {
+            cost,
+            ids: p.ids.clone(),
+            cfg: p.cfg.clone(),
+            alpha: p.alpha,
+            events,
+            deadline: Instant::now() + self.limits.timeout,
         };
         match self.queue.try_send(job) {
             Ok(()) => Ok(()),
@@ -336,6 +406,7 @@ fn worker(target: Box<dyn CausalLm>, tok: Tokenizer, fusion: Option<Fusion>, job
                 },
             )
         })();
+        drop(job.cost); // its tokens are free before the client hears it is done
         let _ = job
             .events
             .send(JobEvent::Done(result.map_err(|e| format!("{e:#}"))));

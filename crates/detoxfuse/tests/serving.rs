@@ -23,6 +23,7 @@ fn engine(queue: usize) -> (Engine, detoxfuse::serving::Worker) {
             timeout: Duration::from_secs(60),
             max_n: 4,
             default_alpha: 0.2,
+            ..Limits::default()
         },
     )
     .unwrap()
@@ -131,6 +132,56 @@ fn a_full_queue_refuses_at_once_and_a_closed_sink_costs_no_work() {
     };
     let e = engine.prepare(&huge, "x", false).unwrap_err();
     assert_eq!(e.kind, RejectKind::ContextLength);
+    drop(engine);
+    worker.join().unwrap();
+}
+
+#[test]
+fn token_limits_refuse_a_greedy_request_and_a_full_token_pool() {
+    let path = common::model("smollm2");
+    let (engine, worker) = Engine::start(
+        detoxfuse::lm::load(&path).unwrap(),
+        Tokenizer::for_model(&path).unwrap(),
+        None,
+        Limits {
+            max_n: 8,
+            max_request_tokens: 64,
+            max_queued_tokens: 100,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
+    let ask = |n, max_tokens| Params {
+        n: Some(n),
+        max_tokens: Some(max_tokens),
+        ..Params::default()
+    };
+    // n × max_tokens beyond the request limit, in either factor
+    for (n, m) in [(8, 9), (1, 65)] {
+        let e = engine.prepare(&ask(n, m), "Hi", false).unwrap_err();
+        assert_eq!(
+            (e.kind, e.code),
+            (RejectKind::Invalid, Some("request_too_large"))
+        );
+    }
+    // within it, but beyond what the server holds at once with the prompt
+    let long = "word ".repeat(60);
+    let e = engine.prepare(&ask(2, 30), &long, false).unwrap_err();
+    assert_eq!(e.code, Some("request_too_large"));
+    // two requests of 60 tokens each do not fit in a pool of 100 together
+    let p = engine
+        .prepare(&ask(1, 48), "Once upon a time, in a", false)
+        .unwrap();
+    assert!(p.ids.len() + 48 > 50);
+    let (tx, rx) = channel();
+    engine.submit(&p, Box::new(tx)).unwrap();
+    let busy = engine.submit(&p, Box::new(Gone)).unwrap_err();
+    assert_eq!(busy.kind, RejectKind::Busy);
+    drain(&rx);
+    // once the first is done its tokens are free again
+    let (tx, rx) = channel();
+    engine.submit(&p, Box::new(tx)).unwrap();
+    drain(&rx);
     drop(engine);
     worker.join().unwrap();
 }

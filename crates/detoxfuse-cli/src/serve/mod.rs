@@ -67,8 +67,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 300)]
     timeout: u64,
     /// Most samples per request (`n`).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = Limits::default().max_n)]
     max_n: usize,
+    /// Most tokens one request may generate, n × max_tokens (400 beyond).
+    #[arg(long, default_value_t = Limits::default().max_request_tokens)]
+    max_request_tokens: usize,
+    /// Most tokens (n × (prompt + max_tokens)) queued and running requests may hold
+    /// together; more get 429 at once.
+    #[arg(long, default_value_t = Limits::default().max_queued_tokens)]
+    max_queued_tokens: usize,
     /// Name the model is served under (default: the --model argument).
     #[arg(long)]
     served_name: Option<String>,
@@ -136,6 +143,8 @@ pub fn serve_until(
             timeout: Duration::from_secs(a.timeout),
             max_n: a.max_n,
             default_alpha: a.alpha,
+            max_request_tokens: a.max_request_tokens,
+            max_queued_tokens: a.max_queued_tokens,
         },
     )?;
     let state = Arc::new(AppState {
