@@ -5,39 +5,7 @@
 //! as a space).
 #![no_main]
 
-#[path = "common.rs"]
-mod common;
+#[path = "bodies.rs"]
+mod bodies;
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
-        return;
-    };
-    let tok = &common::tokenizers()[usize::from(mode & 1)];
-    let specials = mode & 2 != 0;
-    if mode & 4 != 0 {
-        // arbitrary ids, some beyond the vocabulary
-        let ids: Vec<u32> = rest
-            .chunks(3)
-            .map(|c| c.iter().fold(0u32, |a, &b| a << 8 | u32::from(b)))
-            .collect();
-        let _ = tok.decode(&ids, specials);
-        for &i in &ids {
-            let _ = (tok.piece(i), tok.token_bytes(i, specials), tok.is_control(i));
-        }
-        return;
-    }
-    let Ok(text) = std::str::from_utf8(rest) else {
-        return;
-    };
-    let ids = tok.encode(text, specials).expect("encoding valid UTF-8 never fails");
-    assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
-    let back = tok.decode(&ids, specials);
-    let want = if mode & 1 == 1 {
-        text.replace('\u{2581}', " ")
-    } else {
-        text.to_string()
-    };
-    assert_eq!(back, want, "decode(encode(s)) != s");
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::tokenizers(data));

@@ -325,3 +325,85 @@ fn a_full_queue_answers_429_at_once_and_shutdown_finishes_in_flight_work() {
     let status = s.child.wait().unwrap();
     assert!(status.success(), "server exit: {status}");
 }
+
+/// 500 connections that never finish their headers and 50 clients that send a request one
+/// byte a second do not stop the server answering others at once; the header-read timeout
+/// then closes the idle ones, and a body that trickles in gets 408.
+#[test]
+fn idle_and_slow_clients_do_not_stop_the_server_answering_others() {
+    let mut cmd = common::bin();
+    cmd.args([
+        "serve",
+        "--port",
+        "0",
+        "--calibration",
+        "none",
+        "--read-timeout",
+        "3",
+    ])
+    .env_remove("DETOXFUSE_API_KEY");
+    let (child, port) = common::spawn_server(&mut cmd);
+    let _server = Server { child, port };
+    let idle: Vec<TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow: Vec<_> = (0..50)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let req = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n";
+                for b in req.iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || s.write_all(&[*b]).is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let (status, _) = http(port, "GET", "/health", b"", None);
+    assert_eq!(status, 200);
+    let body = br#"{"model": "smollm2", "prompt": "Hello", "max_tokens": 4}"#;
+    let (status, text) = http(port, "POST", "/v1/completions", body, None);
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "answered in {:?}",
+        t0.elapsed()
+    );
+    // the idle connections are closed by the header-read timeout (3 s here)
+    std::thread::sleep(Duration::from_secs(5));
+    let mut closed = 0;
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).is_ok() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 500, "idle connections closed by the server");
+    // headers complete, body one byte a second: 408 once the read timeout passes
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+}

@@ -60,9 +60,11 @@ impl GgufFile {
                 .and_then(|b| b.checked_add(content.tensor_data_offset));
             match end {
                 Some(end) if end <= file_len => {}
-                Some(end) => return Err(bad(format!(
+                Some(end) => {
+                    return Err(bad(format!(
                     "truncated: tensor {name} ends at byte {end} but the file has {file_len} bytes"
-                ))),
+                )))
+                }
                 None => {
                     return Err(bad(format!(
                         "tensor {name} has an absurd offset or size (beyond 2^64 bytes)"

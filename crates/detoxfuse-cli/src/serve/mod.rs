@@ -11,14 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use detoxfuse::align::Variant;
 use detoxfuse::generate::Generation;
@@ -66,6 +67,10 @@ pub struct ServeArgs {
     /// Seconds a request may take, queueing included (504 beyond; the job is cancelled).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Seconds a client may take to send a request's headers, and again its body; the
+    /// connection is closed beyond (slow or idle clients cannot hold the server).
+    #[arg(long, default_value_t = 10)]
+    read_timeout: u64,
     /// Most samples per request (`n`).
     #[arg(long, default_value_t = Limits::default().max_n)]
     max_n: usize,
@@ -83,6 +88,7 @@ pub struct ServeArgs {
 
 struct AppState {
     engine: Engine,
+    max_body: usize,
     model_id: String,
     api_key: Option<String>,
     created: u64,
@@ -149,6 +155,7 @@ pub fn serve_until(
     )?;
     let state = Arc::new(AppState {
         engine,
+        max_body: a.max_body,
         model_id: a
             .served_name
             .clone()
@@ -183,11 +190,8 @@ pub fn serve_until(
         use std::io::Write;
         std::io::stdout().flush().ok();
         bound(bound_addr);
-        let app = router(state, a.max_body);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving")?;
+        let app = router(state);
+        accept_loop(listener, app, Duration::from_secs(a.read_timeout.max(1)), shutdown).await;
         eprintln!("detoxfuse serve: shut down (in-flight requests finished)");
         anyhow::Ok(())
     })?;
@@ -195,6 +199,50 @@ pub fn serve_until(
     worker.join()?;
     Ok(())
 }
+
+/// Serves connections until `shutdown`, then lets the open ones finish. Unlike
+/// `axum::serve` it gives hyper a timer, so that a client that does not send its headers
+/// within `read_timeout` is disconnected, and the handlers read bodies within it too.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let app = app.layer(axum::Extension(ReadTimeout(read_timeout)));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // out of descriptors, a reset before accept: keep serving the others
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// How long a handler waits for a request body.
+#[derive(Clone, Copy)]
+struct ReadTimeout(Duration);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -212,7 +260,7 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-fn router(state: Arc<AppState>, max_body: usize) -> Router {
+fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
@@ -231,7 +279,6 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
                 .with_code("not_found"),
             )
         })
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 
@@ -284,31 +331,44 @@ fn error(e: ApiError) -> Response {
 
 async fn completions(
     State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    t: Extension<ReadTimeout>,
+    body: Body,
 ) -> Response {
+    let body = read_body(body, st.max_body, t.0 .0).await;
     respond(st, Endpoint::Completion, body).await
 }
 
-async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(State(st): State<Arc<AppState>>, t: Extension<ReadTimeout>, body: Body) -> Response {
+    let body = read_body(body, st.max_body, t.0 .0).await;
     respond(st, Endpoint::Chat, body).await
 }
 
-/// Parses, validates and queues a request, then answers it whole or as a stream.
-async fn respond(
-    st: Arc<AppState>,
-    endpoint: Endpoint,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let queued = (|| {
-        let bytes = body.map_err(|e| {
-            let status = e.status();
-            let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "request body too large (see the server's --max-body)".to_string()
+/// The whole body, at most `limit` bytes, within `timeout`.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::invalid(
+            "the request body did not arrive in time (see the server's --read-timeout)",
+            None,
+        )
+        .status(408)),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ApiError::invalid("request body too large (see the server's --max-body)", None)
+                    .status(413)
             } else {
-                format!("could not read the request body: {e}")
-            };
-            ApiError::invalid(msg, None).status(status.as_u16())
-        })?;
+                ApiError::invalid(format!("could not read the request body: {e}"), None)
+            })
+        }
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// Parses, validates and queues a request, then answers it whole or as a stream.
+async fn respond(st: Arc<AppState>, endpoint: Endpoint, body: Result<Bytes, ApiError>) -> Response {
+    let queued = (|| {
+        let bytes = body?;
         let r = openai::parse_request(endpoint, &bytes, &st.model_id, st.engine.tokenizer())?;
         let p = st
             .engine
