@@ -27,8 +27,8 @@ for t in "${targets[@]}"; do
   rc=$?
   set -e
   secs=$(( $(date +%s) - t0 ))
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz/logs/$t.log" | grep -o '[0-9]*$' | tail -1)
-  last=$(grep -E '^#[0-9]+' "fuzz/logs/$t.log" | tail -1)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz/logs/$t.log" | grep -o '[0-9]*$' | tail -1 || true)
+  last=$(grep -E '^#[0-9]+' "fuzz/logs/$t.log" | tail -1 || true)
   cov=$(grep -o 'cov: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
   ft=$(grep -o 'ft: [0-9]*' <<<"$last" | grep -o '[0-9]*' || true)
   crashes=$(ls fuzz/artifacts/$t 2>/dev/null | wc -l)
