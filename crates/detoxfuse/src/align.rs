@@ -185,7 +185,7 @@ pub fn manifest_path(path: &Path) -> PathBuf {
 /// A model's input-embedding table `(vocab, width)` in f32.
 pub fn embedding_table(path: &Path) -> Result<Tensor> {
     if path.is_dir() {
-        let (_, mut t) = lm::export::read_hf_weights(path)?;
+        let (_, mut t) = lm::llama::read_hf_weights(path)?;
         return t
             .remove("model.embed_tokens.weight")
             .ok_or_else(|| Error::BadModelDir {

@@ -111,54 +111,13 @@ pub fn hf_llama_from_gguf(gguf: &Path, max_layers: Option<usize>) -> Result<HfLl
 
 /// Reads a Hugging Face Llama directory (with its tokenizer.json) into f32 tensors.
 pub fn read_hf_dir(dir: &Path) -> Result<HfLlama> {
-    let (config, tensors) = read_hf_weights(dir)?;
+    let (config, tensors) = super::llama::read_hf_weights(dir)?;
     let tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
     Ok(HfLlama {
         config,
         tensors,
         tokenizer,
     })
-}
-
-/// Reads a Hugging Face Llama directory's config.json and safetensors (as f32).
-pub fn read_hf_weights(dir: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
-    let bad = |reason: String| Error::BadModelDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let cfg_path = dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| bad(format!("cannot read config.json: {e}")))?;
-    let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
-        .map_err(|e| bad(format!("config.json is not valid JSON: {e}")))?;
-    let model_type = cfg_json["model_type"].as_str().unwrap_or("");
-    if model_type != "llama" {
-        return Err(Error::UnsupportedArch {
-            path: cfg_path,
-            arch: model_type.to_string(),
-            supported: "llama (Hugging Face directories)",
-        });
-    }
-    let config: LlamaConfig = serde_json::from_value(cfg_json)
-        .map_err(|e| bad(format!("config.json lacks a Llama field: {e}")))?;
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| bad(e.to_string()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(bad("no *.safetensors file".into()));
-    }
-    let mut tensors = HashMap::new();
-    for file in &files {
-        let ts = candle_core::safetensors::load(file, &Device::Cpu)
-            .map_err(|e| bad(format!("{}: {e}", file.display())))?;
-        for (k, v) in ts {
-            tensors.insert(k, v.to_dtype(DType::F32)?);
-        }
-    }
-    Ok((config, tensors))
 }
 
 /// Writes `model` to `out_dir` atomically: everything goes to a sibling temporary directory

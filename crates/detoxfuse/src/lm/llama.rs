@@ -4,10 +4,11 @@
 //! see `Linear`) or from a Hugging Face directory
 //! (config.json + *.safetensors, f32/f16/bf16).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::{attend, rms_norm, split_heads, KvCache, Rope, RopeStyle};
 use super::q8::{self, Q8Tiles};
@@ -275,7 +276,7 @@ impl Llama {
     /// Loads a Hugging Face Llama checkpoint directory. Matrices are quantized to Q8_0 (the
     /// fast kernels) unless `opts.dequantize` asks for the exact f32 weights.
     pub fn from_hf_dir(dir: &Path, opts: LoadOptions) -> Result<Self> {
-        let (cfg, weights) = super::export::read_hf_weights(dir)?;
+        let (cfg, weights) = read_hf_weights(dir)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -454,4 +455,45 @@ impl CausalLm for Llama {
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         self.head.forward(hidden)
     }
+}
+
+/// Reads a Hugging Face Llama directory's config.json and safetensors (as f32).
+pub fn read_hf_weights(dir: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let bad = |reason: String| Error::BadModelDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let cfg_path = dir.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| bad(format!("cannot read config.json: {e}")))?;
+    let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
+        .map_err(|e| bad(format!("config.json is not valid JSON: {e}")))?;
+    let model_type = cfg_json["model_type"].as_str().unwrap_or("");
+    if model_type != "llama" {
+        return Err(Error::UnsupportedArch {
+            path: cfg_path,
+            arch: model_type.to_string(),
+            supported: "llama (Hugging Face directories)",
+        });
+    }
+    let config: LlamaConfig = serde_json::from_value(cfg_json)
+        .map_err(|e| bad(format!("config.json lacks a Llama field: {e}")))?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| bad(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(bad("no *.safetensors file".into()));
+    }
+    let mut tensors = HashMap::new();
+    for file in &files {
+        let ts = candle_core::safetensors::load(file, &Device::Cpu)
+            .map_err(|e| bad(format!("{}: {e}", file.display())))?;
+        for (k, v) in ts {
+            tensors.insert(k, v.to_dtype(DType::F32)?);
+        }
+    }
+    Ok((config, tensors))
 }

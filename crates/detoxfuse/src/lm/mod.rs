@@ -112,7 +112,7 @@ pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Box<dyn CausalLm>> {
 /// through a frozen head multiplies by).
 pub fn head_weight(path: &Path) -> Result<Tensor> {
     if path.is_dir() {
-        let (cfg, mut w) = export::read_hf_weights(path)?;
+        let (cfg, mut w) = llama::read_hf_weights(path)?;
         let name = match w.contains_key("lm_head.weight") {
             true => "lm_head.weight",
             false if cfg.tie_word_embeddings => "model.embed_tokens.weight",
