@@ -204,7 +204,7 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
     println!("{}", EngineSpeed::HEADER);
     let mut all = Vec::new();
     for name in &a.models {
-        let path = crate::resolve(cache, &name)?;
+        let path = crate::resolve(cache, name)?;
         let model = detoxfuse::lm::load(&path)?;
         let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
         let prompt = synthetic_prompt(
@@ -234,7 +234,7 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
         let row = EngineSpeed {
             model: name.clone(),
             speed: s,
-            llama_cpp: reference.clone(),
+            llama_cpp: reference,
         };
         println!("{row}");
         all.push(serde_json::json!({"model": name, "path": path, "threads": threads, "speed": row.speed,
