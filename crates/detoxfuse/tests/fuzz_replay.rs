@@ -61,3 +61,25 @@ fn jsonl_line() {
 fn openai_request() {
     replay("openai_request", bodies::openai_request)
 }
+
+/// What the `tokenizers` target found: SmolLM2's byte-level vocabulary has no token for some
+/// bytes, which encoding therefore drops (Hugging Face `tokenizers` does the same with this
+/// vocabulary). Gemma-3's SentencePiece has a byte token for every byte.
+#[test]
+fn smollm2_has_no_token_for_these_bytes() {
+    let [smollm2, gemma3] = bodies::real_tokenizers();
+    let missing = bodies::missing_bytes(smollm2);
+    eprintln!("SmolLM2 lacks {} byte tokens: {missing:02x?}", missing.len());
+    assert_eq!(&missing[..6], [0x04, 0x06, 0x13, 0x14, 0x16, 0x1d]);
+    for &b in &missing {
+        let mut ids = Vec::new();
+        if let Ok(s) = std::str::from_utf8(&[b]) {
+            smollm2.encode_into(s, false, &mut ids).unwrap();
+            assert!(ids.is_empty(), "byte {b:02x} encodes to {ids:?}");
+        }
+    }
+    assert!(bodies::unrepresentable_ascii(1).is_empty());
+    let mut ids = Vec::new();
+    gemma3.encode_into("a\u{4}b", false, &mut ids).unwrap();
+    assert_eq!(gemma3.decode(&ids, false), "a\u{4}b");
+}
