@@ -3,7 +3,7 @@
 //! a failure halfway through loading.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -39,6 +39,10 @@ impl GgufFile {
             return Err(bad(format!("only {file_len} bytes long")));
         }
         let mut reader = BufReader::new(file);
+        check_alignment(&mut reader, file_len).map_err(bad)?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .ctx(|| format!("reading {}", path.display()))?;
         let content = Content::read(&mut reader).map_err(|e| bad(format!("bad header: {e}")))?;
         for (name, info) in &content.tensor_infos {
             // Declared sizes are untrusted: every product and sum is checked, and a tensor
@@ -201,5 +205,118 @@ pub fn requantize_for_speed(t: QTensor) -> candle_core::Result<QTensor> {
             QTensor::quantize(&w, Q8_0)
         }
         _ => Ok(t),
+    }
+}
+
+/// Refuses a `general.alignment` that candle would divide by (0) or that GGUF forbids (not a
+/// power of two), by walking the metadata before candle reads it: candle 0.11 panics on an
+/// alignment of 0. Anything else malformed is left for candle's reader to report; the walk
+/// never reads past the file or allocates more than one key.
+fn check_alignment(r: &mut impl ReadSeek, file_len: u64) -> std::result::Result<(), String> {
+    let mut w = Walk { r, file_len };
+    let (Ok(_magic), Ok(version)) = (w.u32(), w.u32()) else {
+        return Ok(());
+    };
+    let wide = version >= 2; // lengths and counts are u64 from version 2 on
+    let Some(_tensors) = w.len(wide) else {
+        return Ok(());
+    };
+    let Some(kvs) = w.len(wide) else {
+        return Ok(());
+    };
+    for _ in 0..kvs {
+        let Some(n) = w.len(wide).filter(|&n| n <= w.remaining()) else {
+            return Ok(());
+        };
+        let mut key = vec![0u8; n as usize];
+        let Ok(ty) = w.r.read_exact(&mut key).and_then(|_| w.u32()) else {
+            return Ok(());
+        };
+        if key == b"general.alignment" {
+            let v = match ty {
+                0 | 1 => w.bytes::<1>().map(|b| u64::from(b[0])),
+                2 | 3 => w.bytes::<2>().map(|b| u64::from(u16::from_le_bytes(b))),
+                4 | 5 => w.bytes::<4>().map(|b| u64::from(u32::from_le_bytes(b))),
+                _ => return Ok(()), // candle then uses its default of 32
+            };
+            return match v {
+                Ok(a) if a == 0 || !a.is_power_of_two() => Err(format!(
+                    "general.alignment is {a}; GGUF needs a power of two (usually 32)"
+                )),
+                _ => Ok(()),
+            };
+        }
+        if w.skip_value(ty, wide, 0).is_none() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `Read + Seek`, for [`check_alignment`].
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+struct Walk<'a, R: ?Sized> {
+    r: &'a mut R,
+    file_len: u64,
+}
+
+impl<R: ReadSeek + ?Sized> Walk<'_, R> {
+    fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b)?;
+        Ok(b)
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        self.bytes::<4>().map(u32::from_le_bytes)
+    }
+    fn len(&mut self, wide: bool) -> Option<u64> {
+        if wide {
+            self.bytes::<8>().ok().map(u64::from_le_bytes)
+        } else {
+            self.u32().ok().map(u64::from)
+        }
+    }
+    fn remaining(&mut self) -> u64 {
+        let at = self.r.stream_position().unwrap_or(u64::MAX);
+        self.file_len.saturating_sub(at)
+    }
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.remaining() {
+            return None;
+        }
+        self.r.seek(SeekFrom::Current(n as i64)).ok().map(|_| ())
+    }
+    /// Skips one value of GGUF type `ty`; `None` when it is malformed or runs past the file.
+    fn skip_value(&mut self, ty: u32, wide: bool, depth: usize) -> Option<()> {
+        let size = |t: u32| match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match ty {
+            8 => {
+                let n = self.len(wide)?;
+                self.skip(n)
+            }
+            9 if depth < 64 => {
+                let elem = self.u32().ok()?;
+                let count = self.len(wide)?;
+                match size(elem) {
+                    Some(s) => self.skip(count.checked_mul(s)?),
+                    None => {
+                        // strings or arrays: each takes at least 4 bytes
+                        if count > self.remaining() / 4 {
+                            return None;
+                        }
+                        (0..count).try_for_each(|_| self.skip_value(elem, wide, depth + 1))
+                    }
+                }
+            }
+            t => self.skip(size(t)?),
+        }
     }
 }

@@ -69,7 +69,10 @@ fn openai_request() {
 fn smollm2_has_no_token_for_these_bytes() {
     let [smollm2, gemma3] = bodies::real_tokenizers();
     let missing = bodies::missing_bytes(smollm2);
-    eprintln!("SmolLM2 lacks {} byte tokens: {missing:02x?}", missing.len());
+    eprintln!(
+        "SmolLM2 lacks {} byte tokens: {missing:02x?}",
+        missing.len()
+    );
     assert_eq!(&missing[..6], [0x04, 0x06, 0x13, 0x14, 0x16, 0x1d]);
     for &b in &missing {
         let mut ids = Vec::new();
