@@ -194,7 +194,8 @@ pub fn tokenizers(data: &[u8]) {
     } else {
         // byte-level BPE: bytes without a token of their own are dropped (so a character
         // holding one comes back broken)
-        let lost = missing_bytes(&real_tokenizers()[0]);
+        static LOST: OnceLock<Vec<u8>> = OnceLock::new();
+        let lost = LOST.get_or_init(|| missing_bytes(&real_tokenizers()[0]));
         let kept: Vec<u8> = text.bytes().filter(|b| !lost.contains(b)).collect();
         String::from_utf8_lossy(&kept).into_owned()
     };
