@@ -86,19 +86,27 @@ fn unknown_architecture_is_named() {
 fn a_zero_or_odd_alignment_is_refused_not_a_panic() {
     use candle_core::quantized::gguf_file::{self, Value};
     let dir = tempfile::tempdir().unwrap();
-    for (a, want) in [(0u32, "general.alignment is 0"), (24, "general.alignment is 24")] {
+    for (a, want) in [
+        (0u32, "general.alignment is 0"),
+        (24, "general.alignment is 24"),
+    ] {
         let path = dir.path().join(format!("a{a}.gguf"));
         let arch = Value::String("llama".into());
         let align = Value::U32(a);
         let mut f = std::fs::File::create(&path).unwrap();
         gguf_file::write(
             &mut f,
-            &[("general.architecture", &arch), ("general.alignment", &align)],
+            &[
+                ("general.architecture", &arch),
+                ("general.alignment", &align),
+            ],
             &[],
         )
         .unwrap();
         drop(f);
-        let e = detoxfuse::gguf::GgufFile::open(&path).err().expect("refused");
+        let e = detoxfuse::gguf::GgufFile::open(&path)
+            .err()
+            .expect("refused");
         assert!(e.to_string().contains(want), "{e}");
     }
 }
