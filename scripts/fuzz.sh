@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser (docs/RELIABILITY.md), with cargo fuzz (nightly).
 #   scripts/fuzz.sh [RUNS] [TARGET...]   RUNS executions per target (default 1000000)
+#   FUZZ_SECONDS=1800 scripts/fuzz.sh ... also stops each target after that many seconds
 # Each target starts from its committed corpus (tests/fixtures/fuzz/<target>), explores in
 # fuzz/corpus/<target>, and the minimized result is written back to the committed corpus.
 # Limits per input: 10 s, 2048 MB RSS and 2048 MB for any single allocation. One line per
@@ -22,7 +23,7 @@ for t in "${targets[@]}"; do
   t0=$(date +%s)
   set +e
   (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" -- \
-     -runs="$runs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 -max_len=4096 \
+     -runs="$runs" -max_total_time="${FUZZ_SECONDS:-0}" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 -max_len=4096 \
      -print_final_stats=1 -artifact_prefix="artifacts/$t/") > "fuzz/logs/$t.log" 2>&1
   rc=$?
   set -e
