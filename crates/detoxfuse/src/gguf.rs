@@ -211,9 +211,15 @@ pub fn requantize_for_speed(t: QTensor) -> candle_core::Result<QTensor> {
 /// Refuses a `general.alignment` that candle would divide by (0) or that GGUF forbids (not a
 /// power of two), by walking the metadata before candle reads it: candle 0.11 panics on an
 /// alignment of 0. Anything else malformed is left for candle's reader to report; the walk
-/// never reads past the file or allocates more than one key.
-fn check_alignment(r: &mut impl ReadSeek, file_len: u64) -> std::result::Result<(), String> {
-    let mut w = Walk { r, file_len };
+/// never reads past the file or allocates more than one key. It starts at the file's first
+/// byte and skips within the buffer (`seek_relative`, its own position count), so walking a
+/// vocabulary of 50,000 strings costs a few reads, not a seek each.
+fn check_alignment(r: &mut BufReader<File>, file_len: u64) -> std::result::Result<(), String> {
+    let mut w = Walk {
+        r,
+        pos: 0,
+        file_len,
+    };
     let (Ok(_magic), Ok(version)) = (w.u32(), w.u32()) else {
         return Ok(());
     };
@@ -229,7 +235,11 @@ fn check_alignment(r: &mut impl ReadSeek, file_len: u64) -> std::result::Result<
             return Ok(());
         };
         let mut key = vec![0u8; n as usize];
-        let Ok(ty) = w.r.read_exact(&mut key).and_then(|_| w.u32()) else {
+        if w.r.read_exact(&mut key).is_err() {
+            return Ok(());
+        }
+        w.pos += n;
+        let Ok(ty) = w.u32() else {
             return Ok(());
         };
         if key == b"general.alignment" {
@@ -253,19 +263,19 @@ fn check_alignment(r: &mut impl ReadSeek, file_len: u64) -> std::result::Result<
     Ok(())
 }
 
-/// `Read + Seek`, for [`check_alignment`].
-trait ReadSeek: Read + Seek {}
-impl<T: Read + Seek> ReadSeek for T {}
-
-struct Walk<'a, R: ?Sized> {
-    r: &'a mut R,
+/// A forward walk over a GGUF header, for [`check_alignment`].
+struct Walk<'a> {
+    r: &'a mut BufReader<File>,
+    /// Bytes consumed so far.
+    pos: u64,
     file_len: u64,
 }
 
-impl<R: ReadSeek + ?Sized> Walk<'_, R> {
+impl Walk<'_> {
     fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
         let mut b = [0u8; N];
         self.r.read_exact(&mut b)?;
+        self.pos += N as u64;
         Ok(b)
     }
     fn u32(&mut self) -> std::io::Result<u32> {
@@ -278,15 +288,16 @@ impl<R: ReadSeek + ?Sized> Walk<'_, R> {
             self.u32().ok().map(u64::from)
         }
     }
-    fn remaining(&mut self) -> u64 {
-        let at = self.r.stream_position().unwrap_or(u64::MAX);
-        self.file_len.saturating_sub(at)
+    fn remaining(&self) -> u64 {
+        self.file_len.saturating_sub(self.pos)
     }
     fn skip(&mut self, n: u64) -> Option<()> {
         if n > self.remaining() {
             return None;
         }
-        self.r.seek(SeekFrom::Current(n as i64)).ok().map(|_| ())
+        self.r.seek_relative(i64::try_from(n).ok()?).ok()?;
+        self.pos += n;
+        Some(())
     }
     /// Skips one value of GGUF type `ty`; `None` when it is malformed or runs past the file.
     fn skip_value(&mut self, ty: u32, wide: bool, depth: usize) -> Option<()> {
