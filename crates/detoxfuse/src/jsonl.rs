@@ -118,4 +118,16 @@ mod tests {
         assert_eq!(lines, [1, 2, 3]);
         assert!(complete_records(&d.path().join("none")).unwrap().is_empty());
     }
+
+    #[test]
+    fn torn_last_lines_are_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.jsonl");
+        std::fs::write(&p, "{\"line\": 1}\n{\"line\": 2}\n{\"li").unwrap();
+        assert_eq!(complete_records(&p).unwrap().len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"line\": 1}\n{\"line\": 2}\n"
+        );
+    }
 }

@@ -132,6 +132,16 @@ pub struct Prepared {
     pub alpha: f64,
 }
 
+impl Prepared {
+    /// What the request holds while queued or running, counted against
+    /// [`Limits::max_queued_tokens`]: `n × (prompt + max_tokens)` (its KV caches).
+    pub fn held_tokens(&self) -> usize {
+        self.cfg
+            .n
+            .saturating_mul(self.ids.len().saturating_add(self.cfg.max_tokens))
+    }
+}
+
 struct Job {
     /// Its share of [`Limits::max_queued_tokens`], given back when it is done.
     cost: Cost,
@@ -305,18 +315,7 @@ impl Engine {
             )
             .code("request_too_large"));
         }
-        if n.saturating_mul(ids.len().saturating_add(max_tokens)) > self.limits.max_queued_tokens {
-            return Err(Reject::invalid(
-                format!(
-                    "n × (prompt + max_tokens) = {n} × ({} + {max_tokens}) is beyond the {} tokens this server holds at once (its --max-queued-tokens)",
-                    ids.len(),
-                    self.limits.max_queued_tokens
-                ),
-                "max_tokens",
-            )
-            .code("request_too_large"));
-        }
-        Ok(Prepared {
+        let prepared = Prepared {
             ids,
             cfg: GenerationConfig {
                 max_tokens,
@@ -331,7 +330,19 @@ impl Engine {
                 stop_tokens: vec![],
             },
             alpha,
-        })
+        };
+        if prepared.held_tokens() > self.limits.max_queued_tokens {
+            return Err(Reject::invalid(
+                format!(
+                    "n × (prompt + max_tokens) = {n} × ({} + {max_tokens}) is beyond the {} tokens this server holds at once (its --max-queued-tokens)",
+                    prepared.ids.len(),
+                    self.limits.max_queued_tokens
+                ),
+                "max_tokens",
+            )
+            .code("request_too_large"));
+        }
+        Ok(prepared)
     }
 
     /// Queues `p`; its events go to `events`. A full queue is refused at once.
@@ -340,7 +351,7 @@ impl Engine {
         p: &Prepared,
         events: Box<dyn EventSink>,
     ) -> std::result::Result<(), Reject> {
-        let tokens = p.cfg.n * (p.ids.len() + p.cfg.max_tokens);
+        let tokens = p.held_tokens();
         let held = self.queued_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;
         let cost = Cost {
             tokens,

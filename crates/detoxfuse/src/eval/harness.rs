@@ -389,18 +389,6 @@ mod tests {
     }
 
     #[test]
-    fn torn_last_lines_are_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("g.jsonl");
-        std::fs::write(&p, "{\"line\": 1}\n{\"line\": 2}\n{\"li").unwrap();
-        assert_eq!(complete_records(&p).unwrap().len(), 2);
-        assert_eq!(
-            std::fs::read_to_string(&p).unwrap(),
-            "{\"line\": 1}\n{\"line\": 2}\n"
-        );
-    }
-
-    #[test]
     fn spread_takes_evenly_spaced_prompts() {
         let ps: Vec<Prompt> = (1..=10)
             .map(|line| Prompt {
