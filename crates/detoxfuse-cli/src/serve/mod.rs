@@ -19,7 +19,6 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Extension;
 use axum::{Json, Router};
 use detoxfuse::align::Variant;
 use detoxfuse::generate::Generation;
@@ -89,6 +88,8 @@ pub struct ServeArgs {
 struct AppState {
     engine: Engine,
     max_body: usize,
+    /// For the headers (hyper's timer) and for the body (the handlers).
+    read_timeout: Duration,
     model_id: String,
     api_key: Option<String>,
     created: u64,
@@ -156,6 +157,7 @@ pub fn serve_until(
     let state = Arc::new(AppState {
         engine,
         max_body: a.max_body,
+        read_timeout: Duration::from_secs(a.read_timeout.max(1)),
         model_id: a
             .served_name
             .clone()
@@ -190,8 +192,9 @@ pub fn serve_until(
         use std::io::Write;
         std::io::stdout().flush().ok();
         bound(bound_addr);
+        let read_timeout = state.read_timeout;
         let app = router(state);
-        accept_loop(listener, app, Duration::from_secs(a.read_timeout.max(1)), shutdown).await;
+        accept_loop(listener, app, read_timeout, shutdown).await;
         eprintln!("detoxfuse serve: shut down (in-flight requests finished)");
         anyhow::Ok(())
     })?;
@@ -216,7 +219,6 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let app = app.layer(axum::Extension(ReadTimeout(read_timeout)));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -239,10 +241,6 @@ async fn accept_loop(
     }
     graceful.shutdown().await;
 }
-
-/// How long a handler waits for a request body.
-#[derive(Clone, Copy)]
-struct ReadTimeout(Duration);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -329,17 +327,13 @@ fn error(e: ApiError) -> Response {
     r
 }
 
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    t: Extension<ReadTimeout>,
-    body: Body,
-) -> Response {
-    let body = read_body(body, st.max_body, t.0 .0).await;
+async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    let body = read_body(body, st.max_body, st.read_timeout).await;
     respond(st, Endpoint::Completion, body).await
 }
 
-async fn chat(State(st): State<Arc<AppState>>, t: Extension<ReadTimeout>, body: Body) -> Response {
-    let body = read_body(body, st.max_body, t.0 .0).await;
+async fn chat(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    let body = read_body(body, st.max_body, st.read_timeout).await;
     respond(st, Endpoint::Chat, body).await
 }
 
