@@ -188,9 +188,34 @@ impl Drop for Bar {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", message(&e));
+        let disk_full = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        });
+        if disk_full {
+            eprintln!(
+                "the disk is full: free some space and run the same command again; what was finished is kept and the work continues from there"
+            );
+        }
         std::process::exit(1);
     }
+}
+
+/// An error and its causes, each cause once (the library's I/O errors already end with
+/// their cause, which `{:#}` would print a second time).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -1,14 +1,15 @@
 //! `detoxfuse calibrate` end to end on the real SmolLM2 base (1 layer, small batches so a run
 //! takes seconds): a run killed with SIGKILL and resumed logs exactly the losses of an
-//! uninterrupted run, and bad input ends in a message, never a panic or a checkpoint that
-//! looks complete.
+//! uninterrupted run, so does a run stopped by a full disk, an alignment that finds the disk
+//! full leaves the old one, and bad input ends in a message, never a panic or a checkpoint
+//! that looks complete.
 
 mod common;
 
 use std::path::Path;
 use std::process::Stdio;
 
-use common::{assert_clean_failure, bin, run, stderr};
+use common::{assert_clean_failure, bin, run, stderr, Tmpfs};
 use std::time::{Duration, Instant};
 
 /// A small clean corpus (the test's own sentences; never evaluation data).
@@ -503,4 +504,145 @@ fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
     assert!(steps
         .iter()
         .all(|v| v["unlikelihood"].as_f64().unwrap() > 0.0 && v["kl"].as_f64().unwrap() >= 0.0));
+}
+
+/// The files of a directory (names and bytes; temporary files included, so that one left
+/// behind shows).
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+/// Training that meets a full disk, first at a checkpoint (room for one, not for the next)
+/// and then when it writes the finished model: each time the run stops with a message, its
+/// last checkpoint intact and nothing half-written in place, and `--resume` once there is room
+/// logs exactly the losses of a run that never stopped.
+#[test]
+fn a_full_disk_at_a_checkpoint_or_the_export_stops_training_and_resume_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let c = corpus.to_str().unwrap();
+    let a = dir.path().join("a");
+    let o = run(&train_args(c, a.to_str().unwrap()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let checkpoint = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let model = std::fs::metadata(a.join("model/model.safetensors"))
+        .unwrap()
+        .len();
+
+    let disk = Tmpfs::mount("512m");
+    let b = disk.root.join("b");
+    let b_s = b.to_str().unwrap().to_string();
+    // Room for the first checkpoint, not for the second beside it.
+    disk.fill_leaving(checkpoint * 3 / 2);
+    let o = run(&train_args(c, &b_s));
+    assert_clean_failure(&o, "No space left on device");
+    assert_clean_failure(&o, "the disk is full");
+    let at = checkpoint_step(&b).expect("the first checkpoint was written");
+    assert!(at < 14, "{at}");
+    let kept = files(&b);
+    let tensors: Vec<_> = kept
+        .keys()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(
+        tensors,
+        [&format!("checkpoint-{at:06}.safetensors")],
+        "one checkpoint's tensors, no temporary or orphan: {:?}",
+        kept.keys().collect::<Vec<_>>()
+    );
+    disk.free();
+
+    // Room for the next checkpoint beside the last, not for the model written at the end.
+    let mut resume = train_args(c, &b_s);
+    resume.push("--resume");
+    disk.fill_leaving(checkpoint * 3 / 2 + model / 4);
+    let o = run(&resume);
+    assert_clean_failure(&o, "No space left on device");
+    assert!(
+        !b.join("model").exists(),
+        "a half-written model is in place"
+    );
+    assert_eq!(checkpoint_step(&b), Some(14));
+    disk.free();
+
+    let o = run(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(log_lines(&b), log_lines(&a));
+    assert_eq!(
+        std::fs::read(b.join("model/model.safetensors")).unwrap(),
+        std::fs::read(a.join("model/model.safetensors")).unwrap()
+    );
+}
+
+/// `align` that finds the disk full when it writes: a message, and the previous alignment
+/// (map and manifest) still there, byte for byte, with no temporary file beside it; once
+/// there is room the same command writes the new one.
+#[test]
+fn a_full_disk_leaves_the_previous_alignment_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    let a = dir.path().join("a");
+    let mut args = train_args(corpus.to_str().unwrap(), a.to_str().unwrap());
+    let i = args.iter().position(|x| *x == "--steps").unwrap();
+    args[i + 1] = "2";
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let disk = Tmpfs::mount("16m");
+    let out = disk
+        .root
+        .join("align")
+        .join("smollm2.embedding.safetensors");
+    let (cal, out_s) = (a.join("model"), out.to_str().unwrap());
+    let align = |seed: &str| {
+        run(&[
+            "align",
+            "--calibration",
+            cal.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--seed",
+            seed,
+            "--out",
+            out_s,
+        ])
+    };
+    let o = align("0");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = files(out.parent().unwrap());
+    assert_eq!(before.len(), 2, "{:?}", before.keys().collect::<Vec<_>>());
+
+    disk.fill_leaving(64 * 1024);
+    let o = align("1");
+    assert_clean_failure(&o, "No space left on device");
+    assert_clean_failure(&o, "the disk is full");
+    assert!(
+        files(out.parent().unwrap()) == before,
+        "the previous alignment changed"
+    );
+    disk.free();
+
+    let o = align("1");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = files(out.parent().unwrap());
+    assert_eq!(after.len(), 2);
+    assert_ne!(after, before);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&after["smollm2.embedding.json"]).unwrap();
+    assert_eq!(manifest["config"]["seed"], 1, "{manifest}");
 }

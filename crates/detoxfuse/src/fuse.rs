@@ -255,7 +255,7 @@ impl FusionMap {
         .into_iter()
         .map(|(k, v)| Ok((k.to_string(), v.to_dtype(DType::F16)?)))
         .collect::<Result<_>>()?;
-        save_tensors(&t, path)
+        crate::atomic::write_safetensors(path, &t)
     }
 }
 
@@ -495,14 +495,6 @@ impl Decoder for FusedDecoder<'_> {
         };
         self.logits(&ht, Some(hc))
     }
-}
-
-/// Writes safetensors atomically ([`crate::atomic::write_with`]).
-pub(crate) fn save_tensors(
-    t: &std::collections::HashMap<String, Tensor>,
-    path: &std::path::Path,
-) -> Result<()> {
-    crate::atomic::write_with(path, |tmp| Ok(candle_core::safetensors::save(t, tmp)?))
 }
 
 /// Manifest of the shared calibration part.

@@ -46,3 +46,98 @@ pub fn spawn_server(cmd: &mut Command) -> (Child, u16) {
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     (child, port)
 }
+
+/// A small tmpfs that only this test sees, for disk-full tests: mounted in a private mount
+/// namespace (`unshare -rm`: an unprivileged user namespace, so no root is needed) by a
+/// process that stays alive until the value is dropped; the test and the binary reach it
+/// through that process's `/proc/<pid>/root`. Writes past its size fail with ENOSPC, a real
+/// full disk.
+pub struct Tmpfs {
+    holder: Child,
+    /// The mount point as the test sees it.
+    pub root: std::path::PathBuf,
+    _mount_point: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let mount_point = tempfile::tempdir().unwrap();
+        let script = format!(
+            "mount -t tmpfs -o size={size} detoxfuse-test '{}' && echo mounted && exec sleep 3600",
+            mount_point.path().display()
+        );
+        let mut holder = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("disk-full tests need util-linux `unshare`");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.trim() != "mounted" {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut holder.stderr.take().unwrap(), &mut err);
+            panic!(
+                "could not mount a test tmpfs with `unshare -rm` ({err}): disk-full tests need unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) or root"
+            );
+        }
+        let root = std::path::PathBuf::from(format!("/proc/{}/root", holder.id()))
+            .join(mount_point.path().strip_prefix("/").unwrap());
+        Self {
+            holder,
+            root,
+            _mount_point: mount_point,
+        }
+    }
+
+    /// The built binary, run inside the namespace, where the tmpfs is at [`Tmpfs::inside`]
+    /// (for programs that resolve `/proc/<pid>/root` away, as pip does).
+    pub fn bin(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--target={}", self.holder.id()))
+            .args(["--user", "--mount", "--preserve-credentials", "--"])
+            .arg(env!("CARGO_BIN_EXE_detoxfuse"));
+        c
+    }
+
+    /// The mount point as programs inside the namespace see it.
+    pub fn inside(&self) -> &std::path::Path {
+        self._mount_point.path()
+    }
+
+    /// Fills the file system with a ballast file until `free` bytes are left.
+    pub fn fill_leaving(&self, free: u64) {
+        use std::io::Write;
+        let path = self.root.join(".ballast");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let block = vec![0u8; 1 << 16];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(free)).unwrap();
+    }
+
+    /// Removes the ballast: the disk has room again.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.root.join(".ballast"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}

@@ -45,24 +45,29 @@ pub fn save_state(
         t.insert(format!("v.{name}"), opt.v[name].clone());
     }
     let file = format!("checkpoint-{step:06}.safetensors");
-    crate::atomic::write_with(&out.join(&file), |tmp| {
-        Ok(candle_core::safetensors::save(&t, tmp)?)
-    })?;
+    crate::atomic::write_safetensors(&out.join(&file), &t)?;
     Ok(file)
 }
 
 /// Atomically replaces `checkpoint.json` by `record` (the commit point of a checkpoint),
-/// then removes the previous checkpoint's tensor file.
+/// then removes the previous checkpoint's tensor file. If the record cannot be written (a
+/// full disk), the new tensor file is removed and the previous checkpoint stays the run's.
 pub fn commit_record<R: serde::Serialize>(
     out: &Path,
     record: &R,
     previous: &str,
     current: &str,
 ) -> Result<()> {
-    crate::atomic::write(
+    let written = crate::atomic::write(
         &out.join("checkpoint.json"),
         serde_json::to_string_pretty(record)?.as_bytes(),
-    )?;
+    );
+    if let Err(e) = written {
+        if previous != current {
+            let _ = std::fs::remove_file(out.join(current));
+        }
+        return Err(e);
+    }
     if !previous.is_empty() && previous != current {
         let _ = std::fs::remove_file(out.join(previous));
     }

@@ -1361,7 +1361,7 @@ pub fn save_artifact(
     let manifest_path = dir.join(CALIBRATION_MANIFEST);
     // A run that trained only a map (over a shared calibration) leaves the shared part as is.
     let cal_manifest = if !trained.is_empty() || !manifest_path.exists() {
-        crate::fuse::save_tensors(&trained, &tensors_path)?;
+        crate::atomic::write_safetensors(&tensors_path, &trained)?;
         let m = serde_json::json!({
             "kind": "detoxfuse fused calibration",
             "detoxfuse_version": env!("CARGO_PKG_VERSION"),

@@ -626,12 +626,7 @@ fn lens_weights(
         let w = super::lens::fit(&x, &y, n, d, cfg.lens_ridge)?;
         relative_error = Some(super::lens::relative_error(&x, &y, n, d, &w)?);
         positions = n;
-        crate::atomic::write_with(&path, |tmp| {
-            Ok(candle_core::safetensors::save(
-                &HashMap::from([("lens".to_string(), w)]),
-                tmp,
-            )?)
-        })?;
+        crate::atomic::write_safetensors(&path, &HashMap::from([("lens".to_string(), w)]))?;
     }
     let w = super::lens::read(&path)?;
     progress(Event::Lens {

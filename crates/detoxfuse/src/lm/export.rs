@@ -169,7 +169,7 @@ pub fn write_hf_dir(model: &HfLlama, out_dir: &Path, extra: &[(&str, String)]) -
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors"))?;
+    crate::atomic::save_safetensors(&tensors, &tmp.path().join("model.safetensors"))?;
     let tmp = tmp.keep();
     crate::atomic::move_into_place(&tmp, out_dir)
 }
