@@ -53,20 +53,7 @@ pub fn run(cache: &Path, a: AlignArgs) -> Result<()> {
     let m = with_printer(0, false, "align", |p| {
         calibration::learn_alignment(&cal_dir, &target_path, &cfg, a.texts, &corpus, &out, p)
     })?;
-    println!(
-        "{:?} alignment {} -> {}: {} training / {} held-out pairs, K = {}, {} epochs; final loss {:.4}; held-out retrieval accuracy@1 {:.4} (random init {:.4}) -> {}",
-        cfg.variant,
-        m.calibration.width,
-        m.target.width,
-        m.train_pairs,
-        m.held_out_pairs,
-        cfg.negatives,
-        cfg.epochs,
-        m.final_loss,
-        m.retrieval_at_1,
-        m.retrieval_at_1_init,
-        out.display()
-    );
+    println!("{m} -> {}", out.display());
     Ok(())
 }
 

@@ -1,14 +1,11 @@
 //! `detoxfuse bench`: speed of the engine, and of llama.cpp on the same file when installed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use detoxfuse::align::Variant;
-use detoxfuse::bench::{
-    measure, synthetic_prompt, threads as candle_threads, EngineSpeed, FusedSpeed,
-};
-use detoxfuse::generate::PlainDecoder;
+use detoxfuse::bench::{threads as candle_threads, EngineSpeed, FusedSpeed};
+use detoxfuse::calibrate::bench::TrainComparison;
 
 #[derive(clap::Subcommand)]
 pub enum BenchWhat {
@@ -95,11 +92,7 @@ pub struct TrainBenchArgs {
 }
 
 pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
-    use detoxfuse::calibrate::{bench, model::Trainable, train::Base};
     let path = crate::resolve(cache, &a.base)?;
-    let base = Base::load(&path, a.layers)?;
-    let model = base.init(a.layers, Trainable::default())?;
-    drop(base);
     println!(
         "calibration training, {} layers of {}, batch {} x {} tokens, frozen embeddings/head, threads {}",
         a.layers,
@@ -108,51 +101,10 @@ pub fn train(cache: &Path, a: TrainBenchArgs) -> Result<()> {
         a.len,
         candle_threads()
     );
-    let ours = bench::measure(&model, a.rows, a.len, a.steps)?;
+    let shape = (a.rows, a.len, a.steps);
     println!(
-        "detoxfuse  {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB",
-        ours.tokens_per_s, ours.step_seconds, ours.peak_rss_mib
-    );
-    let py = a.torch_python.clone().or_else(|| {
-        let venv = PathBuf::from(".venv-torch/bin/python");
-        if venv.exists() {
-            return Some(venv);
-        }
-        let ok = Command::new("python3")
-            .args(["-c", "import torch, transformers"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        ok.then(|| PathBuf::from("python3"))
-    });
-    let Some(py) = py else {
-        println!("pytorch    not measured: no Python with torch + transformers (see scripts/bench_train_torch.py)");
-        return Ok(());
-    };
-    let v = match detoxfuse::bench::torch_train_speed(
-        &py,
-        a.rows,
-        a.len,
-        a.layers,
-        a.steps,
-        candle_threads(),
-    ) {
-        Ok(v) => v,
-        Err(e) => {
-            println!("pytorch    {e}");
-            return Ok(());
-        }
-    };
-    let theirs = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "pytorch    {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB  (torch {})",
-        theirs,
-        v["step_seconds"].as_f64().unwrap_or(f64::NAN),
-        v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-        v["torch"].as_str().unwrap_or("?")
-    );
-    println!(
-        "ratio      {:.2}x PyTorch (tokens/s)",
-        ours.tokens_per_s / theirs
+        "{}",
+        TrainComparison::measure(&path, a.layers, shape, a.torch_python)?
     );
     Ok(())
 }
@@ -205,40 +157,14 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
     let mut all = Vec::new();
     for name in &a.models {
         let path = crate::resolve(cache, name)?;
-        let model = detoxfuse::lm::load(&path)?;
-        let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
-        let prompt = synthetic_prompt(
-            a.prompt_tokens,
-            tok.vocab_size(),
-            tok.bos.filter(|_| tok.add_bos),
-        );
-        let mut dec = PlainDecoder::new(model.as_ref());
-        let s = measure(&mut dec, &prompt, a.decode_tokens, a.batch, a.runs)?;
-        let reference = match &py {
-            Some(py) => match detoxfuse::bench::llama_cpp_speed(
-                py,
-                &path,
-                threads,
-                a.decode_tokens,
-                a.runs,
-                &prompt,
-            ) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    eprintln!("llama.cpp comparison skipped for {name}: {e:#}");
-                    None
-                }
-            },
-            None => None,
-        };
-        let row = EngineSpeed {
-            model: name.clone(),
-            speed: s,
-            llama_cpp: reference,
-        };
+        let shape = (a.prompt_tokens, a.decode_tokens, a.batch, a.runs);
+        let (row, failed) = EngineSpeed::measure(name, &path, shape, py.as_deref())?;
+        if let Some(e) = failed {
+            eprintln!("llama.cpp comparison skipped for {name}: {e}");
+        }
         println!("{row}");
         all.push(serde_json::json!({"model": name, "path": path, "threads": threads, "speed": row.speed,
-            "llama_cpp": reference.map(|r| serde_json::json!({"prompt_tps": r.0, "decode_tps": r.1}))}));
+            "llama_cpp": row.llama_cpp.map(|r| serde_json::json!({"prompt_tps": r.0, "decode_tps": r.1}))}));
     }
     if py.is_none() {
         println!("llama.cpp not measured: run scripts/setup_reference_env.sh (builds llama-cpp-python, ~11 min) or pass --llama-cpp-python");

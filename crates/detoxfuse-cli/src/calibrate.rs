@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use detoxfuse::calibrate::corpus::CorpusOptions;
 use detoxfuse::calibrate::fused::FusedEvent;
-use detoxfuse::calibrate::model::Trainable;
-use detoxfuse::calibrate::optim::AdamWConfig;
+use detoxfuse::calibrate::options::TrainOptions;
 use detoxfuse::calibrate::selfgen::SelfGenConfig;
-use detoxfuse::calibrate::train::{Event, HeadInit, TrainConfig};
+use detoxfuse::calibrate::train::Event;
 use detoxfuse::calibrate::{prepare, probe};
 use detoxfuse::hub::Hub;
-use detoxfuse::recipes::{self, Observer, PaperJob, Recipe};
+use detoxfuse::recipes::{self, FusedJob, Observer, PaperJob, Recipe};
 use indicatif::ProgressBar;
 
 use crate::Bar;
@@ -67,31 +66,6 @@ pub struct SelfgenArgs {
     cfg: SelfGenConfig,
 }
 
-/// Builds (or resumes) the self-generated data in `out` and returns the samples file.
-pub fn build_selfgen(
-    target: &Path,
-    out: &Path,
-    data: &Path,
-    cfg: &SelfGenConfig,
-) -> Result<PathBuf> {
-    let pb = crate::progress_bar(0, "sampling", Some("prompts"));
-    let s = prepare::build_selfgen(target, out, data, cfg, &mut |d, n| {
-        pb.set_length(n as u64);
-        pb.set_position(d as u64)
-    })?;
-    pb.finish_and_clear();
-    println!(
-        "{} prompts, {} continuations ({} at toxicity >= {}) -> {} in {:.0} s",
-        s.records,
-        s.samples,
-        s.toxic_samples,
-        cfg.toxic_threshold,
-        s.samples_path.display(),
-        s.seconds
-    );
-    Ok(s.samples_path)
-}
-
 #[derive(clap::Args)]
 pub struct CorpusUnlikelyArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/unlikely.jsonl.
@@ -107,13 +81,6 @@ pub struct CorpusUnlikelyArgs {
     neutral: bool,
 }
 
-/// Writes the unlikelihood corpus (`kind` "hate", or "neutral" for contrast data).
-pub fn build_unlikely_corpus(out: &Path, data: &Path, kind: &str) -> Result<()> {
-    let n = prepare::build_unlikely_corpus(out, data, kind)?;
-    println!("{n} {kind} list pairs -> {}", out.display());
-    Ok(())
-}
-
 #[derive(clap::Args)]
 pub struct CorpusToxicArgs {
     /// Output JSONL (manifest beside it). Default: <cache>/corpus/toxic.jsonl.
@@ -125,13 +92,6 @@ pub struct CorpusToxicArgs {
     /// cut, mirrored).
     #[arg(long, default_value_t = CorpusOptions::default().threshold)]
     threshold: f64,
-}
-
-/// Writes the anti-expert corpus and its manifest.
-pub fn build_toxic_corpus(hub: &Hub, out: &Path, data: &Path, threshold: f64) -> Result<()> {
-    let n = prepare::build_toxic_corpus(hub, out, data, threshold, &mut Bar::counting())?;
-    println!("{n} toxic records -> {}", out.display());
-    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -156,14 +116,22 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
         CorpusCmd::Toxic(t) => {
             let out = t.out.unwrap_or_else(|| hub.toxic_corpus());
             let data = t.data.dir(cache)?;
-            return build_toxic_corpus(&hub, &out, &data, t.threshold);
+            let n =
+                prepare::build_toxic_corpus(&hub, &out, &data, t.threshold, &mut Bar::counting())?;
+            println!("{n} toxic records -> {}", out.display());
+            return Ok(());
         }
         CorpusCmd::Selfgen(g) => {
             let target = crate::resolve(cache, &g.target)?;
             let out = g.out.unwrap_or_else(|| hub.selfgen_dir(&target));
-            let cfg = g.cfg;
-            let data = g.data.dir(cache)?;
-            build_selfgen(&target, &out, &data, &cfg)?;
+            let pb = crate::progress_bar(0, "sampling", Some("prompts"));
+            let s =
+                prepare::build_selfgen(&target, &out, &g.data.dir(cache)?, &g.cfg, &mut |d, n| {
+                    pb.set_length(n as u64);
+                    pb.set_position(d as u64)
+                })?;
+            pb.finish_and_clear();
+            println!("{s}");
             return Ok(());
         }
         CorpusCmd::Unlikely(u) => {
@@ -173,7 +141,9 @@ pub fn corpus(cache: &Path, cmd: CorpusCmd) -> Result<()> {
                 ("hate", hub.unlikely_corpus())
             };
             let out = u.out.unwrap_or(default_out);
-            return build_unlikely_corpus(&out, &u.data.dir(cache)?, kind);
+            let n = prepare::build_unlikely_corpus(&out, &u.data.dir(cache)?, kind)?;
+            println!("{n} {kind} list pairs -> {}", out.display());
+            return Ok(());
         }
     };
     let out = a.out.clone().unwrap_or_else(|| hub.corpus());
@@ -191,155 +161,52 @@ pub struct CalibrateArgs {
     /// Base model whose embeddings and first layers start the calibration model: a llama
     /// GGUF, a Hugging Face Llama directory, or a fetched name.
     #[arg(long, default_value = "smollm2")]
-    pub(crate) base: String,
+    base: String,
     /// Corpus JSONL (default: <cache>/corpus/corpus.jsonl, made by `detoxfuse corpus build`).
     #[arg(long)]
-    pub(crate) corpus: Option<PathBuf>,
+    corpus: Option<PathBuf>,
     /// Output directory: log.jsonl, checkpoints, and model/ at the end.
     /// Default: <cache>/calibration/smollm2-L3-lens-ul.
     #[arg(long, short)]
-    pub(crate) out: Option<PathBuf>,
+    out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
-    pub(crate) resume: bool,
+    resume: bool,
     /// Resume when --out holds a checkpoint, start otherwise.
     #[arg(long, conflicts_with = "resume")]
-    pub(crate) resume_if_present: bool,
-    #[arg(long, default_value_t = TrainConfig::default().layers)]
-    pub(crate) layers: usize,
-    /// Optimizer steps (default: 300 for the paper recipe, 200 for fused).
-    #[arg(long)]
-    pub(crate) steps: Option<usize>,
-    /// Most token slots (rows × longest row) per batch.
-    #[arg(long, default_value_t = TrainConfig::default().batch_tokens)]
-    pub(crate) batch_tokens: usize,
-    #[arg(long, default_value_t = TrainConfig::default().max_len)]
-    pub(crate) max_len: usize,
-    /// Peak learning rate (default: 5e-4 paper, 1e-3 fused).
-    #[arg(long)]
-    pub(crate) lr: Option<f64>,
-    /// Warmup steps (default: 20 paper, 10 fused).
-    #[arg(long)]
-    pub(crate) warmup: Option<usize>,
-    /// AdamW weight decay (default: 0.01 paper, 0 fused).
-    #[arg(long)]
-    pub(crate) weight_decay: Option<f64>,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = AdamWConfig::default().clip)]
-    pub(crate) clip: f64,
-    /// Validate every N steps (default: 40 paper, 50 fused).
-    #[arg(long)]
-    pub(crate) eval_every: Option<usize>,
-    #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
-    pub(crate) checkpoint_every: usize,
-    #[arg(long, default_value_t = TrainConfig::default().val_max_examples)]
-    pub(crate) val_examples: usize,
-    #[arg(long, default_value_t = 0)]
-    pub(crate) seed: u64,
-    /// Train the token embeddings (and a tied LM head) too.
-    #[arg(long)]
-    pub(crate) train_embeddings: bool,
-    /// Train an untied LM head too.
-    #[arg(long)]
-    pub(crate) train_head: bool,
-    /// How the LM head starts.
-    #[arg(long, value_enum, default_value = "lens")]
-    pub(crate) head_init: HeadInit,
-    /// Corpus texts whose hidden states fit the lens.
-    #[arg(long, default_value_t = 200)]
-    pub(crate) lens_texts: usize,
-    /// Ridge strength of the lens fit (relative to the mean eigenvalue of XᵀX).
-    #[arg(long, default_value_t = 1e-3)]
-    pub(crate) lens_ridge: f64,
-    /// Weight of an unlikelihood term (0 = none): each step also takes a batch of toxic
-    /// continuations (ToxiGen hate lists of the groups not held back) and lowers their
-    /// probability, `loss = CE(clean) + w × UL(toxic)`.
-    #[arg(long, default_value_t = recipes::PAPER_UNLIKELIHOOD)]
-    pub(crate) unlikelihood: f64,
-    /// The unlikelihood pairs (default: <cache>/corpus/unlikely.jsonl, written by
-    /// `detoxfuse corpus unlikely` when missing).
-    #[arg(long)]
-    pub(crate) unlikely_corpus: Option<PathBuf>,
-    /// Most token slots of each step's unlikelihood batch.
-    #[arg(long, default_value_t = TrainConfig::default().unlikely_batch_tokens)]
-    pub(crate) unlikely_batch_tokens: usize,
+    resume_if_present: bool,
     /// No progress bar; print one line per step instead.
     #[arg(long)]
-    pub(crate) quiet: bool,
+    quiet: bool,
     /// `fused`: train LoRA adapters on the calibration layers, the map A and
     /// the LayerNorm's affine parameters through the target's frozen LM head, on the fused
     /// distribution (keep the target on its own clean continuations, unlikelihood on toxic
     /// tokens). `paper`: the paper's recipe (the calibration model as a language model on
     /// the clean corpus; A learned afterwards by `detoxfuse align`).
     #[arg(long, value_enum, default_value = "paper")]
-    pub(crate) recipe: RecipeArg,
+    recipe: RecipeArg,
+    /// fused: the target whose frozen head the map is trained through.
+    #[arg(long, default_value = "smollm2")]
+    target: String,
+    /// fused: the self-generated data (default: <cache>/corpus/selfgen-<target>/samples.jsonl,
+    /// written by `detoxfuse corpus selfgen` when missing).
+    #[arg(long)]
+    samples: Option<PathBuf>,
     #[command(flatten)]
-    pub(crate) fused: crate::fused::FusedArgs,
+    data: DataArg,
+    /// fused: train only --target's map (A, LayerNorm affine) through its head, over the
+    /// calibration layers of this artifact directory (kept frozen), and add the map there:
+    /// one calibration model, a map per target. "fused" = the default artifact.
+    #[arg(long)]
+    shared: Option<String>,
+    #[command(flatten)]
+    train: TrainOptions,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RecipeArg {
+enum RecipeArg {
     Fused,
     Paper,
-}
-
-impl CalibrateArgs {
-    /// Whether a run in `dir` resumes: `--resume`, or `--resume-if-present` with a checkpoint.
-    pub(crate) fn resumes(&self, dir: &Path) -> bool {
-        self.resume || (self.resume_if_present && dir.join("checkpoint.json").exists())
-    }
-
-    fn config(&self, cache: &Path) -> TrainConfig {
-        // Without the term its options stay at their defaults, so runs recorded before the
-        // option existed still resume.
-        let (unlikely_corpus, unlikely_batch_tokens) = if self.unlikelihood == 0.0 {
-            (None, TrainConfig::default().unlikely_batch_tokens)
-        } else {
-            (
-                Some(
-                    self.unlikely_corpus
-                        .clone()
-                        .unwrap_or_else(|| Hub::new(cache).unlikely_corpus()),
-                ),
-                self.unlikely_batch_tokens,
-            )
-        };
-        let (head_init, lens_texts, lens_ridge) = match self.head_init {
-            HeadInit::Lens => (HeadInit::Lens, self.lens_texts, self.lens_ridge),
-            HeadInit::Tied => (HeadInit::Tied, 0, 0.0),
-        };
-        TrainConfig {
-            head_init,
-            lens_texts,
-            lens_ridge,
-            unlikelihood: self.unlikelihood,
-            unlikely_corpus,
-            unlikely_batch_tokens,
-            layers: self.layers,
-            trainable: Trainable {
-                embeddings: self.train_embeddings,
-                head: self.train_head,
-            },
-            optim: AdamWConfig {
-                lr: self.lr.unwrap_or(AdamWConfig::default().lr),
-                warmup: self.warmup.unwrap_or(AdamWConfig::default().warmup),
-                weight_decay: self
-                    .weight_decay
-                    .unwrap_or(AdamWConfig::default().weight_decay),
-                clip: self.clip,
-                total_steps: self.steps.unwrap_or(recipes::PAPER_STEPS),
-                ..AdamWConfig::default()
-            },
-            steps: self.steps.unwrap_or(recipes::PAPER_STEPS),
-            batch_tokens: self.batch_tokens,
-            max_len: self.max_len,
-            eval_every: self.eval_every.unwrap_or(TrainConfig::default().eval_every),
-            checkpoint_every: self.checkpoint_every,
-            val_max_examples: self.val_examples,
-            seed: self.seed,
-            ..TrainConfig::default()
-        }
-    }
 }
 
 /// The training progress bar (hidden with `--quiet`, whose callers print lines instead).
@@ -360,6 +227,8 @@ pub struct TrainPrinter {
     quiet: bool,
     data: Option<Bar>,
     val: f64,
+    /// An evaluation phase's bar (`detoxfuse eval`).
+    pub(crate) phase: Option<ProgressBar>,
 }
 
 impl TrainPrinter {
@@ -369,6 +238,7 @@ impl TrainPrinter {
             quiet,
             data: None,
             val: f64::NAN,
+            phase: None,
         }
     }
 
@@ -390,6 +260,9 @@ impl TrainPrinter {
     }
 
     pub fn finish(self) {
+        if let Some(pb) = &self.phase {
+            pb.finish_and_clear();
+        }
         self.pb.finish_and_clear();
     }
 }
@@ -472,37 +345,51 @@ impl Observer for TrainPrinter {
 }
 
 pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
-    if a.recipe == RecipeArg::Fused {
-        return crate::fused::calibrate_fused(cache, &a);
-    }
     let hub = Hub::new(cache);
-    let cfg = a.config(cache);
+    let base = crate::resolve(cache, &a.base)?;
+    let base = &base.to_string_lossy();
+    let resumes =
+        |dir: &Path| a.resume || (a.resume_if_present && dir.join("checkpoint.json").exists());
+    if a.recipe == RecipeArg::Fused {
+        let cfg = a.train.fused();
+        let target = crate::resolve(cache, &a.target)?;
+        let shared = a.shared.as_ref().map(|s| match s.as_str() {
+            "fused" => Recipe::Fused.result_dir(&hub),
+            dir => PathBuf::from(dir),
+        });
+        let run_dir = a
+            .out
+            .clone()
+            .unwrap_or_else(|| recipes::fused_run_dir(&hub, &target, shared.is_some()));
+        let job = FusedJob {
+            base,
+            target: &target.to_string_lossy(),
+            samples: a.samples.as_deref(),
+            shared: shared.as_deref(),
+            out: Some(&run_dir),
+            data: Some(&a.data.dir(cache)?),
+            cfg: &cfg,
+            resume: resumes(&run_dir),
+        };
+        let summary = with_printer(cfg.steps, a.quiet, "calibrate (fused)", |p| {
+            recipes::train_fused(&hub, &job, p)
+        })?;
+        println!("{summary}");
+        return Ok(());
+    }
+    let cfg = a.train.paper(&hub);
     let out = a.out.clone().unwrap_or_else(|| Recipe::Paper.run_dir(&hub));
-    let base_path = crate::resolve(cache, &a.base)?;
-    let resume = a.resumes(&out);
     let job = PaperJob {
-        base: &base_path.to_string_lossy(),
+        base,
         corpus: a.corpus.as_deref(),
         out: &out,
         cfg: &cfg,
-        resume,
+        resume: resumes(&out),
     };
     let summary = with_printer(cfg.steps, a.quiet, "calibrate", |p| {
         recipes::train_paper(&hub, &job, p)
     })?;
-    println!(
-        "{} steps, {} tokens ({} of them in this run's {:.0} s, {:.0} tok/s); validation loss {} -> {:.4}; model: {}",
-        summary.steps,
-        summary.tokens,
-        summary.run_tokens,
-        summary.seconds,
-        summary.run_tokens as f64 / summary.seconds.max(1e-9),
-        summary
-            .initial_val_loss
-            .map_or("?".into(), |l| format!("{l:.4}")),
-        summary.final_val_loss,
-        summary.model_dir.display()
-    );
+    println!("{summary}");
     Ok(())
 }
 
@@ -560,7 +447,7 @@ mod tests {
         let cache = Path::new("/c");
         let hub = Hub::new(cache);
         assert_eq!(
-            parse(&["calibrate"]).config(cache),
+            parse(&["calibrate"]).train.paper(&hub),
             recipes::paper_config(&hub)
         );
         assert_eq!(
@@ -573,11 +460,12 @@ mod tests {
                 "--steps",
                 "360"
             ])
-            .config(cache),
+            .train
+            .paper(&hub),
             recipes::anti_expert_config()
         );
         assert_eq!(
-            crate::fused::config(&parse(&["calibrate", "--recipe", "fused"])),
+            parse(&["calibrate", "--recipe", "fused"]).train.fused(),
             detoxfuse::calibrate::fused::FusedConfig::default()
         );
     }

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use detoxfuse::align::Variant;
 use detoxfuse::batch::{self, BatchObserver, BatchOptions, PromptJob};
-use detoxfuse::generate::{Decoder, GenerationConfig, PlainDecoder};
-use detoxfuse::sample::SamplingParams;
+use detoxfuse::generate::{Decoder, GenerationOptions, PlainDecoder};
 use detoxfuse::text::Tokenizer;
 use indicatif::ProgressBar;
 
@@ -30,24 +29,8 @@ pub struct GenerateArgs {
     /// Wrap each prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    /// Continuations per prompt (decoded together as one batch).
-    #[arg(long, short = 'n', default_value_t = 1)]
-    samples: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when this string is generated (repeatable); it is not included in the text.
-    #[arg(long)]
-    stop: Vec<String>,
+    #[command(flatten)]
+    gen: GenerationOptions,
     /// Exact f32 weights instead of the fast quantized kernels (slower; for checks).
     #[arg(long)]
     f32: bool,
@@ -116,19 +99,7 @@ pub fn run(cache: &Path, a: GenerateArgs) -> Result<()> {
         )?),
         None => None,
     };
-    let cfg = GenerationConfig {
-        max_tokens: a.max_tokens,
-        n: a.samples,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        stop: a.stop.clone(),
-        stop_tokens: vec![],
-    };
-    cfg.sampling.validate()?;
+    let cfg = a.gen.config()?;
 
     let done = match (&a.output, a.resume) {
         (Some(out), true) if out.exists() => batch::completed_lines(out)?,

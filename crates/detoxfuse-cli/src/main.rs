@@ -4,7 +4,6 @@ mod align;
 mod bench;
 mod calibrate;
 mod eval;
-mod fused;
 mod generate;
 mod serve;
 
@@ -62,7 +61,7 @@ enum Cmd {
     /// Evaluate detoxification the field's way: k samples per prompt for the untouched target,
     /// the fused model at several alphas, a word filter and a DExperts-style ensemble; toxicity,
     /// perplexity under another LM, diversity; JSON/Markdown/SVG report. Resumable.
-    Eval(eval::EvalArgs),
+    Eval(detoxfuse::eval::options::EvalOptions),
     /// Serve an OpenAI-compatible HTTP API (completions and chat, streaming) with a per-request
     /// `alpha`.
     Serve(serve::ServeArgs),
@@ -188,34 +187,9 @@ impl Drop for Bar {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", message(&e));
-        let disk_full = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
-        });
-        if disk_full {
-            eprintln!(
-                "the disk is full: free some space and run the same command again; what was finished is kept and the work continues from there"
-            );
-        }
+        eprintln!("error: {}", detoxfuse::error::describe(e.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// An error and its causes, each cause once (the library's I/O errors already end with
-/// their cause, which `{:#}` would print a second time).
-fn message(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.ends_with(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -241,19 +215,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({"ids": ids, "pieces": pieces}));
         }
         Cmd::Info(a) => {
-            let path = a.model.resolve(&cli.cache)?;
-            let model = detoxfuse::lm::load(&path)?;
-            let tok = detoxfuse::text::Tokenizer::for_model(&path)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "path": path,
-                    "model": model.info(),
-                    "tokenizer": {"kind": tok.kind(), "vocab_size": tok.vocab_size(),
-                                  "bos": tok.bos, "eos": tok.eos, "add_bos": tok.add_bos,
-                                  "chat_template": tok.chat_template().map(|t| format!("{t:?}"))},
-                }))?
-            );
+            let info = detoxfuse::hub::describe_model(&a.model.resolve(&cli.cache)?)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
         }
         Cmd::Bench(a) => bench::run(&cli.cache, a)?,
         Cmd::Score(a) => score(a)?,

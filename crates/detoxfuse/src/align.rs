@@ -108,6 +108,26 @@ pub struct AlignManifest {
     pub retrieval_at_1_init: f64,
 }
 
+/// What `detoxfuse align` reports of a learned map.
+impl std::fmt::Display for AlignManifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} alignment {} -> {}: {} training / {} held-out pairs, K = {}, {} epochs; final loss {:.4}; held-out retrieval accuracy@1 {:.4} (random init {:.4})",
+            self.config.variant,
+            self.calibration.width,
+            self.target.width,
+            self.train_pairs,
+            self.held_out_pairs,
+            self.config.negatives,
+            self.config.epochs,
+            self.final_loss,
+            self.retrieval_at_1,
+            self.retrieval_at_1_init,
+        )
+    }
+}
+
 /// A learned alignment.
 pub struct Alignment {
     /// `(d_cal, d_target)`.

@@ -113,6 +113,39 @@ pub struct EngineSpeed {
 
 impl EngineSpeed {
     pub const HEADER: &'static str = "model        prompt t/s   decode t/s    batched t/s   batch÷1 | llama.cpp pp llama.cpp tg pp ratio tg ratio";
+
+    /// Measures the model at `path` (`name` in the row) on a synthetic prompt, and llama.cpp
+    /// on the same file and prompt when `llama_cpp_python` is given; returns the row and, if
+    /// llama.cpp was asked for and failed, why.
+    pub fn measure(
+        name: &str,
+        path: &std::path::Path,
+        (prompt_tokens, decode_tokens, batch, runs): (usize, usize, usize, usize),
+        llama_cpp_python: Option<&std::path::Path>,
+    ) -> Result<(Self, Option<crate::Error>)> {
+        let model = crate::lm::load(path)?;
+        let tok = crate::text::Tokenizer::for_model(path)?;
+        let prompt = synthetic_prompt(
+            prompt_tokens,
+            tok.vocab_size(),
+            tok.bos.filter(|_| tok.add_bos),
+        );
+        let mut dec = crate::generate::PlainDecoder::new(model.as_ref());
+        let speed = measure(&mut dec, &prompt, decode_tokens, batch, runs)?;
+        let (llama_cpp, failed) = match llama_cpp_python {
+            None => (None, None),
+            Some(py) => match llama_cpp_speed(py, path, threads(), decode_tokens, runs, &prompt) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            },
+        };
+        let row = Self {
+            model: name.to_string(),
+            speed,
+            llama_cpp,
+        };
+        Ok((row, failed))
+    }
 }
 
 /// The row under [`EngineSpeed::HEADER`] (NaN where llama.cpp did not run).

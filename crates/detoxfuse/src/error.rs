@@ -74,3 +74,29 @@ impl<T> IoContext<T> for std::io::Result<T> {
         })
     }
 }
+
+/// An error and its causes as one line, each cause once (the library's I/O errors already end
+/// with their cause, which walking the chain would print a second time), followed, for a full
+/// disk, by what to do about it.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut disk_full = false;
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        disk_full |= c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull);
+        cause = c.source();
+    }
+    if disk_full {
+        out.push_str("\nthe disk is full: free some space and run the same command again; what was finished is kept and the work continues from there");
+    }
+    out
+}

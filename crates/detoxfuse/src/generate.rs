@@ -86,6 +86,51 @@ pub struct GenerationConfig {
     pub stop_tokens: Vec<TokenId>,
 }
 
+/// What to generate as a user gives it (`detoxfuse generate`'s flags under the `clap`
+/// feature); [`GenerationOptions::config`] checks it.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct GenerationOptions {
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 64))]
+    pub max_tokens: usize,
+    /// Continuations per prompt (decoded together as one batch).
+    #[cfg_attr(feature = "clap", arg(long, short = 'n', default_value_t = 1))]
+    pub samples: usize,
+    /// 0 = greedy.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    pub temperature: f32,
+    /// 0 = off.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    pub top_k: usize,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    pub top_p: f32,
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    pub seed: u64,
+    /// Stop when this string is generated (repeatable); it is not included in the text.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub stop: Vec<String>,
+}
+
+impl GenerationOptions {
+    /// The generation these options ask for, or why the sampling parameters are invalid.
+    pub fn config(&self) -> Result<GenerationConfig> {
+        let cfg = GenerationConfig {
+            max_tokens: self.max_tokens,
+            n: self.samples,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            stop_tokens: vec![],
+        };
+        cfg.sampling.validate()?;
+        Ok(cfg)
+    }
+}
+
 impl Default for GenerationConfig {
     fn default() -> Self {
         Self {

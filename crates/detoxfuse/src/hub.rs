@@ -219,6 +219,20 @@ pub fn install_data(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// What `detoxfuse info` shows of a model file or directory: its architecture and sizes and
+/// its tokenizer (kind, vocabulary, special tokens, chat template).
+pub fn describe_model(path: &Path) -> Result<serde_json::Value> {
+    let model = crate::lm::load(path)?;
+    let tok = crate::text::Tokenizer::for_model(path)?;
+    Ok(serde_json::json!({
+        "path": path,
+        "model": model.info(),
+        "tokenizer": {"kind": tok.kind(), "vocab_size": tok.vocab_size(),
+                      "bos": tok.bos, "eos": tok.eos, "add_bos": tok.add_bos,
+                      "chat_template": tok.chat_template().map(|t| format!("{t:?}"))},
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,22 +44,37 @@ impl EventSink for std::sync::mpsc::Sender<JobEvent> {
     }
 }
 
-/// The engine's limits.
+/// The engine's limits (`detoxfuse serve`'s flags under the `clap` feature).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Limits {
-    /// Jobs waiting beyond the one running.
+    /// Requests waiting for the model beyond the one running; more get 429 at once.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().queue))]
     pub queue: usize,
-    /// Time a request may take, queueing included.
+    /// Seconds a request may take, queueing included (504 beyond; the job is cancelled).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds))]
     pub timeout: Duration,
-    /// Most samples per request.
+    /// Most samples per request (`n`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_n))]
     pub max_n: usize,
-    /// α of a request that does not choose one (0 without a calibration).
+    /// Fusion strength used when a request does not send `alpha` (0 without a calibration).
+    #[cfg_attr(feature = "clap", arg(long = "alpha", default_value_t = Limits::default().default_alpha))]
     pub default_alpha: f64,
-    /// Most tokens one request may ask to generate, `n × max_tokens`.
+    /// Most tokens one request may generate, n × max_tokens (400 beyond).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_request_tokens))]
     pub max_request_tokens: usize,
-    /// Most tokens the queued and running requests may hold together, each counted as
-    /// `n × (prompt + max_tokens)` (their KV caches); more are refused as busy.
+    /// Most tokens (n × (prompt + max_tokens)) queued and running requests may hold
+    /// together (their KV caches); more get 429 at once.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_queued_tokens))]
     pub max_queued_tokens: usize,
+}
+
+/// A duration given in whole seconds.
+#[cfg(feature = "clap")]
+fn seconds(s: &str) -> std::result::Result<Duration, String> {
+    s.parse()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))
 }
 
 impl Default for Limits {

@@ -54,32 +54,15 @@ pub struct ServeArgs {
     alignment: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value_t = Variant::Hidden)]
     align_variant: Variant,
-    /// Fusion strength used when a request does not send `alpha`.
-    #[arg(long, default_value_t = 0.2)]
-    alpha: f64,
-    /// Requests waiting for the model beyond the one running; more get 429 at once.
-    #[arg(long, default_value_t = 16)]
-    queue: usize,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
-    /// Seconds a request may take, queueing included (504 beyond; the job is cancelled).
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
     /// Seconds a client may take to send a request's headers, and again its body; the
     /// connection is closed beyond (slow or idle clients cannot hold the server).
     #[arg(long, default_value_t = 10)]
     read_timeout: u64,
-    /// Most samples per request (`n`).
-    #[arg(long, default_value_t = Limits::default().max_n)]
-    max_n: usize,
-    /// Most tokens one request may generate, n × max_tokens (400 beyond).
-    #[arg(long, default_value_t = Limits::default().max_request_tokens)]
-    max_request_tokens: usize,
-    /// Most tokens (n × (prompt + max_tokens)) queued and running requests may hold
-    /// together; more get 429 at once.
-    #[arg(long, default_value_t = Limits::default().max_queued_tokens)]
-    max_queued_tokens: usize,
+    #[command(flatten)]
+    limits: Limits,
     /// Name the model is served under (default: the --model argument).
     #[arg(long)]
     served_name: Option<String>,
@@ -137,23 +120,11 @@ pub fn serve_until(
             a.alignment.as_deref(),
             &path,
             target.as_ref(),
-            a.alpha,
+            a.limits.default_alpha,
             a.align_variant,
         )?),
     };
-    let (engine, worker) = Engine::start(
-        target,
-        tok,
-        fusion,
-        Limits {
-            queue: a.queue,
-            timeout: Duration::from_secs(a.timeout),
-            max_n: a.max_n,
-            default_alpha: a.alpha,
-            max_request_tokens: a.max_request_tokens,
-            max_queued_tokens: a.max_queued_tokens,
-        },
-    )?;
+    let (engine, worker) = Engine::start(target, tok, fusion, a.limits.clone())?;
     let state = Arc::new(AppState {
         engine,
         max_body: a.max_body,

@@ -77,3 +77,79 @@ pub fn peak_rss_mib() -> f64 {
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+/// What `detoxfuse bench train` reports: our training speed and PyTorch's on the same
+/// architecture and batch, when a Python with torch and transformers is found.
+pub struct TrainComparison {
+    pub ours: TrainSpeed,
+    /// PyTorch's figures (`tokens_per_s`, `step_seconds`, `peak_rss_mib`, `torch`), or why
+    /// they are missing.
+    pub torch: std::result::Result<serde_json::Value, String>,
+}
+
+impl TrainComparison {
+    /// Measures `layers` layers of the base at `base` on a `rows × len` batch, median of
+    /// `steps` steps, then the same in PyTorch under `torch_python` (default:
+    /// `.venv-torch/bin/python` if present, else `python3` if it imports torch).
+    pub fn measure(
+        base: &std::path::Path,
+        layers: usize,
+        (rows, len, steps): (usize, usize, usize),
+        torch_python: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
+        let b = super::train::Base::load(base, layers)?;
+        let model = b.init(layers, super::model::Trainable::default())?;
+        drop(b);
+        let ours = measure(&model, rows, len, steps)?;
+        let py = torch_python.or_else(|| {
+            let venv = std::path::PathBuf::from(".venv-torch/bin/python");
+            if venv.exists() {
+                return Some(venv);
+            }
+            let ok = std::process::Command::new("python3")
+                .args(["-c", "import torch, transformers"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            ok.then(|| "python3".into())
+        });
+        let torch = match py {
+            None => Err("not measured: no Python with torch + transformers (see scripts/bench_train_torch.py)".into()),
+            Some(py) => crate::bench::torch_train_speed(
+                &py,
+                rows,
+                len,
+                layers,
+                steps,
+                crate::bench::threads(),
+            )
+            .map_err(|e| e.to_string()),
+        };
+        Ok(Self { ours, torch })
+    }
+}
+
+/// One line for ours, one for PyTorch's (or why it is missing) and their ratio.
+impl std::fmt::Display for TrainComparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.ours;
+        write!(
+            f,
+            "detoxfuse  {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB",
+            o.tokens_per_s, o.step_seconds, o.peak_rss_mib
+        )?;
+        let v = match &self.torch {
+            Err(why) => return write!(f, "\npytorch    {why}"),
+            Ok(v) => v,
+        };
+        let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        write!(
+            f,
+            "\npytorch    {:>8.1} tok/s  {:>6.2} s/step  peak RSS {:>6.0} MiB  (torch {})\nratio      {:.2}x PyTorch (tokens/s)",
+            num("tokens_per_s"),
+            num("step_seconds"),
+            num("peak_rss_mib"),
+            v["torch"].as_str().unwrap_or("?"),
+            o.tokens_per_s / num("tokens_per_s")
+        )
+    }
+}

@@ -951,6 +951,20 @@ pub struct FusedSummary {
     pub artifact: PathBuf,
 }
 
+/// The line `detoxfuse calibrate --recipe fused` ends with.
+impl std::fmt::Display for FusedSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} steps in {:.0} s; validation {}; artifact: {}",
+            self.steps,
+            self.seconds,
+            self.final_validation,
+            self.artifact.display()
+        )
+    }
+}
+
 /// A stream's order for one epoch.
 fn epoch_order(n: usize, seed: u64, stream: u64, epoch: u64) -> Vec<usize> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(

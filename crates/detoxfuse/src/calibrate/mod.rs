@@ -10,6 +10,7 @@ pub mod lens;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod options;
 pub mod prepare;
 pub mod probe;
 pub mod selfgen;

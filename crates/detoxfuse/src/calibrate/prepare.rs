@@ -186,7 +186,25 @@ pub struct SelfGenSummary {
     pub records: usize,
     pub samples: usize,
     pub toxic_samples: usize,
+    /// The toxicity at or above which a continuation counts as toxic.
+    pub toxic_threshold: f64,
     pub seconds: f64,
+}
+
+/// The line `detoxfuse corpus selfgen` ends with.
+impl std::fmt::Display for SelfGenSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} prompts, {} continuations ({} at toxicity >= {}) -> {} in {:.0} s",
+            self.records,
+            self.samples,
+            self.toxic_samples,
+            self.toxic_threshold,
+            self.samples_path.display(),
+            self.seconds
+        )
+    }
 }
 
 /// Builds (or resumes) the self-generated data in `out`: toxic-leaning and neutral prompts
@@ -252,6 +270,7 @@ pub fn build_selfgen(
         records: recs.len(),
         samples: n,
         toxic_samples: toxic,
+        toxic_threshold: cfg.toxic_threshold,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -226,6 +226,24 @@ pub struct TrainSummary {
     pub model_dir: PathBuf,
 }
 
+/// The line `detoxfuse calibrate` ends with.
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} steps, {} tokens ({} of them in this run's {:.0} s, {:.0} tok/s); validation loss {} -> {:.4}; model: {}",
+            self.steps,
+            self.tokens,
+            self.run_tokens,
+            self.seconds,
+            self.run_tokens as f64 / self.seconds.max(1e-9),
+            self.initial_val_loss.map_or("?".into(), |l| format!("{l:.4}")),
+            self.final_val_loss,
+            self.model_dir.display()
+        )
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct CheckpointRecord {
     step: usize,

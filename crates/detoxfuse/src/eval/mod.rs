@@ -5,6 +5,7 @@ pub mod baselines;
 pub mod fluency;
 pub mod harness;
 pub mod metrics;
+pub mod options;
 pub mod protocol;
 pub mod report;
 /// The scorer lives at the top ([`crate::score`]): training filters with it too.
