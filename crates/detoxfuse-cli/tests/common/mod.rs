@@ -47,25 +47,26 @@ pub fn spawn_server(cmd: &mut Command) -> (Child, u16) {
     (child, port)
 }
 
-/// A small tmpfs that only this test sees, for disk-full tests: mounted in a private mount
-/// namespace (`unshare -rm`: an unprivileged user namespace, so no root is needed) by a
-/// process that stays alive until the value is dropped; the test and the binary reach it
-/// through that process's `/proc/<pid>/root`. Writes past its size fail with ENOSPC, a real
-/// full disk.
+/// A small tmpfs for disk-full tests. Mounted in a private mount namespace (`unshare -rm`: an
+/// unprivileged user namespace, so no root is needed) by a process that stays alive until the
+/// value is dropped; the test and the binary reach it through that process's
+/// `/proc/<pid>/root`. Where user namespaces are off but the test runs as root, it is mounted
+/// directly (and unmounted when dropped). Writes past its size fail with ENOSPC, a real full
+/// disk.
 pub struct Tmpfs {
-    holder: Child,
+    /// The namespace's process; `None` for a direct mount.
+    holder: Option<Child>,
     /// The mount point as the test sees it.
     pub root: std::path::PathBuf,
-    _mount_point: tempfile::TempDir,
+    mount_point: tempfile::TempDir,
 }
 
 impl Tmpfs {
     pub fn mount(size: &str) -> Self {
         let mount_point = tempfile::tempdir().unwrap();
-        let script = format!(
-            "mount -t tmpfs -o size={size} detoxfuse-test '{}' && echo mounted && exec sleep 3600",
-            mount_point.path().display()
-        );
+        let dir = mount_point.path().display().to_string();
+        let script =
+            format!("mount -t tmpfs -o size={size} detoxfuse-test '{dir}' && echo mounted && exec sleep 3600");
         let mut holder = Command::new("unshare")
             .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
             .stdout(Stdio::piped())
@@ -76,35 +77,58 @@ impl Tmpfs {
         BufReader::new(holder.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        if line.trim() != "mounted" {
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(&mut holder.stderr.take().unwrap(), &mut err);
-            panic!(
-                "could not mount a test tmpfs with `unshare -rm` ({err}): disk-full tests need unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) or root"
-            );
+        if line.trim() == "mounted" {
+            let root = std::path::PathBuf::from(format!("/proc/{}/root", holder.id()))
+                .join(mount_point.path().strip_prefix("/").unwrap());
+            return Self {
+                holder: Some(holder),
+                root,
+                mount_point,
+            };
         }
-        let root = std::path::PathBuf::from(format!("/proc/{}/root", holder.id()))
-            .join(mount_point.path().strip_prefix("/").unwrap());
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut holder.stderr.take().unwrap(), &mut err);
+        let _ = holder.wait();
+        let direct = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "detoxfuse-test",
+                &dir,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            direct.status.success(),
+            "could not mount a test tmpfs: `unshare -rm` said {:?} and `mount` said {:?}; disk-full tests need unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) or root",
+            err.trim(),
+            String::from_utf8_lossy(&direct.stderr).trim()
+        );
         Self {
-            holder,
-            root,
-            _mount_point: mount_point,
+            holder: None,
+            root: mount_point.path().to_path_buf(),
+            mount_point,
         }
     }
 
-    /// The built binary, run inside the namespace, where the tmpfs is at [`Tmpfs::inside`]
-    /// (for programs that resolve `/proc/<pid>/root` away, as pip does).
+    /// The built binary, run where the tmpfs is at [`Tmpfs::inside`] (inside the namespace,
+    /// for programs that resolve `/proc/<pid>/root` away, as pip does).
     pub fn bin(&self) -> Command {
+        let Some(holder) = &self.holder else {
+            return bin();
+        };
         let mut c = Command::new("nsenter");
-        c.arg(format!("--target={}", self.holder.id()))
+        c.arg(format!("--target={}", holder.id()))
             .args(["--user", "--mount", "--preserve-credentials", "--"])
             .arg(env!("CARGO_BIN_EXE_detoxfuse"));
         c
     }
 
-    /// The mount point as programs inside the namespace see it.
+    /// The mount point as [`Tmpfs::bin`] sees it.
     pub fn inside(&self) -> &std::path::Path {
-        self._mount_point.path()
+        self.mount_point.path()
     }
 
     /// Fills the file system with a ballast file until `free` bytes are left.
@@ -137,7 +161,14 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
+        match &mut self.holder {
+            Some(h) => {
+                let _ = h.kill();
+                let _ = h.wait();
+            }
+            None => {
+                let _ = Command::new("umount").arg(self.mount_point.path()).status();
+            }
+        }
     }
 }
