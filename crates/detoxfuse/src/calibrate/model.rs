@@ -658,22 +658,8 @@ pub fn head_cross_entropy(
 
 /// `dst (rows×vocab) = h (rows×d) · Wᵀ` for a head `W` of `vocab` rows of `d`
 /// (`Wᵀ[k][j] = W[j·d + k]`): the logits of `rows` states.
-pub(crate) fn head_logits<T: Float>(
-    dst: &mut [T],
-    h: &[T],
-    w: &[T],
-    (rows, vocab, d): (usize, usize, usize),
-) {
-    gemm_into(
-        (rows, vocab, d),
-        dst,
-        (1, vocab as isize),
-        false,
-        h,
-        (1, d as isize),
-        w,
-        (d as isize, 1),
-    )
+pub(crate) fn head_logits<T: Float>(dst: &mut [T], h: &[T], w: &[T], dims: (usize, usize, usize)) {
+    head_product(dst, h, w, dims, true)
 }
 
 /// `dst (rows×d) = g (rows×vocab) · W (vocab×d)`: the gradient with respect to the states
@@ -682,17 +668,35 @@ pub(crate) fn head_grad_states<T: Float>(
     dst: &mut [T],
     g: &[T],
     w: &[T],
-    (rows, vocab, d): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) {
+    head_product(dst, g, w, dims, false)
+}
+
+/// `dst = x · Wᵀ` (`transposed`: states to logits) or `dst = x · W` (logit gradients to
+/// state gradients) for a head `W` of `vocab` rows of `d`, `x` having `rows` rows.
+fn head_product<T: Float>(
+    dst: &mut [T],
+    x: &[T],
+    w: &[T],
+    (rows, vocab, d): (usize, usize, usize),
+    transposed: bool,
+) {
+    // (columns of dst, inner length, W's (column, row) strides as the right operand)
+    let (n, k, w_strides) = if transposed {
+        (vocab, d, (d as isize, 1))
+    } else {
+        (d, vocab, (1, d as isize))
+    };
     gemm_into(
-        (rows, d, vocab),
+        (rows, n, k),
         dst,
-        (1, d as isize),
+        (1, n as isize),
         false,
-        g,
-        (1, vocab as isize),
+        x,
+        (1, k as isize),
         w,
-        (1, d as isize),
+        w_strides,
     )
 }
 
