@@ -50,42 +50,56 @@ fn run_s(args: &[String]) -> Output {
     run(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-/// What a run's results are, without what may differ between two runs of the same work:
-/// the report (no timings, creation time or command line) and every generation and
-/// perplexity record (no timings), by file name.
-fn results(out: &Path) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        if let Some(o) = v.as_object_mut() {
-            for k in [
-                "created",
-                "command",
-                "seconds",
-                "generation_seconds",
-                "perplexity_seconds",
-            ] {
-                o.remove(k);
-            }
-            o.values_mut().for_each(strip);
-        } else if let Some(a) = v.as_array_mut() {
-            a.iter_mut().for_each(strip);
+/// The record files a run has written so far (its generations and perplexity records), as
+/// ("generations/base.jsonl", path) in name order.
+fn record_files(out: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let mut files = Vec::new();
+    for sub in ["generations", "fluency"] {
+        let Ok(dir) = std::fs::read_dir(out.join(sub)) else {
+            continue;
+        };
+        let mut paths: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        for f in paths {
+            files.push((
+                format!("{sub}/{}", f.file_name().unwrap().to_string_lossy()),
+                f,
+            ));
         }
     }
-    let mut files = serde_json::Map::new();
-    for sub in ["generations", "fluency"] {
-        let mut names: Vec<_> = std::fs::read_dir(out.join(sub))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        names.sort();
-        for f in names {
-            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            let key = format!("{sub}/{}", f.file_name().unwrap().to_string_lossy());
-            files.insert(key, lines.into());
+    files
+}
+
+/// `v` without what may differ between two runs of the same work: timings, the creation time
+/// and the command line, at any depth.
+fn strip(v: &mut serde_json::Value) {
+    if let Some(o) = v.as_object_mut() {
+        for k in [
+            "created",
+            "command",
+            "seconds",
+            "generation_seconds",
+            "perplexity_seconds",
+        ] {
+            o.remove(k);
         }
+        o.values_mut().for_each(strip);
+    } else if let Some(a) = v.as_array_mut() {
+        a.iter_mut().for_each(strip);
+    }
+}
+
+/// What a run's results are ([`strip`]ped): the report and every generation and perplexity
+/// record, by file name.
+fn results(out: &Path) -> serde_json::Value {
+    let mut files = serde_json::Map::new();
+    for (key, f) in record_files(out) {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        files.insert(key, lines.into());
     }
     let report = std::fs::read_to_string(out.join("report.json")).unwrap();
     files.insert("report.json".into(), serde_json::from_str(&report).unwrap());
@@ -97,52 +111,43 @@ fn results(out: &Path) -> serde_json::Value {
 /// How far a run has got: the lines in each of its record files (printed by the interruption
 /// tests, to show where each interruption landed).
 fn progress(out: &Path) -> String {
-    let mut parts = Vec::new();
-    for sub in ["generations", "fluency"] {
-        let Ok(dir) = std::fs::read_dir(out.join(sub)) else {
-            continue;
-        };
-        let mut files: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
-        files.sort();
-        for f in files {
+    let mut parts: Vec<String> = record_files(out)
+        .into_iter()
+        .map(|(key, f)| {
             let n = std::fs::read_to_string(&f).unwrap().lines().count();
-            parts.push(format!(
-                "{sub}/{} {n}",
-                f.file_name().unwrap().to_string_lossy()
-            ));
-        }
-    }
+            format!("{key} {n}")
+        })
+        .collect();
     if out.join("report.json").exists() {
         parts.push("report".into());
     }
     parts.join(", ")
 }
 
+/// Bytes of records a run has written so far.
+fn record_bytes(out: &Path) -> u64 {
+    record_files(out)
+        .iter()
+        .map(|(_, f)| std::fs::metadata(f).unwrap().len())
+        .sum()
+}
+
 /// The complete lines of every JSONL file the run has written so far are lines of the
 /// uninterrupted run's file of that name (a stopped run keeps what it finished, and what it
 /// finished is right).
 fn assert_prefix_of_reference(out: &Path, reference: &serde_json::Value) {
-    for sub in ["generations", "fluency"] {
-        let Ok(dir) = std::fs::read_dir(out.join(sub)) else {
-            continue;
-        };
-        for f in dir {
-            let f = f.unwrap().path();
-            let key = format!("{sub}/{}", f.file_name().unwrap().to_string_lossy());
-            let want = reference[&key]
-                .as_array()
-                .unwrap_or_else(|| panic!("{key}"));
-            let text = std::fs::read_to_string(&f).unwrap();
-            for (i, line) in text.lines().enumerate() {
-                let Ok(mut got) = serde_json::from_str::<serde_json::Value>(line) else {
-                    assert_eq!(i, text.lines().count() - 1, "{key}: a torn line inside");
-                    continue;
-                };
-                if let Some(o) = got.as_object_mut() {
-                    o.remove("seconds");
-                }
-                assert_eq!(&got, &want[i], "{key} line {i}");
-            }
+    for (key, f) in record_files(out) {
+        let want = reference[&key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}"));
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let Ok(mut got) = serde_json::from_str::<serde_json::Value>(line) else {
+                assert_eq!(i, text.lines().count() - 1, "{key}: a torn line inside");
+                continue;
+            };
+            strip(&mut got);
+            assert_eq!(&got, &want[i], "{key} line {i}");
         }
     }
 }
@@ -291,16 +296,6 @@ fn a_full_disk_stops_eval_cleanly_and_the_rerun_finishes_with_the_same_report() 
         reference,
         "a rerun of a finished run changed it"
     );
-}
-
-/// Bytes of records a run has written (its generation and perplexity files).
-fn record_bytes(out: &Path) -> u64 {
-    ["generations", "fluency"]
-        .iter()
-        .filter_map(|sub| std::fs::read_dir(out.join(sub)).ok())
-        .flatten()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
 }
 
 /// Ten kill −9s in a row at random points of `eval` (a fixed seed picks them): every other run

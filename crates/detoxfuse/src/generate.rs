@@ -87,24 +87,25 @@ pub struct GenerationConfig {
 }
 
 /// What to generate as a user gives it (`detoxfuse generate`'s flags under the `clap`
-/// feature); [`GenerationOptions::config`] checks it.
+/// feature, defaulting to [`GenerationConfig::default`]); [`GenerationOptions::config`]
+/// checks it.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct GenerationOptions {
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 64))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = GenerationConfig::default().max_tokens))]
     pub max_tokens: usize,
     /// Continuations per prompt (decoded together as one batch).
-    #[cfg_attr(feature = "clap", arg(long, short = 'n', default_value_t = 1))]
+    #[cfg_attr(feature = "clap", arg(long, short = 'n', default_value_t = GenerationConfig::default().n))]
     pub samples: usize,
     /// 0 = greedy.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SamplingParams::default().temperature))]
     pub temperature: f32,
     /// 0 = off.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SamplingParams::default().top_k))]
     pub top_k: usize,
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SamplingParams::default().top_p))]
     pub top_p: f32,
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = SamplingParams::default().seed))]
     pub seed: u64,
     /// Stop when this string is generated (repeatable); it is not included in the text.
     #[cfg_attr(feature = "clap", arg(long))]

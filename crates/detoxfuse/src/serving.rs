@@ -58,7 +58,7 @@ pub struct Limits {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_n))]
     pub max_n: usize,
     /// Fusion strength used when a request does not send `alpha` (0 without a calibration).
-    #[cfg_attr(feature = "clap", arg(long = "alpha", default_value_t = Limits::default().default_alpha))]
+    #[cfg_attr(feature = "clap", arg(long = "alpha", value_name = "ALPHA", default_value_t = Limits::default().default_alpha))]
     pub default_alpha: f64,
     /// Most tokens one request may generate, n × max_tokens (400 beyond).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_request_tokens))]
@@ -436,5 +436,34 @@ fn worker(target: Box<dyn CausalLm>, tok: Tokenizer, fusion: Option<Fusion>, job
         let _ = job
             .events
             .send(JobEvent::Done(result.map_err(|e| format!("{e:#}"))));
+    }
+}
+
+/// The `clap` flags of [`Limits`] default to `Limits::default()` (the timeout's default is
+/// written as text for its parser, so this keeps the two from drifting). Runs where the
+/// feature is on: `cargo test --workspace`, as `scripts/test.sh` does.
+#[cfg(all(test, feature = "clap"))]
+mod clap_tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_flags_default_to_limits_default() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            l: Limits,
+        }
+        let l = <Serve as clap::Parser>::try_parse_from(["serve"])
+            .unwrap()
+            .l;
+        let d = Limits::default();
+        assert_eq!(
+            (l.queue, l.timeout, l.max_n, l.default_alpha),
+            (d.queue, d.timeout, d.max_n, d.default_alpha)
+        );
+        assert_eq!(
+            (l.max_request_tokens, l.max_queued_tokens),
+            (d.max_request_tokens, d.max_queued_tokens)
+        );
     }
 }
