@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use detoxfuse::align::Variant;
-use detoxfuse::bench::{threads as candle_threads, EngineSpeed, FusedSpeed};
+use detoxfuse::bench::{threads as candle_threads, Decode, EngineSpeed, FusedSpeed};
 use detoxfuse::calibrate::bench::TrainComparison;
 
 #[derive(clap::Subcommand)]
@@ -31,20 +31,19 @@ pub struct FusedBenchArgs {
     targets: Vec<String>,
     #[arg(long, default_value_t = 0.2)]
     alpha: f64,
+    /// Prompt length in tokens.
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
-    #[arg(long, default_value_t = 64)]
-    decode_tokens: usize,
-    #[arg(long, default_value_t = 25)]
-    batch: usize,
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    decode: Decode,
 }
 
 pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
     println!(
-        "threads {}, prompt {} tokens, decode {} tokens, batch {}, alpha {}, plain and fused alternating, medians of {} runs",
-        candle_threads(), a.prompt_tokens, a.decode_tokens, a.batch, a.alpha, a.runs
+        "{}, alpha {}, plain and fused alternating, medians of {} runs",
+        a.decode.describe(a.prompt_tokens),
+        a.alpha,
+        a.decode.runs
     );
     println!("{}", FusedSpeed::HEADER);
     for name in &a.targets {
@@ -60,10 +59,17 @@ pub fn fused(cache: &Path, a: FusedBenchArgs) -> Result<()> {
             a.alpha,
             Variant::Hidden,
         )?;
-        let shape = (a.prompt_tokens, a.decode_tokens, a.batch, a.runs);
         println!(
             "{}",
-            FusedSpeed::measure(name, model.as_ref(), &tok, &f, a.alpha, shape)?
+            FusedSpeed::measure(
+                name,
+                model.as_ref(),
+                &tok,
+                &f,
+                a.alpha,
+                a.prompt_tokens,
+                &a.decode
+            )?
         );
     }
     Ok(())
@@ -120,15 +126,8 @@ pub struct BenchArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
-    /// Tokens generated per measurement.
-    #[arg(long, default_value_t = 64)]
-    decode_tokens: usize,
-    /// Samples decoded together in the batched measurement.
-    #[arg(long, default_value_t = 25)]
-    batch: usize,
-    /// Repetitions; medians are reported.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    decode: Decode,
     /// Python with llama-cpp-python for the comparison (default: .venv-ref/bin/python if present).
     #[arg(long)]
     llama_cpp_python: Option<PathBuf>,
@@ -149,16 +148,14 @@ pub fn run(cache: &Path, a: BenchArgs) -> Result<()> {
         .llama_cpp_python
         .clone()
         .or_else(|| Some(PathBuf::from(".venv-ref/bin/python")).filter(|p| p.exists()));
-    println!(
-        "threads {threads}, prompt {} tokens, decode {} tokens, batch {}, medians of {} runs",
-        a.prompt_tokens, a.decode_tokens, a.batch, a.runs
-    );
+    let line = a.decode.describe(a.prompt_tokens);
+    println!("{line}, medians of {} runs", a.decode.runs);
     println!("{}", EngineSpeed::HEADER);
     let mut all = Vec::new();
     for name in &a.models {
         let path = crate::resolve(cache, name)?;
-        let shape = (a.prompt_tokens, a.decode_tokens, a.batch, a.runs);
-        let (row, failed) = EngineSpeed::measure(name, &path, shape, py.as_deref())?;
+        let (row, failed) =
+            EngineSpeed::measure(name, &path, a.prompt_tokens, &a.decode, py.as_deref())?;
         if let Some(e) = failed {
             eprintln!("llama.cpp comparison skipped for {name}: {e}");
         }

@@ -6,13 +6,21 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use common::{assert_clean_failure, bin, run, stderr, Tmpfs};
 use std::time::{Duration, Instant};
 
 /// A small clean corpus (the test's own sentences; never evaluation data).
+/// A temporary directory holding the test corpus (`corpus.jsonl`), and the corpus's path.
+fn dir_with_corpus() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    write_corpus(&corpus);
+    (dir, corpus)
+}
+
 fn write_corpus(path: &Path) {
     let subjects = [
         "The river",
@@ -52,28 +60,16 @@ fn write_corpus(path: &Path) {
 
 const STEPS: &str = "14";
 
-fn train_args<'a>(corpus: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "calibrate",
-        // Not the default recipe: the tiny corpus is too small for a lens fit.
-        "--head-init",
-        "tied",
-        "--unlikelihood",
-        "0",
-        "--corpus",
-        corpus,
+/// The flags both recipes' resume tests share: one layer, [`STEPS`] steps into `out`,
+/// checkpoints and validation often, one seed, quiet.
+fn run_flags(out: &str) -> [&str; 13] {
+    [
         "--out",
         out,
         "--layers",
         "1",
         "--steps",
         STEPS,
-        "--batch-tokens",
-        "96",
-        "--warmup",
-        "3",
-        "--lr",
-        "1e-3",
         "--checkpoint-every",
         "2",
         "--eval-every",
@@ -82,6 +78,27 @@ fn train_args<'a>(corpus: &'a str, out: &'a str) -> Vec<&'a str> {
         "3",
         "--quiet",
     ]
+}
+
+fn train_args<'a>(corpus: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut args = vec![
+        "calibrate",
+        // Not the default recipe: the tiny corpus is too small for a lens fit.
+        "--head-init",
+        "tied",
+        "--unlikelihood",
+        "0",
+        "--corpus",
+        corpus,
+        "--batch-tokens",
+        "96",
+        "--warmup",
+        "3",
+        "--lr",
+        "1e-3",
+    ];
+    args.extend(run_flags(out));
+    args
 }
 
 /// (step, is validation, loss) for each line of a run's log (timings dropped).
@@ -183,9 +200,7 @@ fn kill_9_then_resume_until(args: impl Fn(&str) -> Vec<String>, dir: &Path, done
 
 #[test]
 fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
+    let (dir, corpus) = dir_with_corpus();
     let c = corpus.to_str().unwrap();
     let args = |out: &str| train_args(c, out).into_iter().map(String::from).collect();
     let reference = kill_9_then_resume(args, dir.path());
@@ -205,9 +220,7 @@ fn kill_9_then_resume_repeats_the_uninterrupted_losses() {
 /// data stream's position must come back from the checkpoint too.
 #[test]
 fn kill_9_then_resume_with_lens_head_and_unlikelihood() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
+    let (dir, corpus) = dir_with_corpus();
     // The test's own stand-ins for text to avoid (rude remarks about the corpus's subjects).
     let unlikely = dir.path().join("unlikely.jsonl");
     let mut lines = String::new();
@@ -303,9 +316,7 @@ fn bad_input_is_a_message_and_leaves_no_checkpoint() {
 
 #[test]
 fn lens_head_starts_as_a_language_model_and_is_exported_beside_the_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
+    let (dir, corpus) = dir_with_corpus();
     let c = corpus.to_str().unwrap();
     let initial_val = |out: &Path| -> f64 {
         losses(out)
@@ -466,28 +477,17 @@ fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
             &samples,
             "--data",
             &data,
-            "--out",
-            out,
-            "--layers",
-            "1",
-            "--steps",
-            STEPS,
             "--keep-rows",
             "6",
             "--detox-rows",
             "2",
             "--lora-rank",
             "4",
-            "--checkpoint-every",
-            "2",
-            "--eval-every",
-            "5",
-            "--seed",
-            "3",
-            "--quiet",
         ]
-        .map(String::from)
-        .to_vec()
+        .iter()
+        .chain(&run_flags(out))
+        .map(|s| s.to_string())
+        .collect()
     };
     kill_9_then_resume_until(
         args,
@@ -526,9 +526,7 @@ fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// logs exactly the losses of a run that never stopped.
 #[test]
 fn a_full_disk_at_a_checkpoint_or_the_export_stops_training_and_resume_finishes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
+    let (dir, corpus) = dir_with_corpus();
     let c = corpus.to_str().unwrap();
     let a = dir.path().join("a");
     let o = run(&train_args(c, a.to_str().unwrap()));
@@ -593,9 +591,7 @@ fn a_full_disk_at_a_checkpoint_or_the_export_stops_training_and_resume_finishes_
 /// there is room the same command writes the new one.
 #[test]
 fn a_full_disk_leaves_the_previous_alignment_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.jsonl");
-    write_corpus(&corpus);
+    let (dir, corpus) = dir_with_corpus();
     let a = dir.path().join("a");
     let mut args = train_args(corpus.to_str().unwrap(), a.to_str().unwrap());
     let i = args.iter().position(|x| *x == "--steps").unwrap();

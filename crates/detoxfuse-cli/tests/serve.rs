@@ -212,38 +212,27 @@ fn invalid_requests_get_openai_errors_and_auth_is_enforced() {
     let (st, body) = post(r#"{"model":"smollm2","prompt":"hi","max_tokens":2}"#, k);
     assert_eq!(st, 200, "{body}");
 
-    let cases: [(&str, u16, &str); 8] = [
-        (r#"{"model":"smollm2","prompt":"hi""#, 400, "invalid JSON"),
-        (r#"{"prompt":"hi"}"#, 400, "model"),
-        (r#"{"model":"gpt-4","prompt":"hi"}"#, 404, "not served here"),
+    let with = |fields: &str| format!(r#"{{"model":"smollm2","prompt":"hi"{fields}}}"#);
+    let cases: [(String, u16, &str); 8] = [
         (
-            r#"{"model":"smollm2","prompt":"hi","alpha":1.5}"#,
+            r#"{"model":"smollm2","prompt":"hi""#.into(),
             400,
-            "outside [0, 1]",
+            "invalid JSON",
         ),
+        (r#"{"prompt":"hi"}"#.into(), 400, "model"),
         (
-            r#"{"model":"smollm2","prompt":"hi","alpha":-0.1}"#,
-            400,
-            "outside [0, 1]",
+            r#"{"model":"gpt-4","prompt":"hi"}"#.into(),
+            404,
+            "not served here",
         ),
-        (
-            r#"{"model":"smollm2","prompt":"hi","max_tokens":9000}"#,
-            400,
-            "context",
-        ),
-        (
-            r#"{"model":"smollm2","prompt":"hi","n":0}"#,
-            400,
-            "n must be",
-        ),
-        (
-            r#"{"model":"smollm2","prompt":"hi","top_p":0}"#,
-            400,
-            "top_p",
-        ),
+        (with(r#","alpha":1.5"#), 400, "outside [0, 1]"),
+        (with(r#","alpha":-0.1"#), 400, "outside [0, 1]"),
+        (with(r#","max_tokens":9000"#), 400, "context"),
+        (with(r#","n":0"#), 400, "n must be"),
+        (with(r#","top_p":0"#), 400, "top_p"),
     ];
     for (body, status, needle) in cases {
-        let (st, resp) = post(body, k);
+        let (st, resp) = post(&body, k);
         assert_eq!(st, status, "{body} -> {resp}");
         assert!(resp.contains(needle), "{needle:?} not in {resp}");
         assert_eq!(error_type(&resp), "invalid_request_error", "{resp}");

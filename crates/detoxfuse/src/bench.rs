@@ -38,6 +38,33 @@ impl Speed {
     }
 }
 
+/// What each speed measurement decodes after its prompt, and how often.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct Decode {
+    /// Tokens generated per measurement.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 64))]
+    pub decode_tokens: usize,
+    /// Samples decoded together in the batched measurement.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 25))]
+    pub batch: usize,
+    /// Repetitions; medians are reported.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 3))]
+    pub runs: usize,
+}
+
+impl Decode {
+    /// The line a benchmark prints first: threads and the measurement's shape.
+    pub fn describe(&self, prompt_tokens: usize) -> String {
+        format!(
+            "threads {}, prompt {prompt_tokens} tokens, decode {} tokens, batch {}",
+            threads(),
+            self.decode_tokens,
+            self.batch
+        )
+    }
+}
+
 /// What `detoxfuse bench fused` measures per target: plain against fused decoding of the same
 /// synthetic prompt, in alternating runs (medians).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,9 +87,15 @@ impl FusedSpeed {
         tok: &crate::text::Tokenizer,
         fusion: &crate::calibration::Fusion,
         alpha: f64,
-        (prompt_tokens, decode_tokens, batch, runs): (usize, usize, usize, usize),
+        prompt_tokens: usize,
+        shape: &Decode,
     ) -> Result<FusedSpeed> {
         let prompt = synthetic_prompt(prompt_tokens, tok.vocab_size().min(32_000), tok.bos);
+        let Decode {
+            decode_tokens,
+            batch,
+            runs,
+        } = *shape;
         let (mut plain, mut fused) = (Vec::new(), Vec::new());
         for _ in 0..runs.max(1) {
             let mut p = crate::generate::PlainDecoder::new(target);
@@ -120,7 +153,8 @@ impl EngineSpeed {
     pub fn measure(
         name: &str,
         path: &std::path::Path,
-        (prompt_tokens, decode_tokens, batch, runs): (usize, usize, usize, usize),
+        prompt_tokens: usize,
+        shape: &Decode,
         llama_cpp_python: Option<&std::path::Path>,
     ) -> Result<(Self, Option<crate::Error>)> {
         let model = crate::lm::load(path)?;
@@ -130,6 +164,11 @@ impl EngineSpeed {
             tok.vocab_size(),
             tok.bos.filter(|_| tok.add_bos),
         );
+        let Decode {
+            decode_tokens,
+            batch,
+            runs,
+        } = *shape;
         let mut dec = crate::generate::PlainDecoder::new(model.as_ref());
         let speed = measure(&mut dec, &prompt, decode_tokens, batch, runs)?;
         let (llama_cpp, failed) = match llama_cpp_python {

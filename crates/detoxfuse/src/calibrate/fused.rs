@@ -41,6 +41,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
+/// `$a.f += $b.f` for each field `f` named: the sum of two tallies.
+macro_rules! add_fields {
+    ($a:expr, $b:expr; $($f:ident),+) => {
+        $($a.$f += $b.$f;)+
+    };
+}
+
 use super::data::stable_hash;
 use super::guard::LeakageGuard;
 use super::model::{
@@ -233,12 +240,7 @@ pub fn examples(
     let mut stats = DataStats::default();
     for (ex, st) in per {
         all.extend(ex);
-        stats.prompts += st.prompts;
-        stats.samples += st.samples;
-        stats.toxic_samples += st.toxic_samples;
-        stats.keep_positions += st.keep_positions;
-        stats.detox_positions += st.detox_positions;
-        stats.detox_from_prompts += st.detox_from_prompts;
+        add_fields!(stats, st; prompts, samples, toxic_samples, keep_positions, detox_positions, detox_from_prompts);
     }
     (all, stats)
 }
@@ -350,12 +352,7 @@ pub struct TermSums {
 
 impl TermSums {
     pub fn add(&mut self, o: TermSums) {
-        self.kl += o.kl;
-        self.reverse_kl += o.reverse_kl;
-        self.keep += o.keep;
-        self.unlikelihood += o.unlikelihood;
-        self.toxic_prob += o.toxic_prob;
-        self.detox += o.detox;
+        add_fields!(self, o; kl, reverse_kl, keep, unlikelihood, toxic_prob, detox);
     }
     pub fn mean_kl(&self) -> f64 {
         self.kl / self.keep.max(1) as f64
@@ -394,36 +391,6 @@ pub fn head_terms(
     grad: Option<(f64, f64)>,
     div: Divergence,
 ) -> Result<(TermSums, Option<Tensor>)> {
-    match h.dtype() {
-        DType::F32 => head_terms_typed::<f32>(h, h_t, weight, terms, grad, div),
-        DType::F64 => head_terms_typed::<f64>(h, h_t, weight, terms, grad, div),
-        dt => Err(Error::Input(format!(
-            "training needs f32 or f64, not {dt:?}"
-        ))),
-    }
-}
-
-#[allow(clippy::assign_op_pattern)] // T has no -= bound
-fn log_softmax_in_place<T: Float>(row: &mut [T]) {
-    let max = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
-    let sum: f64 = row.iter().map(|&x| (x.to_f64() - max).exp()).sum();
-    let lse = T::from_f64(max + sum.ln());
-    for x in row.iter_mut() {
-        *x = *x - lse;
-    }
-}
-
-#[allow(clippy::assign_op_pattern)]
-fn head_terms_typed<T: Float>(
-    h: &Tensor,
-    h_t: &Tensor,
-    weight: &Tensor,
-    terms: &[(Term, TokenId)],
-    grad: Option<(f64, f64)>,
-    div: Divergence,
-) -> Result<(TermSums, Option<Tensor>)> {
     let (n, d) = h.dims2()?;
     let vocab = weight.dim(0)?;
     if h_t.dims() != [n, d] || terms.len() != n || weight.dim(1)? != d {
@@ -440,6 +407,39 @@ fn head_terms_typed<T: Float>(
             "token id {bad} is outside the target's vocabulary of {vocab}"
         )));
     }
+    let typed = match h.dtype() {
+        DType::F32 => head_terms_typed::<f32>,
+        DType::F64 => head_terms_typed::<f64>,
+        dt => {
+            return Err(Error::Input(format!(
+                "training needs f32 or f64, not {dt:?}"
+            )))
+        }
+    };
+    typed((h, h_t, weight), (n, d, vocab), terms, grad, div)
+}
+
+#[allow(clippy::assign_op_pattern)] // T has no -= bound
+fn log_softmax_in_place<T: Float>(row: &mut [T]) {
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    let sum: f64 = row.iter().map(|&x| (x.to_f64() - max).exp()).sum();
+    let lse = T::from_f64(max + sum.ln());
+    for x in row.iter_mut() {
+        *x = *x - lse;
+    }
+}
+
+/// [`head_terms`] in one float type, on checked shapes `(n, d, vocab)`.
+#[allow(clippy::assign_op_pattern)]
+fn head_terms_typed<T: Float>(
+    (h, h_t, weight): (&Tensor, &Tensor, &Tensor),
+    (n, d, vocab): (usize, usize, usize),
+    terms: &[(Term, TokenId)],
+    grad: Option<(f64, f64)>,
+    div: Divergence,
+) -> Result<(TermSums, Option<Tensor>)> {
     let hv: Vec<T> = ops::values(h)?;
     let tv: Vec<T> = ops::values(h_t)?;
     let w: Vec<T> = ops::values(weight)?;

@@ -647,13 +647,29 @@ pub fn head_cross_entropy(
     objective: Objective,
     grads: Option<(f64, bool)>,
 ) -> Result<(f64, Option<HeadGrads>)> {
-    match hidden.dtype() {
-        DType::F32 => head_ce_typed::<f32>(hidden, weight, targets, objective, grads),
-        DType::F64 => head_ce_typed::<f64>(hidden, weight, targets, objective, grads),
-        dt => Err(Error::Input(format!(
-            "training needs f32 or f64 weights, not {dt:?}"
-        ))),
+    let (n, d) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
     }
+    if targets.len() != n {
+        return Err(Error::Input(format!(
+            "{n} hidden states but {} targets",
+            targets.len()
+        )));
+    }
+    let typed = match hidden.dtype() {
+        DType::F32 => head_ce_typed::<f32>,
+        DType::F64 => head_ce_typed::<f64>,
+        dt => {
+            return Err(Error::Input(format!(
+                "training needs f32 or f64 weights, not {dt:?}"
+            )))
+        }
+    };
+    typed((hidden, weight), (n, d, vocab), targets, objective, grads)
 }
 
 /// `dst (rows×vocab) = h (rows×d) · Wᵀ` for a head `W` of `vocab` rows of `d`
@@ -745,27 +761,15 @@ pub(crate) fn gemm_into<T: Float>(
     }
 }
 
+/// [`head_cross_entropy`] in one float type, on checked shapes `(n, d, vocab)`.
 #[allow(clippy::assign_op_pattern)] // T has no *=, -= bounds
 fn head_ce_typed<T: Float>(
-    hidden: &Tensor,
-    weight: &Tensor,
+    (hidden, weight): (&Tensor, &Tensor),
+    (n, d, vocab): (usize, usize, usize),
     targets: &[TokenId],
     objective: Objective,
     grads: Option<(f64, bool)>,
 ) -> Result<(f64, Option<HeadGrads>)> {
-    let (n, d) = hidden.dims2()?;
-    let vocab = weight.dim(0)?;
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Input(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
-    if targets.len() != n {
-        return Err(Error::Input(format!(
-            "{n} hidden states but {} targets",
-            targets.len()
-        )));
-    }
     // Plain copies: these values are fed back by hand and must not join the autograd graph.
     let h: Vec<T> = ops::values(hidden)?;
     let w: Vec<T> = ops::values(weight)?;

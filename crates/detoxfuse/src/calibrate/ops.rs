@@ -82,6 +82,76 @@ macro_rules! by_tensor_dtype {
     };
 }
 
+/// A one-input op over contiguous slices; [`Op`] runs it as a candle op in f32 or f64.
+/// `last` is the length of the input's last dimension.
+trait Unary: Send + Sync {
+    const NAME: &'static str;
+    fn forward<T: Float>(&self, x: &[T], last: usize) -> Vec<T>;
+    /// The input's gradient from the output and the output's gradient.
+    fn backward<T: Float>(&self, y: &[T], dy: &[T], last: usize) -> Vec<T>;
+}
+
+/// A two-input op over contiguous slices (the output has the first input's shape).
+trait Binary: Send + Sync {
+    const NAME: &'static str;
+    fn forward<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T>;
+    /// Both inputs' gradients from the inputs and the output's gradient.
+    fn backward<T: Float>(&self, a: &[T], b: &[T], dy: &[T]) -> (Vec<T>, Vec<T>);
+}
+
+/// A [`Unary`] or [`Binary`] op as candle's custom op.
+struct Op<O>(O);
+
+impl<O: Unary> CustomOp1 for Op<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let last = *l.shape().dims().last().unwrap_or(&1);
+        by_dtype!(s, T => {
+            let y = self.0.forward::<T>(slice(s, l)?, last);
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let last = x.dim(candle_core::D::Minus1)?;
+        by_tensor_dtype!(x, T => {
+            let dx = self.0.backward::<T>(&values(y)?, &values(dy)?, last);
+            Ok(Some(tensor(dx, x)?))
+        })
+    }
+}
+
+impl<O: Binary> CustomOp2 for Op<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1, T => {
+            let y = self.0.forward::<T>(slice(s1, l1)?, slice(s2, l2)?);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        by_tensor_dtype!(a, T => {
+            let (da, db) = self.0.backward::<T>(&values(a)?, &values(b)?, &values(dy)?);
+            Ok((Some(tensor(da, a)?), Some(tensor(db, b)?)))
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // RMSNorm: y = x · r · w, r = 1 / sqrt(mean(x²) + eps), over the last dimension.
 
@@ -138,39 +208,19 @@ fn rms_bwd<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     (dx, dw.into_iter().map(T::from_f64).collect())
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "train-rms-norm"
+impl Binary for RmsNorm {
+    const NAME: &'static str = "train-rms-norm";
+    fn forward<T: Float>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        rms_fwd(x, w, self.eps)
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, T => {
-            let y = rms_fwd::<T>(slice(s1, l1)?, slice(s2, l2)?, self.eps);
-            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-        })
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        by_tensor_dtype!(x, T => {
-            let (dx, dw) = rms_bwd::<T>(&values(x)?, &values(w)?, &values(dy)?, self.eps);
-            Ok((Some(tensor(dx, x)?), Some(tensor(dw, w)?)))
-        })
+    fn backward<T: Float>(&self, x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        rms_bwd(x, w, dy, self.eps)
     }
 }
 
 /// RMSNorm over the last dimension with gain `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps })?)
+    Ok(x.contiguous()?.apply_op2(w, Op(RmsNorm { eps }))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -204,21 +254,14 @@ fn rope_apply<T: Float>(x: &[T], r: &Rope, hd: usize, sign: f64) -> Vec<T> {
     y
 }
 
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "train-rope"
+impl Unary for Rope {
+    const NAME: &'static str = "train-rope";
+    fn forward<T: Float>(&self, x: &[T], head_dim: usize) -> Vec<T> {
+        rope_apply(x, self, head_dim, 1.0)
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let hd = *l.shape().dims().last().unwrap_or(&0);
-        by_dtype!(s, T => {
-            let y = rope_apply::<T>(slice(s, l)?, self, hd, 1.0);
-            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
-        })
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        let hd = x.dim(candle_core::D::Minus1)?;
+    fn backward<T: Float>(&self, _y: &[T], dy: &[T], head_dim: usize) -> Vec<T> {
         // The transpose of a rotation is the rotation by the opposite angle.
-        by_tensor_dtype!(x, T => Ok(Some(tensor(rope_apply::<T>(&values(dy)?, self, hd, -1.0), x)?)))
+        rope_apply(dy, self, head_dim, -1.0)
     }
 }
 
@@ -244,7 +287,7 @@ pub fn rope(x: &Tensor, theta: f64) -> Result<Tensor> {
         cos: cos.into(),
         sin: sin.into(),
     };
-    Ok(x.contiguous()?.apply_op1(op)?)
+    Ok(x.contiguous()?.apply_op1(Op(op))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -294,29 +337,19 @@ fn causal_softmax_bwd<T: Float>(y: &[T], dy: &[T], t: usize, scale: f64) -> Vec<
     dx
 }
 
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "train-causal-softmax"
+impl Unary for CausalSoftmax {
+    const NAME: &'static str = "train-causal-softmax";
+    fn forward<T: Float>(&self, x: &[T], len: usize) -> Vec<T> {
+        causal_softmax_fwd(x, len, self.scale)
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let t = *l.shape().dims().last().unwrap_or(&1);
-        by_dtype!(s, T => {
-            let y = causal_softmax_fwd::<T>(slice(s, l)?, t, self.scale);
-            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
-        })
-    }
-    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        let t = x.dim(candle_core::D::Minus1)?;
-        by_tensor_dtype!(x, T => {
-            let dx = causal_softmax_bwd::<T>(&values(y)?, &values(dy)?, t, self.scale);
-            Ok(Some(tensor(dx, x)?))
-        })
+    fn backward<T: Float>(&self, y: &[T], dy: &[T], len: usize) -> Vec<T> {
+        causal_softmax_bwd(y, dy, len, self.scale)
     }
 }
 
 /// `softmax(scale · x)` over keys `0..=query` of square `(…, len, len)` scores (the rest 0).
 pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(CausalSoftmax { scale })?)
+    Ok(x.contiguous()?.apply_op1(Op(CausalSoftmax { scale }))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -328,56 +361,32 @@ fn sigmoid(a: f64) -> f64 {
     1.0 / (1.0 + (-a).exp())
 }
 
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "train-swiglu"
+impl Binary for SwiGlu {
+    const NAME: &'static str = "train-swiglu";
+    fn forward<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        a.par_iter()
+            .zip(b.par_iter())
+            .map(|(&a, &b)| {
+                let a = a.to_f64();
+                T::from_f64(a * sigmoid(a) * b.to_f64())
+            })
+            .collect()
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, T => {
-            let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
-            let y: Vec<T> = a
-                .par_iter()
-                .zip(b.par_iter())
-                .map(|(&a, &b)| {
-                    let a = a.to_f64();
-                    T::from_f64(a * sigmoid(a) * b.to_f64())
-                })
-                .collect();
-            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-        })
-    }
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        by_tensor_dtype!(a, T => {
-            let (av, bv, dyv) = (values::<T>(a)?, values::<T>(b)?, values::<T>(dy)?);
-            let (da, db): (Vec<T>, Vec<T>) = av
-                .par_iter()
-                .zip(bv.par_iter().zip(dyv.par_iter()))
-                .map(|(&a, (&b, &g))| {
-                    let (a, b, g) = (a.to_f64(), b.to_f64(), g.to_f64());
-                    let s = sigmoid(a);
-                    let silu = a * s;
-                    let dsilu = s * (1.0 + a * (1.0 - s));
-                    (T::from_f64(g * b * dsilu), T::from_f64(g * silu))
-                })
-                .unzip();
-            Ok((Some(tensor(da, a)?), Some(tensor(db, b)?)))
-        })
+    fn backward<T: Float>(&self, a: &[T], b: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        a.par_iter()
+            .zip(b.par_iter().zip(dy.par_iter()))
+            .map(|(&a, (&b, &g))| {
+                let (a, b, g) = (a.to_f64(), b.to_f64(), g.to_f64());
+                let s = sigmoid(a);
+                let silu = a * s;
+                let dsilu = s * (1.0 + a * (1.0 - s));
+                (T::from_f64(g * b * dsilu), T::from_f64(g * silu))
+            })
+            .unzip()
     }
 }
 
 /// `silu(a) · b` elementwise.
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)?)
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Op(SwiGlu))?)
 }

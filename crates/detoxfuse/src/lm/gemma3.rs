@@ -150,14 +150,8 @@ impl CausalLm for Gemma3 {
         &self.info
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.n_layers)
-    }
-
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let offset = cache.len();
-        self.info.check_context(offset + t)?;
+        let offset = self.info.start(ids, cache)?;
         let c = &self.cfg;
         let eps = c.rms_norm_eps;
         let mut x = (self.embed.forward(ids)? * (c.hidden_size as f64).sqrt())?;
@@ -168,8 +162,7 @@ impl CausalLm for Gemma3 {
                 &self.rope_global
             };
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] =
-                blk.qkv.forward(&h)?.try_into().expect("three projections");
+            let [q, k, v] = blk.qkv.forward(&h)?;
             let q = rms_norm(&split_heads(&q, c.n_head, c.head_dim)?, &blk.q_norm, eps)?;
             let k = rms_norm(&split_heads(&k, c.n_kv_head, c.head_dim)?, &blk.k_norm, eps)?;
             let v = split_heads(&v, c.n_kv_head, c.head_dim)?.contiguous()?;
@@ -180,15 +173,11 @@ impl CausalLm for Gemma3 {
             let a = rms_norm(&blk.wo.forward(&a)?, &blk.post_attn_norm, eps)?;
             x = (x + a)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
-            let [gate, up]: [Tensor; 2] = blk
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .expect("two projections");
+            let [gate, up] = blk.gate_up.forward(&h)?;
             let m = blk.w_down.forward(&(gate.gelu()? * up)?)?;
             x = (x + rms_norm(&m, &blk.post_ffn_norm, eps)?)?;
         }
-        cache.advance(t);
+        cache.advance(ids.dim(1)?);
         rms_norm(&x, &self.norm, eps)
     }
 

@@ -144,11 +144,18 @@ impl Projections {
         Self::Separate(ws.into_iter().map(Linear::dense).collect())
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match self {
-            Self::Fused(t, sizes) => t.forward_split(x, sizes),
-            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
-        }
+    /// The `N` projections of `x`, in load order.
+    pub(crate) fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let parts = match self {
+            Self::Fused(t, sizes) => t.forward_split(x, sizes)?,
+            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+        };
+        let got = parts.len();
+        parts.try_into().map_err(|_| {
+            crate::Error::Candle(candle_core::Error::Msg(format!(
+                "{got} projections where the layer needs {N}"
+            )))
+        })
     }
 }
 
@@ -413,14 +420,8 @@ impl CausalLm for Llama {
         &self.info
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers)
-    }
-
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let offset = cache.len();
-        self.info.check_context(offset + t)?;
+        let offset = self.info.start(ids, cache)?;
         let eps = self.cfg.rms_norm_eps as f32;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -431,8 +432,7 @@ impl CausalLm for Llama {
         let mut x = self.embed.forward(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] =
-                blk.qkv.forward(&h)?.try_into().expect("three projections");
+            let [q, k, v] = blk.qkv.forward(&h)?;
             let q = self.rope.apply(&split_heads(&q, nh, hd)?, offset)?;
             let k = self.rope.apply(&split_heads(&k, nkv, hd)?, offset)?;
             let v = split_heads(&v, nkv, hd)?.contiguous()?;
@@ -440,15 +440,11 @@ impl CausalLm for Llama {
             let a = attend(&q, &k, &v, scale, None)?;
             x = (x + blk.wo.forward(&a)?)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
-            let [gate, up]: [Tensor; 2] = blk
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .expect("two projections");
+            let [gate, up] = blk.gate_up.forward(&h)?;
             let m = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + blk.w_down.forward(&m)?)?;
         }
-        cache.advance(t);
+        cache.advance(ids.dim(1)?);
         rms_norm(&x, &self.norm, eps)
     }
 

@@ -39,8 +39,10 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// An error when `tokens` positions (cache and new tokens) exceed the context.
-    pub fn check_context(&self, tokens: usize) -> Result<()> {
+    /// Where `ids` (shape `(batch, seq)`) start after what `cache` holds: an error when the
+    /// cache and the new tokens together exceed the context.
+    pub fn start(&self, ids: &Tensor, cache: &KvCache) -> Result<usize> {
+        let (offset, tokens) = (cache.len(), cache.len() + ids.dims2()?.1);
         if tokens > self.context_length {
             return Err(Error::ContextOverflow {
                 tokens,
@@ -48,7 +50,7 @@ impl ModelInfo {
                 context: self.context_length,
             });
         }
-        Ok(())
+        Ok(offset)
     }
 }
 
@@ -57,7 +59,9 @@ pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
     /// An empty cache for this model.
-    fn new_cache(&self) -> KvCache;
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.info().n_layers)
+    }
 
     /// Runs `ids` (shape `(batch, seq)`, u32) after what `cache` already holds and returns the
     /// final normalised hidden states `(batch, seq, hidden_size)`; appends to the cache.
