@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use detoxfuse::calibrate::corpus::CorpusOptions;
 use detoxfuse::calibrate::fused::FusedEvent;
+use detoxfuse::calibrate::model::LayerTraining;
 use detoxfuse::calibrate::options::TrainOptions;
 use detoxfuse::calibrate::selfgen::SelfGenConfig;
 use detoxfuse::calibrate::train::Event;
@@ -195,10 +196,14 @@ pub struct CalibrateArgs {
     #[command(flatten)]
     data: DataArg,
     /// fused: train only --target's map (A, LayerNorm affine) through its head, over the
-    /// calibration layers of this artifact directory (kept frozen), and add the map there:
+    /// calibration layers of this artifact directory (left as they are), and add it there:
     /// one calibration model, a map per target. "fused" = the default artifact.
     #[arg(long)]
     shared: Option<String>,
+    /// fused, with --shared: also train --target's own LoRA adapters (--lora-rank) over the
+    /// shared layers, saved beside its map.
+    #[arg(long, requires = "shared")]
+    target_adapters: bool,
     #[command(flatten)]
     train: TrainOptions,
 }
@@ -351,7 +356,10 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
     let resumes =
         |dir: &Path| a.resume || (a.resume_if_present && dir.join("checkpoint.json").exists());
     if a.recipe == RecipeArg::Fused {
-        let cfg = a.train.fused();
+        let mut cfg = a.train.fused();
+        if a.shared.is_some() && !a.target_adapters {
+            cfg.layer_training = LayerTraining::Frozen;
+        }
         let target = crate::resolve(cache, &a.target)?;
         let shared = a.shared.as_ref().map(|s| match s.as_str() {
             "fused" => Recipe::Fused.result_dir(&hub),

@@ -506,6 +506,114 @@ fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
         .all(|v| v["unlikelihood"].as_f64().unwrap() > 0.0 && v["kl"].as_f64().unwrap() >= 0.0));
 }
 
+/// `--shared --target-adapters`: a second target-side run over an artifact's calibration layers
+/// trains that target's own LoRA adapters beside its map, leaves the shared part byte for
+/// byte as it was, and generation reads the adapters (checked against the manifest's sha256);
+/// with `--layer-training full` it is refused, since that would change the layers every
+/// target shares.
+#[test]
+fn shared_runs_train_the_targets_own_adapters_and_leave_the_shared_layers_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (samples, data) = write_fused_data(dir.path());
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "calibrate",
+            "--recipe",
+            "fused",
+            "--samples",
+            &samples,
+            "--data",
+            &data,
+            "--keep-rows",
+            "6",
+            "--detox-rows",
+            "2",
+            "--lora-rank",
+            "4",
+        ]
+        .iter()
+        .chain(&run_flags(out.to_str().unwrap()))
+        .map(|s| s.to_string())
+        .collect();
+        let i = v.iter().position(|a| a == "--steps").unwrap();
+        v[i + 1] = "3".into();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run_s = |v: Vec<String>| run(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run_s(args(&dir.path().join("a"), &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let artifact = dir.path().join("a/artifact");
+    let shared_before = files(&artifact);
+    let key = "SmolLM2-135M-Instruct.Q4_1";
+
+    let art = artifact.to_str().unwrap();
+    let full = run_s(args(
+        &dir.path().join("full"),
+        &[
+            "--shared",
+            art,
+            "--target-adapters",
+            "--layer-training",
+            "full",
+        ],
+    ));
+    assert_clean_failure(&full, "keeps the calibration layers as they are");
+
+    let o = run_s(args(
+        &dir.path().join("b"),
+        &["--shared", art, "--target-adapters"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(&artifact), shared_before, "the shared part changed");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact.join(format!("targets/{key}.json"))).unwrap(),
+    )
+    .unwrap();
+    let adapters = artifact
+        .join("targets")
+        .join(manifest["adapters"].as_str().unwrap());
+    // The safetensors header: 8 bytes of length, then JSON naming each tensor's shape.
+    let bytes = std::fs::read(&adapters).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let tensors: Vec<_> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .collect();
+    // rank-4 factor pairs on each of the layer's 7 projections
+    assert_eq!(tensors.len(), 14, "{header:?}");
+    for (name, t) in tensors {
+        assert!(name.starts_with("lora.model.layers.0."), "{name}");
+        assert!(
+            t["shape"].as_array().unwrap().contains(&4.into()),
+            "{name}: {t}"
+        );
+    }
+
+    let generate = |extra: &[&str]| {
+        let mut v = vec![
+            "generate",
+            "-p",
+            "The river",
+            "--max-tokens",
+            "3",
+            "--calibration",
+            art,
+        ];
+        v.extend(extra);
+        run(&v)
+    };
+    let o = generate(&["--alpha", "0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut bytes = std::fs::read(&adapters).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&adapters, bytes).unwrap();
+    assert_clean_failure(&generate(&["--alpha", "0.5"]), "target adapters");
+}
+
 /// The files of a directory (names and bytes; temporary files included, so that one left
 /// behind shows).
 fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use crate::calibrate::corpus::CorpusOptions;
 use crate::calibrate::fused::{self, FusedConfig, FusedEvent, FusedInputs, FusedSummary};
 use crate::calibrate::guard::LeakageGuard;
-use crate::calibrate::model::LayerTraining;
 use crate::calibrate::optim::AdamWConfig;
 use crate::calibrate::prepare;
 use crate::calibrate::selfgen::SelfGenConfig;
@@ -258,10 +257,7 @@ pub fn train_fused(hub: &Hub, job: &FusedJob, obs: &mut dyn Observer) -> Result<
         .out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| fused_run_dir(hub, &target_path, job.shared.is_some()));
-    let mut cfg = job.cfg.clone();
-    if job.shared.is_some() {
-        cfg.layer_training = LayerTraining::Frozen;
-    }
+    let cfg = job.cfg.clone();
     let guard = LeakageGuard::from_rtp_dir(&data.join("rtp"))?;
     let base = Base::load(&base_path, cfg.layers)?;
     let target = crate::lm::load(&target_path)?;

@@ -21,7 +21,7 @@ pub fn stderr(o: &Output) -> String {
 /// The command failed with a message containing `needle`, not a panic.
 pub fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure");
+    assert!(!o.status.success(), "expected failure, got success: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(err.contains(needle), "{needle:?} not in: {err}");
 }

@@ -935,8 +935,9 @@ pub struct FusedInputs<'a> {
     pub scorer: &'a dyn ToxicityScorer,
     /// The target's tokenizer (the cross-tokenizer path when it is not the base's).
     pub target_tok: &'a Tokenizer,
-    /// Train only this target's map, over the calibration layers of an existing artifact
-    /// directory (kept frozen): one calibration model, a map per target.
+    /// Train this target's part only, over the calibration layers of an existing artifact
+    /// directory (kept as they are): its map, and with `LayerTraining::Lora` its own adapters
+    /// over those layers. One calibration model, a map (and adapters) per target.
     pub shared: Option<&'a Path>,
     /// Where the artifact is written (`shared` when given).
     pub artifact: PathBuf,
@@ -1127,7 +1128,17 @@ pub fn train(
                     cfg.layers
                 )));
             }
-            (cal, Some(sha))
+            if cfg.layer_training == LayerTraining::Full {
+                return Err(Error::Input(format!(
+                    "--shared {} keeps the calibration layers as they are for every target: train this target's own adapters over them (--layer-training lora) or only its map (--layer-training frozen)",
+                    dir.display()
+                )));
+            }
+            // Lora: adapters of this target's own over the shared layers, saved beside its map.
+            (
+                cal.with_layer_training(cfg.layer_training, cfg.seed)?,
+                Some(sha),
+            )
         }
     };
     let init_rows: Vec<&FusedExample> = super::lens::sample(&keep, cfg.init_rows);
@@ -1327,7 +1338,7 @@ pub fn train(
     save_artifact(
         &artifact,
         inputs.base,
-        &cal,
+        (&cal, inputs.shared.is_some()),
         &fv.map(),
         inputs.target_path,
         &inputs.target_sha256,
@@ -1353,13 +1364,20 @@ pub fn target_key(target_path: &Path) -> String {
         .unwrap_or_else(|| "target".into())
 }
 
-/// Writes the shared calibration part (if not there yet, or always when `cal` has trained
-/// layers) and the map for one target, each with a manifest naming the sha256 of what it was
-/// made from.
+/// The file a target's own adapters are saved in, beside its map.
+fn adapters_file(key: &str) -> String {
+    format!("{key}.adapters.safetensors")
+}
+
+/// Writes the map for one target and what `cal` trained, each with a manifest naming the
+/// sha256 of what it was made from. With `shared` false, what `cal` trained is the shared
+/// calibration part (written when it trained anything, or when there is none yet); with
+/// `shared` true, the shared part is left as it is and what `cal` trained (adapters over the
+/// shared layers, if any) is this target's own, saved beside its map.
 pub fn save_artifact(
     dir: &Path,
     base: &Base,
-    cal: &CalibrationModel,
+    (cal, shared): (&CalibrationModel, bool),
     map: &FusionMap,
     target_path: &Path,
     target_sha256: &str,
@@ -1373,8 +1391,12 @@ pub fn save_artifact(
         .collect::<Result<_>>()?;
     let tensors_path = dir.join(CALIBRATION_TENSORS);
     let manifest_path = dir.join(CALIBRATION_MANIFEST);
-    // A run that trained only a map (over a shared calibration) leaves the shared part as is.
-    let cal_manifest = if !trained.is_empty() || !manifest_path.exists() {
+    let key = target_key(target_path);
+    let own_adapters = (shared && !trained.is_empty()).then(|| adapters_file(&key));
+    if let Some(file) = &own_adapters {
+        crate::atomic::write_safetensors(&dir.join("targets").join(file), &trained)?;
+    }
+    let cal_manifest = if !shared && (!trained.is_empty() || !manifest_path.exists()) {
         crate::atomic::write_safetensors(&tensors_path, &trained)?;
         let m = serde_json::json!({
             "kind": "detoxfuse fused calibration",
@@ -1390,10 +1412,9 @@ pub fn save_artifact(
     } else {
         read_json(&manifest_path)?
     };
-    let key = target_key(target_path);
     let map_path = dir.join("targets").join(format!("{key}.safetensors"));
     map.save(&map_path)?;
-    let m = serde_json::json!({
+    let mut m = serde_json::json!({
         "target": {"file": target_path.file_name().map(|n| n.to_string_lossy()), "sha256": target_sha256},
         "calibration_tensors_sha256": cal_manifest["tensors_sha256"],
         "map": format!("{key}.safetensors"),
@@ -1402,6 +1423,10 @@ pub fn save_artifact(
         "norm": map.norm,
         "trained_by": train_manifest,
     });
+    if let Some(file) = own_adapters {
+        m["adapters_sha256"] = crate::fetch::sha256_path(&dir.join("targets").join(&file))?.into();
+        m["adapters"] = file.into();
+    }
     write_json(&dir.join("targets").join(format!("{key}.json")), &m)
 }
 
@@ -1457,16 +1482,7 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
         )));
     }
     let layers = manifest["layers"].as_u64().unwrap_or(0) as usize;
-    let trained = candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
-        Error::Input(format!(
-            "{} is unreadable ({e}); restore it",
-            tensors_path.display()
-        ))
-    })?;
-    let trained: HashMap<String, Tensor> = trained
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
+    let trained = load_f32(&tensors_path)?;
     let cal = base
         .init(layers, Default::default())?
         .with_layer_training(LayerTraining::Frozen, 0)?
@@ -1477,6 +1493,20 @@ pub fn shared_calibration(dir: &Path, base: &Base) -> Result<(CalibrationModel, 
         .unwrap_or_default()
         .to_string();
     Ok((cal, sha))
+}
+
+/// A stored trained part's tensors, in f32.
+fn load_f32(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        Error::Input(format!(
+            "{} is unreadable ({e}); restore it",
+            path.display()
+        ))
+    })?;
+    tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect()
 }
 
 /// A loaded fused calibration for one target.
@@ -1526,7 +1556,19 @@ pub fn load_artifact(dir: &Path, base_path: &Path, target_path: &Path) -> Result
         &target_manifest["target"]["sha256"],
         "target model",
     )?;
-    let (cal, _) = shared_calibration(dir, &base)?;
+    let (mut cal, _) = shared_calibration(dir, &base)?;
+    if let Some(file) = target_manifest["adapters"].as_str() {
+        let path = dir.join("targets").join(file);
+        check_sha(
+            &path,
+            &target_manifest["adapters_sha256"],
+            "target adapters",
+        )?;
+        let adapters = load_f32(&path)?;
+        cal = cal
+            .with_frozen_trained(&adapters)
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    }
     let tensors = cal.merged_tensors()?;
     let mut map = FusionMap::load(&map_path)?;
     // Maps written before the field existed were trained with the paper's formula.
