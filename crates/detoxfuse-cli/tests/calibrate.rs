@@ -461,6 +461,29 @@ fn common_model(name: &str) -> std::path::PathBuf {
     p
 }
 
+/// A small fused run's arguments (samples and data from [`write_fused_data`]) into `out`.
+fn fused_args(samples: &str, data: &str, out: &str) -> Vec<String> {
+    [
+        "calibrate",
+        "--recipe",
+        "fused",
+        "--samples",
+        samples,
+        "--data",
+        data,
+        "--keep-rows",
+        "6",
+        "--detox-rows",
+        "2",
+        "--lora-rank",
+        "4",
+    ]
+    .iter()
+    .chain(&run_flags(out))
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// `calibrate --recipe fused` killed with SIGKILL at its first checkpoint and resumed logs
 /// exactly the lines of an uninterrupted run (every KL, unlikelihood and toxic probability),
 /// and only the finished run writes the artifact.
@@ -468,27 +491,7 @@ fn common_model(name: &str) -> std::path::PathBuf {
 fn fused_recipe_kill_9_then_resume_repeats_the_uninterrupted_losses() {
     let dir = tempfile::tempdir().unwrap();
     let (samples, data) = write_fused_data(dir.path());
-    let args = |out: &str| -> Vec<String> {
-        [
-            "calibrate",
-            "--recipe",
-            "fused",
-            "--samples",
-            &samples,
-            "--data",
-            &data,
-            "--keep-rows",
-            "6",
-            "--detox-rows",
-            "2",
-            "--lora-rank",
-            "4",
-        ]
-        .iter()
-        .chain(&run_flags(out))
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args = |out: &str| fused_args(&samples, &data, out);
     kill_9_then_resume_until(
         args,
         dir.path(),
@@ -516,25 +519,7 @@ fn shared_runs_train_the_targets_own_adapters_and_leave_the_shared_layers_alone(
     let dir = tempfile::tempdir().unwrap();
     let (samples, data) = write_fused_data(dir.path());
     let args = |out: &Path, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "calibrate",
-            "--recipe",
-            "fused",
-            "--samples",
-            &samples,
-            "--data",
-            &data,
-            "--keep-rows",
-            "6",
-            "--detox-rows",
-            "2",
-            "--lora-rank",
-            "4",
-        ]
-        .iter()
-        .chain(&run_flags(out.to_str().unwrap()))
-        .map(|s| s.to_string())
-        .collect();
+        let mut v = fused_args(&samples, &data, out.to_str().unwrap());
         let i = v.iter().position(|a| a == "--steps").unwrap();
         v[i + 1] = "3".into();
         v.extend(extra.iter().map(|s| s.to_string()));
