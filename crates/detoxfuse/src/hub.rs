@@ -84,7 +84,7 @@ impl Hub {
 }
 
 /// The shipped default: `detoxfuse calibrate --recipe fused` with its default options (and
-/// each further target's map trained with `--shared`), embedded in the binary so that the
+/// each further target's map, and for Gemma its own adapters, trained with `--shared`), embedded in the binary so that the
 /// main job needs no training and no file from the build tree.
 pub const SHIPPED: &[(&str, &[u8])] = &[
     (
@@ -117,6 +117,12 @@ pub const SHIPPED: &[(&str, &[u8])] = &[
         "targets/gemma-3-270m-q4_k_m.safetensors",
         include_bytes!(
             "../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.safetensors"
+        ),
+    ),
+    (
+        "targets/gemma-3-270m-q4_k_m.adapters.safetensors",
+        include_bytes!(
+            "../../../assets/calibration/fused-smollm2-L3/targets/gemma-3-270m-q4_k_m.adapters.safetensors"
         ),
     ),
 ];
