@@ -83,6 +83,78 @@ fn truncated_cache_resumes_like_a_fresh_one() {
     assert!(max_abs_diff(&rolled, &last_logits(m.as_ref(), &a)) < 1e-4);
 }
 
+/// Sequences prefilled on their own and merged into one cache (rows of different lengths,
+/// as a request joining a running batch) decode together as each does alone, also after a
+/// row leaves; a multi-token step on such a cache is a clear error. f32 weights, so the
+/// batch shape cannot move the logits.
+fn merged_rows_decode_as_each_alone(name: &str) {
+    let path = model(name);
+    let m = lm::load_with(&path, F32).unwrap();
+    let tok = Tokenizer::for_model(&path).unwrap();
+    let prompts = [
+        "The river",
+        "A long time ago, in a quiet village by the sea, there",
+        "Tomorrow we will",
+    ];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p, true).unwrap())
+        .collect();
+    // Alone: each prompt, then 4 greedy steps; the logits of every step.
+    let alone: Vec<Vec<Vec<f32>>> = ids
+        .iter()
+        .map(|p| {
+            let mut cache = m.new_cache();
+            let mut logits = vec![step_logits(m.as_ref(), p, &mut cache)];
+            for _ in 0..4 {
+                let next = detoxfuse::sample::argmax(logits.last().unwrap());
+                logits.push(step_logits(m.as_ref(), &[next], &mut cache));
+            }
+            logits
+        })
+        .collect();
+    // Together: prefilled apart, merged, then one batched step per token.
+    let mut cache = m.new_cache();
+    for p in &ids {
+        let mut own = m.new_cache();
+        step_logits(m.as_ref(), p, &mut own);
+        cache.append_rows(own).unwrap();
+    }
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    assert_eq!(cache.row_lens(), Some(lens.as_slice()));
+    let mut rows: Vec<usize> = (0..ids.len()).collect();
+    let mut worst = 0f32;
+    for step in 1..=4 {
+        if step == 3 {
+            // the first sequence finishes: the others go on without it
+            rows.remove(0);
+            cache.select_rows(&[1, 2]).unwrap();
+        }
+        let next: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&r| vec![detoxfuse::sample::argmax(&alone[r][step - 1])])
+            .collect();
+        let out = m
+            .forward_last_logits(&ids_tensor(&next).unwrap(), &mut cache)
+            .unwrap();
+        for (i, &r) in rows.iter().enumerate() {
+            let got: Vec<f32> = out.get(i).unwrap().to_vec1().unwrap();
+            worst = worst.max(max_abs_diff(&got, &alone[r][step]));
+        }
+    }
+    eprintln!("{name}: merged rows vs alone, max |diff| = {worst:e}");
+    assert!(worst < 1e-4, "{name}: merged rows differ by {worst}");
+    let two = ids_tensor(&[vec![1, 2], vec![3, 4]]).unwrap();
+    let err = m.forward_hidden(&two, &mut cache).unwrap_err().to_string();
+    assert!(err.contains("one token per row"), "{err}");
+}
+
+#[test]
+fn merged_rows_of_different_lengths_decode_as_each_alone() {
+    merged_rows_decode_as_each_alone("smollm2");
+    merged_rows_decode_as_each_alone("gemma3");
+}
+
 #[test]
 fn batched_samples_equal_the_same_samples_run_alone() {
     let path = model("smollm2");

@@ -5,16 +5,24 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Keys and values of every layer for a batch of sequences that advance in lockstep.
+/// Keys and values of every layer for a batch of sequences.
 ///
 /// Each layer's K and V live in a buffer `(batch, kv_heads, capacity, head_dim)` that grows by
 /// doubling; a step writes its positions in place and attention reads a view of the first
 /// `len` positions. (Concatenating per step instead copies the whole cache every token, which
 /// measured as most of the time of batched decoding.)
+///
+/// Rows usually advance in lockstep. After [`KvCache::append_rows`] (sequences prefilled
+/// apart, then decoded together) each row has a length of its own: decode steps (one new
+/// token per row) then write and attend per row; a multi-token step is refused.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions filled in the buffers: every row's length in lockstep, the longest row's
+    /// otherwise.
     len: usize,
+    /// Each row's length when rows differ; empty in lockstep.
+    rows: Vec<usize>,
 }
 
 const INITIAL_CAPACITY: usize = 128;
@@ -30,6 +38,7 @@ impl Clone for KvCache {
                 .map(|l| l.as_ref().map(|(k, v)| (copy(k), copy(v))))
                 .collect(),
             len: self.len,
+            rows: self.rows.clone(),
         }
     }
 }
@@ -39,6 +48,69 @@ impl KvCache {
         Self {
             layers: vec![None; n_layers],
             len: 0,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Each row's length when the rows differ ([`KvCache::append_rows`]); `None` in lockstep.
+    pub fn row_lens(&self) -> Option<&[usize]> {
+        (!self.rows.is_empty()).then_some(self.rows.as_slice())
+    }
+
+    /// Keys each row attends to once a step of `t` tokens is appended, when rows differ.
+    pub(crate) fn ragged_keys(&self, t: usize) -> Option<Vec<usize>> {
+        self.row_lens().map(|r| r.iter().map(|l| l + t).collect())
+    }
+
+    /// Adds `other`'s rows after this cache's (e.g. a request prefilled on its own joining
+    /// a running batch); the rows keep their own lengths.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if other.layers.len() != self.layers.len() {
+            return Err(Error::Input(format!(
+                "cannot merge a cache of {} layers into one of {}",
+                other.layers.len(),
+                self.layers.len()
+            )));
+        }
+        if self.layers.iter().all(Option::is_none) {
+            *self = other;
+            return Ok(());
+        }
+        if other.layers.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut rows = self.row_lens_or_lockstep();
+        rows.extend(other.row_lens_or_lockstep());
+        let len = self.len.max(other.len);
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            let (Some((ak, av)), Some((bk, bv))) = (mine.as_ref(), theirs) else {
+                return Err(Error::Input(
+                    "cannot merge caches whose layers are not all filled".into(),
+                ));
+            };
+            let (b1, h, c1, d) = ak.dims4()?;
+            let (b2, _, c2, _) = bk.dims4()?;
+            let cap = c1.max(c2);
+            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                let out = Tensor::zeros((b1 + b2, h, cap, d), a.dtype(), &Device::Cpu)?;
+                out.narrow(0, 0, b1)?.slice_set(&a.contiguous()?, 2, 0)?;
+                out.narrow(0, b1, b2)?.slice_set(&b.contiguous()?, 2, 0)?;
+                Ok(out)
+            };
+            *mine = Some((join(ak, &bk)?, join(av, &bv)?));
+        }
+        self.len = len;
+        self.rows = rows;
+        if self.rows.iter().all(|&l| l == len) {
+            self.rows.clear();
+        }
+        Ok(())
+    }
+
+    fn row_lens_or_lockstep(&self) -> Vec<usize> {
+        match self.row_lens() {
+            Some(r) => r.to_vec(),
+            None => vec![self.len; self.batch()],
         }
     }
 
@@ -63,6 +135,9 @@ impl KvCache {
     /// Forgets every position from `len` on (roll back), keeping the first `len`.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.len = self.len.min(len);
+        for r in &mut self.rows {
+            *r = (*r).min(len);
+        }
         Ok(())
     }
 
@@ -93,6 +168,15 @@ impl KvCache {
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
         }
+        if !self.rows.is_empty() {
+            self.rows = rows.iter().map(|&r| self.rows[r]).collect();
+            if let Some(&first) = self.rows.first() {
+                if self.rows.iter().all(|&l| l == first) {
+                    self.len = first;
+                    self.rows.clear();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -105,6 +189,11 @@ impl KvCache {
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
+        if !self.rows.is_empty() && t != 1 {
+            return Err(Error::Input(format!(
+                "rows of different lengths append one position a step, not {t}"
+            )));
+        }
         let need = self.len + t;
         let slot = &mut self.layers[layer];
         let grow = match slot {
@@ -124,14 +213,27 @@ impl KvCache {
             *slot = Some((nk, nv));
         }
         let (bk, bv) = slot.as_ref().expect("allocated above");
-        bk.slice_set(&k.contiguous()?, 2, self.len)?;
-        bv.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
+        if self.rows.is_empty() {
+            bk.slice_set(&k.contiguous()?, 2, self.len)?;
+            bv.slice_set(&v.contiguous()?, 2, self.len)?;
+        } else {
+            for (r, &at) in self.rows.iter().enumerate() {
+                bk.narrow(0, r, 1)?
+                    .slice_set(&k.narrow(0, r, 1)?.contiguous()?, 2, at)?;
+                bv.narrow(0, r, 1)?
+                    .slice_set(&v.narrow(0, r, 1)?.contiguous()?, 2, at)?;
+            }
+        }
+        let keys = self.rows.iter().map(|l| l + t).max().unwrap_or(need);
+        Ok((bk.narrow(2, 0, keys)?, bv.narrow(2, 0, keys)?))
     }
 
     /// Called once per forward, after every layer appended `n` positions.
     pub(crate) fn advance(&mut self, n: usize) {
-        self.len += n;
+        for r in &mut self.rows {
+            *r += n;
+        }
+        self.len = self.rows.iter().copied().max().unwrap_or(self.len + n);
     }
 }
 
@@ -181,10 +283,41 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
+        self.rotate(x, &cos, &sin)
+    }
+
+    /// [`Rope::apply`] at `offset`, or with `rows` (a cache whose rows differ in length) each
+    /// row at its own length.
+    pub fn apply_cached(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        rows: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        match rows {
+            Some(positions) => self.apply_rows(x, positions),
+            None => self.apply(x, offset),
+        }
+    }
+
+    /// Rotates `x` of shape `(b, heads, 1, head_dim)` whose row `r` is at `positions[r]`.
+    pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::from_vec(idx, b, &Device::Cpu)?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&idx, 0)?.reshape((b, 1, half))?;
+        let sin = self.sin.index_select(&idx, 0)?.reshape((b, 1, half))?;
+        self.rotate(x, &cos, &sin)
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let (cos, sin) = (&cos, &sin);
         let x = x.contiguous()?;
         Ok(match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
         })
     }
 }
@@ -194,20 +327,26 @@ impl Rope {
 /// `q`: `(b, n_head, t, d)`, `k`/`v`: `(b, n_kv, L, d)` with the last `t` of the `L` positions
 /// being the queries' own. Query head `h` reads KV head `h / (n_head / n_kv)`; instead of
 /// repeating K/V we fold the group into the query rows, `(b, n_kv, g·t, d)`, which is the same
-/// product without copies. Returns `(b, t, n_head·d)`.
+/// product without copies. Returns `(b, t, n_head·d)`. With `row_keys` (a cache whose rows
+/// differ in length, `t` = 1), row `r` reads only its first `row_keys[r]` keys.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<usize>,
+    row_keys: Option<&[usize]>,
 ) -> Result<Tensor> {
     let (b, n_head, t, d) = q.dims4()?;
     let (_, n_kv, l, _) = k.dims4()?;
     let g = n_head / n_kv;
     let q = q.contiguous()?.reshape((b, n_kv, g * t, d))?;
     let out = if t == 1 {
-        decode_attention(&q, k, v, scale as f32, window)?
+        decode_attention(&q, k, v, scale as f32, window, row_keys)?
+    } else if row_keys.is_some() {
+        return Err(Error::Input(
+            "rows of different lengths attend one token at a time".into(),
+        ));
     } else {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let mask = causal_mask(t, l - t, window, g)?;
@@ -229,10 +368,10 @@ fn decode_attention(
     v: &Tensor,
     scale: f32,
     window: Option<usize>,
+    row_keys: Option<&[usize]>,
 ) -> Result<Tensor> {
     let (b, n_kv, rows, d) = q.dims4()?;
-    let l = k.dim(2)?;
-    let first = window.map_or(0, |w| l.saturating_sub(w)); // llama.cpp: p - j < w
+    let all = k.dim(2)?;
     let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -250,9 +389,11 @@ fn decode_attention(
     let out_addr = out.as_mut_ptr() as usize;
     // (sequence, kv head) pairs are independent: spread them over candle's worker pool
     candle_core::utils::barrier_pool().execute_chunked(b * n_kv, |items| {
-        let mut scores = vec![0f32; l];
+        let mut scores = vec![0f32; all];
         for item in items {
             let (bi, h) = (item / n_kv, item % n_kv);
+            let l = row_keys.map_or(all, |r| r[bi]);
+            let first = window.map_or(0, |w| l.saturating_sub(w)); // llama.cpp: p - j < w
             let kbase = kl.start_offset() + bi * kst[0] + h * kst[1];
             let vbase = vl.start_offset() + bi * vst[0] + h * vst[1];
             // SAFETY: item owns rows [item·rows, (item+1)·rows) of `out`, disjoint per item;

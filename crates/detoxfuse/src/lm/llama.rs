@@ -422,6 +422,9 @@ impl CausalLm for Llama {
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let offset = self.info.start(ids, cache)?;
+        // Rows of different lengths (a merged cache): each at its own position.
+        let rows = cache.row_lens().map(<[usize]>::to_vec);
+        let keys = cache.ragged_keys(ids.dim(1)?);
         let eps = self.cfg.rms_norm_eps as f32;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -433,11 +436,13 @@ impl CausalLm for Llama {
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
             let [q, k, v] = blk.qkv.forward(&h)?;
-            let q = self.rope.apply(&split_heads(&q, nh, hd)?, offset)?;
-            let k = self.rope.apply(&split_heads(&k, nkv, hd)?, offset)?;
+            let q = split_heads(&q, nh, hd)?;
+            let q = self.rope.apply_cached(&q, offset, rows.as_deref())?;
+            let k = split_heads(&k, nkv, hd)?;
+            let k = self.rope.apply_cached(&k, offset, rows.as_deref())?;
             let v = split_heads(&v, nkv, hd)?.contiguous()?;
             let (k, v) = cache.append(i, k, v)?;
-            let a = attend(&q, &k, &v, scale, None)?;
+            let a = attend(&q, &k, &v, scale, None, keys.as_deref())?;
             x = (x + blk.wo.forward(&a)?)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
             let [gate, up] = blk.gate_up.forward(&h)?;

@@ -40,9 +40,16 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// Where `ids` (shape `(batch, seq)`) start after what `cache` holds: an error when the
-    /// cache and the new tokens together exceed the context.
+    /// cache and the new tokens together exceed the context, or when a cache whose rows
+    /// differ in length is given more than one token per row.
     pub fn start(&self, ids: &Tensor, cache: &KvCache) -> Result<usize> {
-        let (offset, tokens) = (cache.len(), cache.len() + ids.dims2()?.1);
+        let t = ids.dims2()?.1;
+        if cache.row_lens().is_some() && t != 1 {
+            return Err(Error::Input(format!(
+                "a cache whose rows have different lengths takes one token per row a step, not {t}; prefill each sequence on its own and merge (KvCache::append_rows)"
+            )));
+        }
+        let (offset, tokens) = (cache.len(), cache.len() + t);
         if tokens > self.context_length {
             return Err(Error::ContextOverflow {
                 tokens,
