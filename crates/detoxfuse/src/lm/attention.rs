@@ -237,6 +237,17 @@ impl KvCache {
     }
 }
 
+/// Where one forward's new positions go in a cache ([`crate::lm::ModelInfo::start`]).
+#[derive(Debug, Clone)]
+pub struct Positions {
+    /// Positions already cached (the longest row's when rows differ).
+    pub offset: usize,
+    /// Each row's length when the cache's rows differ (one new token per row).
+    pub rows: Option<Vec<usize>>,
+    /// Keys each row attends to after this step, when rows differ.
+    pub keys: Option<Vec<usize>>,
+}
+
 /// How a checkpoint lays out the two halves rotated by RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -286,17 +297,11 @@ impl Rope {
         self.rotate(x, &cos, &sin)
     }
 
-    /// [`Rope::apply`] at `offset`, or with `rows` (a cache whose rows differ in length) each
-    /// row at its own length.
-    pub fn apply_cached(
-        &self,
-        x: &Tensor,
-        offset: usize,
-        rows: Option<&[usize]>,
-    ) -> Result<Tensor> {
-        match rows {
-            Some(positions) => self.apply_rows(x, positions),
-            None => self.apply(x, offset),
+    /// Rotates a forward's new positions `x` where [`Positions`] puts them.
+    pub fn apply_at(&self, x: &Tensor, at: &Positions) -> Result<Tensor> {
+        match &at.rows {
+            Some(rows) => self.apply_rows(x, rows),
+            None => self.apply(x, at.offset),
         }
     }
 

@@ -151,10 +151,7 @@ impl CausalLm for Gemma3 {
     }
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let offset = self.info.start(ids, cache)?;
-        // Rows of different lengths (a merged cache): each at its own position.
-        let rows = cache.row_lens().map(<[usize]>::to_vec);
-        let keys = cache.ragged_keys(ids.dim(1)?);
+        let at = self.info.start(ids, cache)?;
         let c = &self.cfg;
         let eps = c.rms_norm_eps;
         let mut x = (self.embed.forward(ids)? * (c.hidden_size as f64).sqrt())?;
@@ -169,11 +166,11 @@ impl CausalLm for Gemma3 {
             let q = rms_norm(&split_heads(&q, c.n_head, c.head_dim)?, &blk.q_norm, eps)?;
             let k = rms_norm(&split_heads(&k, c.n_kv_head, c.head_dim)?, &blk.k_norm, eps)?;
             let v = split_heads(&v, c.n_kv_head, c.head_dim)?.contiguous()?;
-            let q = rope.apply_cached(&q, offset, rows.as_deref())?;
-            let k = rope.apply_cached(&k, offset, rows.as_deref())?;
+            let q = rope.apply_at(&q, &at)?;
+            let k = rope.apply_at(&k, &at)?;
             let (k, v) = cache.append(i, k, v)?;
             let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let a = attend(&q, &k, &v, scale, blk.window, keys.as_deref())?;
+            let a = attend(&q, &k, &v, scale, blk.window, at.keys.as_deref())?;
             let a = rms_norm(&blk.wo.forward(&a)?, &blk.post_attn_norm, eps)?;
             x = (x + a)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;

@@ -421,10 +421,7 @@ impl CausalLm for Llama {
     }
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let offset = self.info.start(ids, cache)?;
-        // Rows of different lengths (a merged cache): each at its own position.
-        let rows = cache.row_lens().map(<[usize]>::to_vec);
-        let keys = cache.ragged_keys(ids.dim(1)?);
+        let at = self.info.start(ids, cache)?;
         let eps = self.cfg.rms_norm_eps as f32;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -437,12 +434,12 @@ impl CausalLm for Llama {
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
             let [q, k, v] = blk.qkv.forward(&h)?;
             let q = split_heads(&q, nh, hd)?;
-            let q = self.rope.apply_cached(&q, offset, rows.as_deref())?;
+            let q = self.rope.apply_at(&q, &at)?;
             let k = split_heads(&k, nkv, hd)?;
-            let k = self.rope.apply_cached(&k, offset, rows.as_deref())?;
+            let k = self.rope.apply_at(&k, &at)?;
             let v = split_heads(&v, nkv, hd)?.contiguous()?;
             let (k, v) = cache.append(i, k, v)?;
-            let a = attend(&q, &k, &v, scale, None, keys.as_deref())?;
+            let a = attend(&q, &k, &v, scale, None, at.keys.as_deref())?;
             x = (x + blk.wo.forward(&a)?)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
             let [gate, up] = blk.gate_up.forward(&h)?;

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use attention::KvCache;
+pub use attention::{KvCache, Positions};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -42,7 +42,7 @@ impl ModelInfo {
     /// Where `ids` (shape `(batch, seq)`) start after what `cache` holds: an error when the
     /// cache and the new tokens together exceed the context, or when a cache whose rows
     /// differ in length is given more than one token per row.
-    pub fn start(&self, ids: &Tensor, cache: &KvCache) -> Result<usize> {
+    pub fn start(&self, ids: &Tensor, cache: &KvCache) -> Result<attention::Positions> {
         let t = ids.dims2()?.1;
         if cache.row_lens().is_some() && t != 1 {
             return Err(Error::Input(format!(
@@ -57,7 +57,11 @@ impl ModelInfo {
                 context: self.context_length,
             });
         }
-        Ok(offset)
+        Ok(attention::Positions {
+            offset,
+            rows: cache.row_lens().map(<[usize]>::to_vec),
+            keys: cache.ragged_keys(t),
+        })
     }
 }
 
