@@ -126,9 +126,13 @@ fn merged_rows_decode_as_each_alone(name: &str) {
     let mut worst = 0f32;
     for step in 1..=4 {
         if step == 3 {
-            // the first sequence finishes: the others go on without it
-            rows.remove(0);
-            cache.select_rows(&[1, 2]).unwrap();
+            // the longest sequence finishes: the others go on without it, and the cache's
+            // length is the longest row left
+            rows.remove(1);
+            cache.select_rows(&[0, 2]).unwrap();
+            let left = [ids[0].len() + 2, ids[2].len() + 2];
+            assert_eq!(cache.row_lens(), Some(left.as_slice()));
+            assert_eq!(cache.len(), left[0].max(left[1]));
         }
         let next: Vec<Vec<u32>> = rows
             .iter()

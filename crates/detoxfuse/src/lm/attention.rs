@@ -57,11 +57,6 @@ impl KvCache {
         (!self.rows.is_empty()).then_some(self.rows.as_slice())
     }
 
-    /// Keys each row attends to once a step of `t` tokens is appended, when rows differ.
-    pub(crate) fn ragged_keys(&self, t: usize) -> Option<Vec<usize>> {
-        self.row_lens().map(|r| r.iter().map(|l| l + t).collect())
-    }
-
     /// Adds `other`'s rows after this cache's (e.g. a request prefilled on its own joining
     /// a running batch); the rows keep their own lengths.
     pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
@@ -101,10 +96,18 @@ impl KvCache {
         }
         self.len = len;
         self.rows = rows;
-        if self.rows.iter().all(|&l| l == len) {
-            self.rows.clear();
-        }
+        self.settle();
         Ok(())
+    }
+
+    /// Back to lockstep once every row has the same length.
+    fn settle(&mut self) {
+        if let Some(&first) = self.rows.first() {
+            if self.rows.iter().all(|&l| l == first) {
+                self.len = first;
+                self.rows.clear();
+            }
+        }
     }
 
     fn row_lens_or_lockstep(&self) -> Vec<usize> {
@@ -170,12 +173,9 @@ impl KvCache {
         }
         if !self.rows.is_empty() {
             self.rows = rows.iter().map(|&r| self.rows[r]).collect();
-            if let Some(&first) = self.rows.first() {
-                if self.rows.iter().all(|&l| l == first) {
-                    self.len = first;
-                    self.rows.clear();
-                }
-            }
+            // the longest row that is left
+            self.len = self.rows.iter().copied().max().unwrap_or(self.len);
+            self.settle();
         }
         Ok(())
     }
@@ -224,8 +224,7 @@ impl KvCache {
                     .slice_set(&v.narrow(0, r, 1)?.contiguous()?, 2, at)?;
             }
         }
-        let keys = self.rows.iter().map(|l| l + t).max().unwrap_or(need);
-        Ok((bk.narrow(2, 0, keys)?, bv.narrow(2, 0, keys)?))
+        Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
     }
 
     /// Called once per forward, after every layer appended `n` positions.
@@ -242,10 +241,9 @@ impl KvCache {
 pub struct Positions {
     /// Positions already cached (the longest row's when rows differ).
     pub offset: usize,
-    /// Each row's length when the cache's rows differ (one new token per row).
+    /// Each row's length when the cache's rows differ (one new token per row): where its
+    /// token goes, and how many cached keys it reads besides its own.
     pub rows: Option<Vec<usize>>,
-    /// Keys each row attends to after this step, when rows differ.
-    pub keys: Option<Vec<usize>>,
 }
 
 /// How a checkpoint lays out the two halves rotated by RoPE.
@@ -316,9 +314,8 @@ impl Rope {
         self.rotate(x, &cos, &sin)
     }
 
+    /// `cos`/`sin` are contiguous: a narrowed table, or rows picked from it.
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-        let (cos, sin) = (&cos, &sin);
         let x = x.contiguous()?;
         Ok(match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
@@ -332,23 +329,24 @@ impl Rope {
 /// `q`: `(b, n_head, t, d)`, `k`/`v`: `(b, n_kv, L, d)` with the last `t` of the `L` positions
 /// being the queries' own. Query head `h` reads KV head `h / (n_head / n_kv)`; instead of
 /// repeating K/V we fold the group into the query rows, `(b, n_kv, g·t, d)`, which is the same
-/// product without copies. Returns `(b, t, n_head·d)`. With `row_keys` (a cache whose rows
-/// differ in length, `t` = 1), row `r` reads only its first `row_keys[r]` keys.
+/// product without copies. Returns `(b, t, n_head·d)`. With `row_lens` (a cache whose rows
+/// differ in length, `t` = 1), row `r` reads only its first `row_lens[r] + 1` keys: its cached
+/// ones and its own.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<usize>,
-    row_keys: Option<&[usize]>,
+    row_lens: Option<&[usize]>,
 ) -> Result<Tensor> {
     let (b, n_head, t, d) = q.dims4()?;
     let (_, n_kv, l, _) = k.dims4()?;
     let g = n_head / n_kv;
     let q = q.contiguous()?.reshape((b, n_kv, g * t, d))?;
     let out = if t == 1 {
-        decode_attention(&q, k, v, scale as f32, window, row_keys)?
-    } else if row_keys.is_some() {
+        decode_attention(&q, k, v, scale as f32, window, row_lens)?
+    } else if row_lens.is_some() {
         return Err(Error::Input(
             "rows of different lengths attend one token at a time".into(),
         ));
@@ -373,7 +371,7 @@ fn decode_attention(
     v: &Tensor,
     scale: f32,
     window: Option<usize>,
-    row_keys: Option<&[usize]>,
+    row_lens: Option<&[usize]>,
 ) -> Result<Tensor> {
     let (b, n_kv, rows, d) = q.dims4()?;
     let all = k.dim(2)?;
@@ -397,7 +395,7 @@ fn decode_attention(
         let mut scores = vec![0f32; all];
         for item in items {
             let (bi, h) = (item / n_kv, item % n_kv);
-            let l = row_keys.map_or(all, |r| r[bi]);
+            let l = row_lens.map_or(all, |r| r[bi] + 1);
             let first = window.map_or(0, |w| l.saturating_sub(w)); // llama.cpp: p - j < w
             let kbase = kl.start_offset() + bi * kst[0] + h * kst[1];
             let vbase = vl.start_offset() + bi * vst[0] + h * vst[1];

@@ -170,7 +170,7 @@ impl CausalLm for Gemma3 {
             let k = rope.apply_at(&k, &at)?;
             let (k, v) = cache.append(i, k, v)?;
             let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let a = attend(&q, &k, &v, scale, blk.window, at.keys.as_deref())?;
+            let a = attend(&q, &k, &v, scale, blk.window, at.rows.as_deref())?;
             let a = rms_norm(&blk.wo.forward(&a)?, &blk.post_attn_norm, eps)?;
             x = (x + a)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;

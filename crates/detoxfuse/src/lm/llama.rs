@@ -439,7 +439,7 @@ impl CausalLm for Llama {
             let k = self.rope.apply_at(&k, &at)?;
             let v = split_heads(&v, nkv, hd)?.contiguous()?;
             let (k, v) = cache.append(i, k, v)?;
-            let a = attend(&q, &k, &v, scale, None, at.keys.as_deref())?;
+            let a = attend(&q, &k, &v, scale, None, at.rows.as_deref())?;
             x = (x + blk.wo.forward(&a)?)?;
             let h = rms_norm(&x, &blk.ffn_norm, eps)?;
             let [gate, up] = blk.gate_up.forward(&h)?;

@@ -60,7 +60,6 @@ impl ModelInfo {
         Ok(attention::Positions {
             offset,
             rows: cache.row_lens().map(<[usize]>::to_vec),
-            keys: cache.ragged_keys(t),
         })
     }
 }
