@@ -260,7 +260,11 @@ fn invalid_requests_get_openai_errors_and_auth_is_enforced() {
 fn a_full_queue_answers_429_at_once_and_shutdown_finishes_in_flight_work() {
     let dir = tempfile::tempdir().unwrap();
     let (cal, a) = fusion_fixture(dir.path());
-    let s = serve(&cal, &a, &["--queue", "1"]);
+    let s = serve(
+        &cal,
+        &a,
+        &["--queue", "1", "--max-batch", "1", "--max-n", "1"],
+    );
     let p = s.port;
     let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":40,"alpha":0}"#;
     let handles: Vec<_> = (0..8)

@@ -73,25 +73,96 @@ impl CrossText {
     }
 }
 
-/// The calibration side of one batch row when tokenizers differ.
-#[derive(Clone)]
-struct CrossRow {
-    /// Text read so far (the target's tokens rendered to bytes) and its calibration ids.
-    text: CrossText,
-    cache: KvCache,
-    /// Final hidden state at the last calibration position, `(d_cal)`.
-    hidden: Tensor,
+/// The calibration model's side of a fused decoder.
+struct Calibration<'m> {
+    model: &'m dyn CausalLm,
+    /// `A` (`d_cal × d_target`), the LayerNorm's affine parameters and the scaling rule.
+    map: FusionMap,
+    /// (target tokenizer, calibration tokenizer) when they differ: the cross-tokenizer path.
+    cross: Option<(&'m Tokenizer, &'m Tokenizer)>,
 }
 
-enum CalState<'m> {
-    /// Same tokenizer: one batched cache fed the target's ids.
-    Shared { cache: KvCache },
-    /// Different tokenizers: per-row text, ids and cache.
-    Cross {
-        target_tok: &'m Tokenizer,
-        cal_tok: &'m Tokenizer,
-        rows: Vec<CrossRow>,
-    },
+/// The calibration model's state for the fused rows (α > 0) of the batch, in row order.
+struct CalRows {
+    /// One row per fused batch row; rows may differ in length (they joined at different
+    /// times, or, across tokenizers, read different numbers of calibration tokens).
+    cache: KvCache,
+    /// Cross-tokenizer path: each fused row's text and calibration ids (empty otherwise).
+    texts: Vec<CrossText>,
+    /// Cross-tokenizer path: each fused row's last hidden state `(rows, d_cal)` (a target token
+    /// that ends inside a character leaves it as it was).
+    hidden: Option<Tensor>,
+}
+
+impl CalRows {
+    fn new(n_layers: usize) -> Self {
+        Self {
+            cache: KvCache::new(n_layers),
+            texts: Vec::new(),
+            hidden: None,
+        }
+    }
+
+    /// Keeps the listed fused rows.
+    fn select(&mut self, keep: &[usize]) -> Result<()> {
+        self.cache.select_rows(keep)?;
+        if !self.texts.is_empty() {
+            self.texts = keep.iter().map(|&r| self.texts[r].clone()).collect();
+        }
+        self.hidden = match (&self.hidden, keep.is_empty()) {
+            (Some(h), false) => Some(h.index_select(&row_index(keep)?, 0)?),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// Adds rows read apart (a batch-1 cache made `n` rows by the caller).
+    fn append(
+        &mut self,
+        cache: KvCache,
+        text: Option<CrossText>,
+        hidden: Option<Tensor>,
+        n: usize,
+    ) -> Result<()> {
+        self.cache.append_rows(cache)?;
+        self.texts
+            .extend(text.into_iter().flat_map(|t| std::iter::repeat_n(t, n)));
+        if let Some(h) = hidden {
+            let h = h.repeat((n, 1))?;
+            self.hidden = Some(match self.hidden.take() {
+                Some(old) => Tensor::cat(&[old, h], 0)?,
+                None => h,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn row_index(rows: &[usize]) -> Result<Tensor> {
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(Tensor::from_vec(idx, rows.len(), &Device::Cpu)?)
+}
+
+/// A prompt read on its own before its rows join a running batch ([`FusedDecoder::begin`],
+/// [`FusedDecoder::prefill_some`], [`FusedDecoder::join`]): long prompts are read a chunk at
+/// a time, between the decode steps of the rows already running.
+pub struct Prefill {
+    ids: Vec<TokenId>,
+    read: usize,
+    alpha: f64,
+    tcache: KvCache,
+    /// Same tokenizer and α > 0: the calibration model reads the prompt alongside.
+    ccache: Option<KvCache>,
+    /// Last hidden states so far (target, calibration).
+    ht: Option<Tensor>,
+    hc: Option<Tensor>,
+}
+
+impl Prefill {
+    /// Prompt tokens not read yet.
+    pub fn remaining(&self) -> usize {
+        self.ids.len() - self.read
+    }
 }
 
 /// How the fused state is scaled.
@@ -116,14 +187,22 @@ pub fn keep_norm(h: &Tensor, h_target: &Tensor) -> Result<Tensor> {
 }
 
 /// Target + calibration model, fused before the target's LM head.
+///
+/// One decoder holds a batch of rows, each with its own α (0: the untouched target, and
+/// then no calibration work for that row). Through [`Decoder`] it decodes one prompt's
+/// samples at one α; for continuous batching ([`crate::serving`]) prompts are read apart
+/// ([`FusedDecoder::begin`]) and join the running batch at any step ([`FusedDecoder::join`]),
+/// and finished rows leave ([`Decoder::retain_rows`]).
 pub struct FusedDecoder<'m> {
     target: &'m dyn CausalLm,
-    cal: &'m dyn CausalLm,
-    /// `A` (`d_cal × d_target`), the LayerNorm's affine parameters and the scaling rule.
-    map: FusionMap,
+    /// `None`: only the plain target (every row at α 0).
+    cal: Option<Calibration<'m>>,
+    /// The α of [`Decoder::prefill`].
     alpha: f64,
     tcache: KvCache,
-    state: CalState<'m>,
+    /// Each batch row's α.
+    alphas: Vec<f64>,
+    crows: CalRows,
 }
 
 /// Parameter-free LayerNorm over the last dimension (eps 1e-5), from elementary ops so that
@@ -189,6 +268,31 @@ impl FusionMap {
     pub fn fuse(&self, h_target: &Tensor, h_cal: &Tensor, alpha: f64) -> Result<Tensor> {
         let m = self.mapped(h_cal)?;
         self.scaled(((m * alpha)? + (h_target * (1.0 - alpha))?)?, h_target)
+    }
+
+    /// [`FusionMap::fuse`] with one α per row (a batch whose requests asked for different
+    /// strengths). Rows at the same α get exactly what [`FusionMap::fuse`] gives them: α and
+    /// 1 − α are taken in f64, then rounded, as the scalar rule does.
+    pub fn fuse_per_row(
+        &self,
+        h_target: &Tensor,
+        h_cal: &Tensor,
+        alphas: &[f64],
+    ) -> Result<Tensor> {
+        match alphas {
+            [] => Ok(h_target.clone()),
+            [a, rest @ ..] if rest.iter().all(|b| b == a) => self.fuse(h_target, h_cal, *a),
+            _ => {
+                let column = |f: &dyn Fn(f64) -> f64| {
+                    let v: Vec<f32> = alphas.iter().map(|&a| f(a) as f32).collect();
+                    Tensor::from_vec(v, (alphas.len(), 1), &Device::Cpu)
+                };
+                let m = self.mapped(h_cal)?;
+                let h = (m.broadcast_mul(&column(&|a| a)?)?
+                    + h_target.broadcast_mul(&column(&|a| 1.0 - a)?)?)?;
+                self.scaled(h, h_target)
+            }
+        }
     }
 
     fn scaled(&self, h: Tensor, h_target: &Tensor) -> Result<Tensor> {
@@ -303,67 +407,216 @@ impl<'m> FusedDecoder<'m> {
                 "alignment A is {dc} x {dt} but the calibration model is {wc} wide and the target {wt}; run `detoxfuse align` for this pair"
             )));
         }
-        let state = match cross {
-            None => CalState::Shared {
-                cache: cal.new_cache(),
-            },
-            Some((target_tok, cal_tok)) => CalState::Cross {
-                target_tok,
-                cal_tok,
-                rows: Vec::new(),
-            },
-        };
         Ok(Self {
-            target,
-            cal,
-            map,
             alpha,
-            tcache: target.new_cache(),
-            state,
+            crows: CalRows::new(cal.info().n_layers),
+            cal: Some(Calibration {
+                model: cal,
+                map,
+                cross,
+            }),
+            ..Self::plain(target)
         })
+    }
+
+    /// The target alone: every row at α 0 (a server without a calibration model).
+    pub fn plain(target: &'m dyn CausalLm) -> Self {
+        Self {
+            target,
+            cal: None,
+            alpha: 0.0,
+            tcache: target.new_cache(),
+            alphas: Vec::new(),
+            crows: CalRows::new(0),
+        }
     }
 
     /// `KeepTargetNorm` rescales every fused state to the target state's RMS whatever the
     /// map was trained with (eval's `fusednorm` rows); `Paper` keeps the map's own rule (a
     /// map trained with the norm kept is always used with it).
     pub fn with_norm(mut self, norm: FusionNorm) -> Self {
-        if norm == FusionNorm::KeepTargetNorm {
-            self.map.norm = norm;
+        if let (FusionNorm::KeepTargetNorm, Some(c)) = (norm, self.cal.as_mut()) {
+            c.map.norm = norm;
         }
         self
     }
 
-    /// The calibration model's ids for each row (cross-tokenizer path; empty otherwise).
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.alphas.len()
+    }
+
+    /// The calibration model's ids for each fused row (cross-tokenizer path; empty otherwise).
     pub fn calibration_ids(&self) -> Vec<Vec<TokenId>> {
-        match &self.state {
-            CalState::Cross { rows, .. } => rows.iter().map(|r| r.text.ids().to_vec()).collect(),
-            CalState::Shared { .. } => Vec::new(),
+        self.crows.texts.iter().map(|t| t.ids().to_vec()).collect()
+    }
+
+    /// Starts reading `prompt` apart from the batch, for rows at `alpha`.
+    pub fn begin(&self, prompt: &[TokenId], alpha: f64) -> Result<Prefill> {
+        check_alpha(alpha)?;
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt has no tokens".into()));
         }
+        let shared_cal = match (&self.cal, alpha > 0.0) {
+            (_, false) => None,
+            (None, true) => {
+                return Err(Error::Input(format!(
+                "alpha {alpha} needs a calibration model, and this decoder has none: use alpha 0"
+            )))
+            }
+            (Some(c), true) => c.cross.is_none().then(|| c.model.new_cache()),
+        };
+        Ok(Prefill {
+            ids: prompt.to_vec(),
+            read: 0,
+            alpha,
+            tcache: self.target.new_cache(),
+            ccache: shared_cal,
+            ht: None,
+            hc: None,
+        })
     }
 
-    fn logits(&self, h_target: &Tensor, h_cal: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
-        let h = match h_cal {
-            Some(hc) => self.map.fuse(h_target, &hc, self.alpha)?,
-            None => h_target.clone(),
-        };
-        rows_of(&self.target.lm_head(&h)?)
+    /// Reads up to `budget` more of `p`'s prompt; returns how many tokens it read.
+    pub fn prefill_some(&self, p: &mut Prefill, budget: usize) -> Result<usize> {
+        let n = budget.min(p.remaining());
+        if n == 0 {
+            return Ok(0);
+        }
+        let chunk = ids_tensor(&[p.ids[p.read..p.read + n].to_vec()])?;
+        p.ht = Some(last(&self.target.forward_hidden(&chunk, &mut p.tcache)?)?);
+        if let (Some(c), Some(cache)) = (&self.cal, p.ccache.as_mut()) {
+            p.hc = Some(last(&c.model.forward_hidden(&chunk, cache)?)?);
+        }
+        p.read += n;
+        Ok(n)
     }
 
-    /// Advances a cross-tokenizer row by `bytes`, updating its ids, cache and last hidden state.
-    fn advance_row(
-        cal: &dyn CausalLm,
-        tok: &Tokenizer,
-        row: &mut CrossRow,
-        bytes: &[u8],
-    ) -> Result<()> {
-        let Some(keep) = row.text.push(tok, bytes)? else {
-            return Ok(());
+    /// Adds a fully read prompt to the end of the batch as `n` rows (its samples) and returns
+    /// the next-token logits they share.
+    pub fn join(&mut self, p: Prefill, n: usize) -> Result<Vec<f32>> {
+        let (Some(ht), 0) = (p.ht, p.ids.len() - p.read) else {
+            return Err(Error::Input(
+                "a prompt joins the batch only once it is read (FusedDecoder::prefill_some)".into(),
+            ));
         };
-        row.cache.truncate(keep)?;
-        let new = row.text.ids()[keep..].to_vec();
-        let h = cal.forward_hidden(&ids_tensor(&[new])?, &mut row.cache)?;
-        row.hidden = last(&h)?.squeeze(0)?;
-        Ok(())
+        if n == 0 {
+            return Err(Error::Input("a prompt joins as at least one row".into()));
+        }
+        let logits = match (&self.cal, p.alpha > 0.0) {
+            (Some(cal), true) => {
+                let (mut cache, hc, text) = match (cal.cross, p.ccache, p.hc) {
+                    (None, Some(cache), Some(hc)) => (cache, hc, None),
+                    (Some((ttok, ctok)), _, _) => {
+                        let bytes: Vec<u8> = p
+                            .ids
+                            .iter()
+                            .flat_map(|&t| ttok.token_bytes(t, false))
+                            .collect();
+                        let mut text = CrossText::default();
+                        text.push(ctok, &bytes)?;
+                        if text.ids().is_empty() {
+                            return Err(Error::Input(
+                                "the prompt has no text for the calibration model to read".into(),
+                            ));
+                        }
+                        let mut cache = cal.model.new_cache();
+                        let ids = ids_tensor(&[text.ids().to_vec()])?;
+                        let hc = last(&cal.model.forward_hidden(&ids, &mut cache)?)?;
+                        (cache, hc, Some(text))
+                    }
+                    _ => {
+                        return Err(Error::Input(
+                            "the prompt was read without its calibration side".into(),
+                        ))
+                    }
+                };
+                let logits =
+                    rows_of(&self.target.lm_head(&cal.map.fuse(&ht, &hc, p.alpha)?)?)?.remove(0);
+                if n > 1 {
+                    cache.repeat_batch(n)?;
+                }
+                let hidden = text.is_some().then_some(hc);
+                self.crows.append(cache, text, hidden, n)?;
+                logits
+            }
+            // The untouched target, computed exactly as the plain decoder does.
+            _ => rows_of(&self.target.lm_head(&ht)?)?.remove(0),
+        };
+        let mut tcache = p.tcache;
+        if n > 1 {
+            tcache.repeat_batch(n)?;
+        }
+        self.tcache.append_rows(tcache)?;
+        self.alphas.extend(std::iter::repeat_n(p.alpha, n));
+        Ok(logits)
+    }
+
+    /// The batch rows with α > 0, in order (the rows of the calibration state).
+    fn fused_rows(&self) -> Vec<usize> {
+        (0..self.rows()).filter(|&r| self.alphas[r] > 0.0).collect()
+    }
+
+    /// Feeds each fused row its token through the calibration model; returns their last
+    /// hidden states `(fused rows, d_cal)`.
+    fn calibration_step(
+        cal: &Calibration<'_>,
+        crows: &mut CalRows,
+        tokens: &[TokenId],
+    ) -> Result<Tensor> {
+        let Some((ttok, ctok)) = cal.cross else {
+            let ids: Vec<Vec<TokenId>> = tokens.iter().map(|&t| vec![t]).collect();
+            return last(
+                &cal.model
+                    .forward_hidden(&ids_tensor(&ids)?, &mut crows.cache)?,
+            );
+        };
+        // Across tokenizers each row re-reads its text; most rows then have one new
+        // calibration id, some none (a character not complete yet) and a few several (the
+        // text's tail tokenized differently). They run as one batch, one id per row a round;
+        // a row with nothing to read in a round reads a placeholder that is rolled back.
+        let mut fresh: Vec<Vec<TokenId>> = Vec::with_capacity(tokens.len());
+        for (r, (text, &t)) in crows.texts.iter_mut().zip(tokens).enumerate() {
+            match text.push(ctok, &ttok.token_bytes(t, false))? {
+                None => fresh.push(Vec::new()),
+                Some(keep) => {
+                    crows.cache.truncate_row(r, keep)?;
+                    fresh.push(text.ids()[keep..].to_vec());
+                }
+            }
+        }
+        let mut hidden = crows
+            .hidden
+            .take()
+            .ok_or_else(|| Error::Input("cross-tokenizer rows without hidden states".into()))?;
+        let rows = tokens.len();
+        for round in 0..fresh.iter().map(Vec::len).max().unwrap_or(0) {
+            let ids: Vec<Vec<TokenId>> = fresh
+                .iter()
+                .map(|f| vec![f.get(round).copied().unwrap_or(0)])
+                .collect();
+            let before: Vec<usize> = match crows.cache.row_lens() {
+                Some(l) => l.to_vec(),
+                None => vec![crows.cache.len(); rows],
+            };
+            let h = last(
+                &cal.model
+                    .forward_hidden(&ids_tensor(&ids)?, &mut crows.cache)?,
+            )?;
+            let mut pick = Vec::with_capacity(rows);
+            for (r, f) in fresh.iter().enumerate() {
+                if round < f.len() {
+                    pick.push((rows + r) as u32);
+                } else {
+                    crows.cache.truncate_row(r, before[r])?;
+                    pick.push(r as u32);
+                }
+            }
+            let pick = Tensor::from_vec(pick, rows, &Device::Cpu)?;
+            hidden = Tensor::cat(&[hidden, h], 0)?.index_select(&pick, 0)?;
+        }
+        crows.hidden = Some(hidden.clone());
+        Ok(hidden)
     }
 }
 
@@ -387,113 +640,85 @@ impl Decoder for FusedDecoder<'_> {
     }
 
     fn prefill(&mut self, prompt: &[TokenId]) -> Result<Vec<f32>> {
-        self.tcache = self.target.new_cache();
-        let ht = last(
-            &self
-                .target
-                .forward_hidden(&ids_tensor(&[prompt.to_vec()])?, &mut self.tcache)?,
-        )?;
-        if self.alpha == 0.0 {
-            // The untouched target, computed exactly as the plain decoder does.
-            return Ok(self.logits(&ht, None)?.remove(0));
-        }
-        let cal = self.cal;
-        let hc = match &mut self.state {
-            CalState::Shared { cache } => {
-                *cache = cal.new_cache();
-                last(&cal.forward_hidden(&ids_tensor(&[prompt.to_vec()])?, cache)?)?
-            }
-            CalState::Cross {
-                target_tok,
-                cal_tok,
-                rows,
-            } => {
-                let bytes: Vec<u8> = prompt
-                    .iter()
-                    .flat_map(|&t| target_tok.token_bytes(t, false))
-                    .collect();
-                let mut row = CrossRow {
-                    text: CrossText::default(),
-                    cache: cal.new_cache(),
-                    hidden: Tensor::zeros(
-                        cal.info().hidden_size,
-                        candle_core::DType::F32,
-                        &candle_core::Device::Cpu,
-                    )?,
-                };
-                Self::advance_row(cal, cal_tok, &mut row, &bytes)?;
-                if row.text.ids().is_empty() {
-                    return Err(Error::Input(
-                        "the prompt has no text for the calibration model to read".into(),
-                    ));
-                }
-                let h = row.hidden.unsqueeze(0)?;
-                *rows = vec![row];
-                h
-            }
-        };
-        Ok(self.logits(&ht, Some(hc))?.remove(0))
+        self.retain_rows(&[])?;
+        let mut p = self.begin(prompt, self.alpha)?;
+        self.prefill_some(&mut p, usize::MAX)?;
+        self.join(p, 1)
     }
 
     fn fork(&mut self, n: usize) -> Result<()> {
+        if self.rows() != 1 {
+            return Err(Error::Input(format!(
+                "fork needs one row (a prefilled prompt), the batch has {}",
+                self.rows()
+            )));
+        }
         self.tcache.repeat_batch(n)?;
-        if self.alpha == 0.0 {
-            return Ok(());
+        if self.alphas[0] > 0.0 {
+            let c = &mut self.crows;
+            c.cache.repeat_batch(n)?;
+            c.texts = c
+                .texts
+                .iter()
+                .flat_map(|t| std::iter::repeat_n(t.clone(), n))
+                .collect();
+            c.hidden = c.hidden.as_ref().map(|h| h.repeat((n, 1))).transpose()?;
         }
-        match &mut self.state {
-            CalState::Shared { cache } => cache.repeat_batch(n),
-            CalState::Cross { rows, .. } => {
-                let one = rows
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| Error::Input("fork before prefill".into()))?;
-                *rows = vec![one; n];
-                Ok(())
-            }
-        }
+        self.alphas = vec![self.alphas[0]; n];
+        Ok(())
     }
 
     fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
+        let fused = self.fused_rows();
         self.tcache.select_rows(keep)?;
-        if self.alpha == 0.0 {
-            return Ok(());
-        }
-        match &mut self.state {
-            CalState::Shared { cache } => cache.select_rows(keep),
-            CalState::Cross { rows, .. } => {
-                *rows = keep.iter().map(|&r| rows[r].clone()).collect();
-                Ok(())
+        if !fused.is_empty() {
+            let ckeep: Vec<usize> = keep
+                .iter()
+                .filter_map(|r| fused.binary_search(r).ok())
+                .collect();
+            if ckeep.len() < fused.len() {
+                self.crows.select(&ckeep)?;
             }
         }
+        self.alphas = keep.iter().map(|&r| self.alphas[r]).collect();
+        Ok(())
     }
 
     fn step(&mut self, tokens: &[TokenId]) -> Result<Vec<Vec<f32>>> {
+        if tokens.len() != self.rows() {
+            return Err(Error::Input(format!(
+                "a step feeds one token per row: {} tokens for {} rows",
+                tokens.len(),
+                self.rows()
+            )));
+        }
         let ids: Vec<Vec<TokenId>> = tokens.iter().map(|&t| vec![t]).collect();
         let ht = last(
             &self
                 .target
                 .forward_hidden(&ids_tensor(&ids)?, &mut self.tcache)?,
         )?;
-        if self.alpha == 0.0 {
-            return self.logits(&ht, None);
-        }
-        let cal = self.cal;
-        let hc = match &mut self.state {
-            CalState::Shared { cache } => last(&cal.forward_hidden(&ids_tensor(&ids)?, cache)?)?,
-            CalState::Cross {
-                target_tok,
-                cal_tok,
-                rows,
-            } => {
-                let mut hs = Vec::with_capacity(rows.len());
-                for (row, &t) in rows.iter_mut().zip(tokens) {
-                    Self::advance_row(cal, cal_tok, row, &target_tok.token_bytes(t, false))?;
-                    hs.push(row.hidden.clone());
-                }
-                Tensor::stack(&hs, 0)?
-            }
+        let fused = self.fused_rows();
+        let (Some(cal), false) = (&self.cal, fused.is_empty()) else {
+            return rows_of(&self.target.lm_head(&ht)?);
         };
-        self.logits(&ht, Some(hc))
+        let ftokens: Vec<TokenId> = fused.iter().map(|&r| tokens[r]).collect();
+        let hc = Self::calibration_step(cal, &mut self.crows, &ftokens)?;
+        let alphas: Vec<f64> = fused.iter().map(|&r| self.alphas[r]).collect();
+        let h = if fused.len() == tokens.len() {
+            cal.map.fuse_per_row(&ht, &hc, &alphas)?
+        } else {
+            // Plain rows keep the target's state exactly; fused rows take theirs.
+            let hf =
+                cal.map
+                    .fuse_per_row(&ht.index_select(&row_index(&fused)?, 0)?, &hc, &alphas)?;
+            let mut pick: Vec<usize> = (0..tokens.len()).collect();
+            for (j, &r) in fused.iter().enumerate() {
+                pick[r] = tokens.len() + j;
+            }
+            Tensor::cat(&[ht, hf], 0)?.index_select(&row_index(&pick)?, 0)?
+        };
+        rows_of(&self.target.lm_head(&h)?)
     }
 }
 

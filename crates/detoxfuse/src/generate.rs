@@ -188,6 +188,185 @@ fn releasable(bytes: &[u8], stops: &[String]) -> usize {
     valid - hold
 }
 
+/// The prompt a decoder reads: `prompt`, or the BOS token when it is empty; refused when it
+/// and `max_tokens` do not fit in `context`.
+pub fn prompt_ids(
+    tok: &Tokenizer,
+    prompt: &[TokenId],
+    max_tokens: usize,
+    context: usize,
+) -> Result<Vec<TokenId>> {
+    let prompt: Vec<TokenId> = if prompt.is_empty() {
+        tok.bos.map(|b| vec![b]).ok_or_else(|| {
+            Error::Input("the prompt is empty and the model has no BOS token to start from".into())
+        })?
+    } else {
+        prompt.to_vec()
+    };
+    if prompt.len() + max_tokens > context {
+        return Err(Error::ContextOverflow {
+            tokens: prompt.len(),
+            requested: max_tokens,
+            context,
+        });
+    }
+    Ok(prompt)
+}
+
+/// One request's samples while they decode: each sample's sampler, text so far, stop rules
+/// and the part of its text already shown. [`generate_streaming`] drives one of these; the
+/// serving scheduler drives many, whose rows share one batch.
+pub struct Samples {
+    stop_ids: Vec<TokenId>,
+    stop: Vec<String>,
+    max_tokens: usize,
+    samplers: Vec<Sampler>,
+    out: Vec<Generation>,
+    bytes: Vec<Vec<u8>>,
+    shown: Vec<usize>,
+    /// The sample each running row belongs to, in row order.
+    running: Vec<usize>,
+    drawn: usize,
+    cancelled: bool,
+}
+
+impl Samples {
+    pub fn new(tok: &Tokenizer, cfg: &GenerationConfig) -> Self {
+        let n = cfg.n;
+        let mut stop_ids = tok.stop_tokens();
+        stop_ids.extend(&cfg.stop_tokens);
+        Self {
+            stop_ids,
+            stop: cfg.stop.clone(),
+            max_tokens: cfg.max_tokens,
+            samplers: (0..n)
+                .map(|i| Sampler::new(&cfg.sampling, i as u64))
+                .collect(),
+            out: (0..n)
+                .map(|_| Generation {
+                    text: String::new(),
+                    token_ids: Vec::new(),
+                    finish_reason: FinishReason::Length,
+                })
+                .collect(),
+            bytes: vec![Vec::new(); n],
+            shown: vec![0; n],
+            running: if cfg.max_tokens == 0 {
+                Vec::new()
+            } else {
+                (0..n).collect()
+            },
+            drawn: 0,
+            cancelled: false,
+        }
+    }
+
+    /// Rows still decoding.
+    pub fn rows(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// The samplers of the running rows, in row order.
+    pub fn samplers(&mut self) -> Vec<&mut Sampler> {
+        let running = &self.running;
+        self.samplers
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| running.contains(i))
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// Draws each running row's next token from its logits, then [`Samples::take`]s them.
+    pub fn draw(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &[Vec<f32>],
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> (Vec<usize>, Vec<TokenId>) {
+        let drawn = sample_rows(&mut self.samplers(), logits);
+        self.take(tok, &drawn, on_text)
+    }
+
+    /// Takes the tokens drawn for the running rows (stop tokens and strings end a sample,
+    /// final text goes to `on_text(sample, delta)`, whose `false` cancels the request).
+    /// Returns which of the running rows go on (indices among them) and the token each is
+    /// fed next; none once the request is done.
+    pub fn take(
+        &mut self,
+        tok: &Tokenizer,
+        drawn: &[TokenId],
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> (Vec<usize>, Vec<TokenId>) {
+        let mut next = Vec::with_capacity(self.running.len());
+        let mut keep = Vec::with_capacity(self.running.len());
+        for ((row, &s), &t) in self.running.iter().enumerate().zip(drawn) {
+            let g = &mut self.out[s];
+            if self.stop_ids.contains(&t) {
+                g.finish_reason = FinishReason::Stop;
+                continue;
+            }
+            g.token_ids.push(t);
+            let bytes = &mut self.bytes[s];
+            bytes.extend(tok.token_bytes(t, false));
+            if !self.stop.is_empty() {
+                let text = String::from_utf8_lossy(bytes);
+                if let Some(cut) = self
+                    .stop
+                    .iter()
+                    .filter_map(|st| text.find(st.as_str()))
+                    .min()
+                {
+                    bytes.truncate(cut);
+                    g.finish_reason = FinishReason::Stop;
+                    continue;
+                }
+            }
+            next.push(t);
+            keep.push(row);
+            let upto = releasable(bytes, &self.stop);
+            if upto > self.shown[s] {
+                let delta = std::str::from_utf8(&bytes[self.shown[s]..upto]).unwrap_or_default();
+                self.shown[s] = upto;
+                if !on_text(s, delta) {
+                    self.cancelled = true;
+                }
+            }
+        }
+        self.drawn += 1;
+        if self.cancelled || self.drawn >= self.max_tokens {
+            keep.clear();
+            next.clear();
+        }
+        self.running = keep.iter().map(|&r| self.running[r]).collect();
+        (keep, next)
+    }
+
+    /// Stops every row now (the client left, or its time is up); what was generated stands.
+    pub fn cancel(&mut self) {
+        self.cancelled = true;
+        self.running.clear();
+    }
+
+    /// The continuations. Unless cancelled, the text still held back (a tail that did not
+    /// become a stop string, or a torn character) goes to `on_text` first.
+    pub fn finish(self, on_text: &mut dyn FnMut(usize, &str) -> bool) -> Vec<Generation> {
+        let mut out = self.out;
+        for (s, (g, b)) in out.iter_mut().zip(self.bytes).enumerate() {
+            g.text = String::from_utf8_lossy(&b).into_owned();
+            let rest = String::from_utf8_lossy(&b[self.shown[s].min(b.len())..]).into_owned();
+            if !self.cancelled && !rest.is_empty() {
+                on_text(s, &rest);
+            }
+        }
+        out
+    }
+}
+
 /// [`generate`], calling `on_text(sample, delta)` whenever a sample's text grows by text
 /// that is final (whole characters, never part of a stop string). The deltas of a sample
 /// concatenate to its final text. Returning `false` cancels the whole generation (e.g. the
@@ -203,110 +382,27 @@ pub fn generate_streaming(
     if cfg.n == 0 {
         return Err(Error::Input("n must be at least 1".into()));
     }
-    let prompt: Vec<TokenId> = if prompt.is_empty() {
-        tok.bos.map(|b| vec![b]).ok_or_else(|| {
-            Error::Input("the prompt is empty and the model has no BOS token to start from".into())
-        })?
-    } else {
-        prompt.to_vec()
-    };
-    let ctx = decoder.context_length();
-    if prompt.len() + cfg.max_tokens > ctx {
-        return Err(Error::ContextOverflow {
-            tokens: prompt.len(),
-            requested: cfg.max_tokens,
-            context: ctx,
-        });
-    }
-    let mut stop_ids = tok.stop_tokens();
-    stop_ids.extend(&cfg.stop_tokens);
-
+    let prompt = prompt_ids(tok, prompt, cfg.max_tokens, decoder.context_length())?;
     let first = decoder.prefill(&prompt)?;
-    let n = cfg.n;
-    let mut samplers: Vec<Sampler> = (0..n)
-        .map(|i| Sampler::new(&cfg.sampling, i as u64))
-        .collect();
-    let mut out: Vec<Generation> = (0..n)
-        .map(|_| Generation {
-            text: String::new(),
-            token_ids: Vec::new(),
-            finish_reason: FinishReason::Length,
-        })
-        .collect();
-    let mut bytes: Vec<Vec<u8>> = vec![Vec::new(); n];
-    let mut shown = vec![0usize; n];
-    if cfg.max_tokens == 0 {
-        return Ok(out);
-    }
-    if n > 1 {
-        decoder.fork(n)?;
-    }
-    // `active[r]` is the sample that batch row r belongs to.
-    let mut active: Vec<usize> = (0..n).collect();
-    let mut logits: Vec<Vec<f32>> = vec![first; n];
-    let mut cancelled = false;
-    for step in 0..cfg.max_tokens {
-        let mut next = Vec::with_capacity(active.len());
-        let mut keep = Vec::with_capacity(active.len());
-        let drawn = {
-            let mut rows: Vec<&mut Sampler> = samplers
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| active.contains(i))
-                .map(|(_, s)| s)
-                .collect();
-            sample_rows(&mut rows, &logits)
-        };
-        for ((row, &s), &t) in active.iter().enumerate().zip(&drawn) {
-            let g = &mut out[s];
-            if stop_ids.contains(&t) {
-                g.finish_reason = FinishReason::Stop;
-                continue;
+    let mut samples = Samples::new(tok, cfg);
+    if !samples.is_done() {
+        if cfg.n > 1 {
+            decoder.fork(cfg.n)?;
+        }
+        let mut logits: Vec<Vec<f32>> = vec![first; cfg.n];
+        loop {
+            let rows = samples.rows();
+            let (keep, next) = samples.draw(tok, &logits, on_text);
+            if keep.is_empty() {
+                break;
             }
-            g.token_ids.push(t);
-            bytes[s].extend(tok.token_bytes(t, false));
-            if !cfg.stop.is_empty() {
-                let text = String::from_utf8_lossy(&bytes[s]);
-                if let Some(cut) = cfg
-                    .stop
-                    .iter()
-                    .filter_map(|st| text.find(st.as_str()))
-                    .min()
-                {
-                    bytes[s].truncate(cut);
-                    g.finish_reason = FinishReason::Stop;
-                    continue;
-                }
+            if keep.len() < rows {
+                decoder.retain_rows(&keep)?;
             }
-            next.push(t);
-            keep.push(row);
-            let upto = releasable(&bytes[s], &cfg.stop);
-            if upto > shown[s] {
-                let delta = std::str::from_utf8(&bytes[s][shown[s]..upto]).unwrap_or_default();
-                shown[s] = upto;
-                if !on_text(s, delta) {
-                    cancelled = true;
-                }
-            }
-        }
-        if next.is_empty() || step + 1 == cfg.max_tokens || cancelled {
-            break;
-        }
-        if keep.len() < active.len() {
-            decoder.retain_rows(&keep)?;
-            active = keep.iter().map(|&r| active[r]).collect();
-        }
-        logits = decoder.step(&next)?;
-    }
-    for (s, (g, b)) in out.iter_mut().zip(bytes).enumerate() {
-        g.text = String::from_utf8_lossy(&b).into_owned();
-        // the rest: a held-back tail that did not become a stop string, or a torn character
-        let rest = String::from_utf8_lossy(&b[shown[s].min(b.len())..]).into_owned();
-        if !cancelled && !rest.is_empty() {
-            on_text(s, &rest);
+            logits = decoder.step(&next)?;
         }
     }
-    Ok(out)
+    Ok(samples.finish(on_text))
 }
 
 #[cfg(test)]

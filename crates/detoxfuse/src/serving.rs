@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::calibration::Fusion;
 use crate::error::{Error, Result};
-use crate::generate::{generate_streaming, Decoder, Generation, GenerationConfig, PlainDecoder};
+use crate::fuse::{FusedDecoder, Prefill};
+use crate::generate::{Decoder, Generation, GenerationConfig, Samples};
 use crate::lm::{CausalLm, TokenId};
 use crate::sample::SamplingParams;
 use crate::text::Tokenizer;
@@ -48,9 +49,17 @@ impl EventSink for std::sync::mpsc::Sender<JobEvent> {
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Limits {
-    /// Requests waiting for the model beyond the one running; more get 429 at once.
+    /// Requests waiting to join the running batch; more get 429 at once.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().queue))]
     pub queue: usize,
+    /// Most rows (samples of running requests) decoded in one step; a request that does not
+    /// fit waits, and those behind it too (first come, first served).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().max_batch))]
+    pub max_batch: usize,
+    /// Most prompt tokens read between two decode steps: a long prompt joins a chunk at a
+    /// time, so running requests keep a bounded step time.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Limits::default().prefill_chunk))]
+    pub prefill_chunk: usize,
     /// Seconds a request may take, queueing included (504 beyond; the job is cancelled).
     #[cfg_attr(feature = "clap", arg(long, value_name = "SECONDS", default_value = "300", value_parser = seconds))]
     pub timeout: Duration,
@@ -81,6 +90,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             queue: 16,
+            max_batch: 32,
+            prefill_chunk: 256,
             timeout: Duration::from_secs(300),
             max_n: 16,
             default_alpha: 0.2,
@@ -167,6 +178,15 @@ struct Job {
     deadline: Instant,
 }
 
+/// One place in the queue, given back on drop unless the job got into the queue.
+struct Waiting(Arc<Gauges>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Tokens held by a queued or running job; released on drop (done, skipped or refused).
 struct Cost {
     tokens: usize,
@@ -182,11 +202,36 @@ impl Drop for Cost {
 /// The handle requests go through (cheap to share: `&Engine` from any thread).
 pub struct Engine {
     queued_tokens: Arc<AtomicUsize>,
+    gauges: Arc<Gauges>,
     tok: Tokenizer,
     context: usize,
     fusion: bool,
     limits: Limits,
     queue: SyncSender<Job>,
+}
+
+/// What the worker shares with the handles.
+#[derive(Default)]
+struct Gauges {
+    /// Jobs submitted and not yet taken into the batch (or skipped).
+    waiting: AtomicUsize,
+    /// Rows in the batch after the last step.
+    rows: AtomicUsize,
+}
+
+/// The worker's load ([`Engine::load`]).
+#[derive(Clone)]
+pub struct Load(Arc<Gauges>);
+
+impl Load {
+    /// Rows in the running batch after the worker's last step.
+    pub fn rows(&self) -> usize {
+        self.0.rows.load(Ordering::Acquire)
+    }
+    /// Requests submitted and not yet in the batch.
+    pub fn waiting(&self) -> usize {
+        self.0.waiting.load(Ordering::Acquire)
+    }
 }
 
 /// The worker thread; [`Worker::join`] once every [`Engine`] is dropped.
@@ -211,6 +256,12 @@ impl Engine {
         if limits.queue == 0 {
             return Err(Error::Input("--queue must be at least 1".into()));
         }
+        if limits.max_batch < limits.max_n.max(1) || limits.prefill_chunk == 0 {
+            return Err(Error::Input(format!(
+                "--max-batch ({}) must hold a request of --max-n ({}) samples, and --prefill-chunk must be at least 1",
+                limits.max_batch, limits.max_n
+            )));
+        }
         if !(0.0..=1.0).contains(&limits.default_alpha) {
             return Err(Error::Input(format!(
                 "--alpha {} is outside [0, 1]",
@@ -218,8 +269,10 @@ impl Engine {
             )));
         }
         let (tx, rx) = sync_channel::<Job>(limits.queue);
+        let gauges = Arc::new(Gauges::default());
         let engine = Engine {
             queued_tokens: Arc::new(AtomicUsize::new(0)),
+            gauges: gauges.clone(),
             tok: tok.clone(),
             context: target.info().context_length,
             fusion: fusion.is_some(),
@@ -237,7 +290,10 @@ impl Engine {
         };
         let handle = std::thread::Builder::new()
             .name("detoxfuse-worker".into())
-            .spawn(move || worker(target, tok, fusion, rx))
+            .spawn({
+                let limits = engine.limits.clone();
+                move || worker(target, tok, fusion, rx, limits, gauges)
+            })
             .map_err(|e| Error::Input(format!("cannot start the serving worker: {e}")))?;
         Ok((engine, Worker(handle)))
     }
@@ -251,6 +307,11 @@ impl Engine {
     /// Whether a calibration is loaded (α > 0 allowed).
     pub fn has_fusion(&self) -> bool {
         self.fusion
+    }
+
+    /// The worker's load, readable from anywhere without holding the engine.
+    pub fn load(&self) -> Load {
+        Load(self.gauges.clone())
     }
 
     /// Checks `p` and tokenizes `text` (`chat`: special tokens of a chat template allowed;
@@ -384,6 +445,13 @@ impl Engine {
                 "the server is busy (too many tokens queued); retry shortly",
             ));
         }
+        let waiting = Waiting(self.gauges.clone());
+        if self.gauges.waiting.fetch_add(1, Ordering::AcqRel) >= self.limits.queue {
+            return Err(refuse(
+                RejectKind::Busy,
+                "the server is busy (request queue full); retry shortly",
+            ));
+        }
         let job = Job {
             cost,
             ids: p.ids.clone(),
@@ -393,7 +461,10 @@ impl Engine {
             deadline: Instant::now() + self.limits.timeout,
         };
         match self.queue.try_send(job) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                std::mem::forget(waiting); // the worker counts it down when it takes the job
+                Ok(())
+            }
             Err(TrySendError::Full(_)) => Err(refuse(
                 RejectKind::Busy,
                 "the server is busy (request queue full); retry shortly",
@@ -406,36 +477,244 @@ impl Engine {
     }
 }
 
-/// Runs jobs until every sender of the queue is gone.
-fn worker(target: Box<dyn CausalLm>, tok: Tokenizer, fusion: Option<Fusion>, jobs: Receiver<Job>) {
-    while let Ok(mut job) = jobs.recv() {
-        if job.events.is_closed() || Instant::now() > job.deadline {
-            continue; // the client is gone or out of time: skip the work
-        }
-        let deadline = job.deadline;
-        let result = (|| -> Result<Vec<Generation>> {
-            let mut dec: Box<dyn Decoder + '_> = match (&fusion, job.alpha) {
-                (Some(f), a) if a > 0.0 => Box::new(f.decoder(target.as_ref(), &tok, a)?),
-                _ => Box::new(PlainDecoder::new(target.as_ref())),
+/// A job whose rows are in the batch.
+struct Running {
+    job: Job,
+    samples: Samples,
+    /// The token each of its rows reads at the next step.
+    next: Vec<TokenId>,
+}
+
+/// What the worker does besides owning the models: the batch, the jobs in it, the one whose
+/// prompt is being read, and the next in line when there was no room for it.
+struct Scheduler<'m> {
+    dec: FusedDecoder<'m>,
+    tok: &'m Tokenizer,
+    running: Vec<Running>,
+    reading: Option<(Job, Prefill)>,
+    next_in_line: Option<Job>,
+    max_batch: usize,
+    prefill_chunk: usize,
+    gauges: Arc<Gauges>,
+}
+
+/// Sends `job` its text deltas; `false` once its listener is gone or its time is up.
+fn deltas(
+    events: &mut Box<dyn EventSink>,
+    deadline: Instant,
+) -> impl FnMut(usize, &str) -> bool + '_ {
+    move |index, text| {
+        events.send(JobEvent::Delta {
+            index,
+            text: text.to_string(),
+        }) && Instant::now() <= deadline
+    }
+}
+
+fn finish(r: Running) {
+    let Running {
+        mut job, samples, ..
+    } = r;
+    let deadline = job.deadline;
+    let gens = samples.finish(&mut deltas(&mut job.events, deadline));
+    drop(job.cost); // its tokens are free before the client hears it is done
+    let _ = job.events.send(JobEvent::Done(Ok(gens)));
+}
+
+fn fail(mut job: Job, e: &Error) {
+    drop(job.cost);
+    let _ = job.events.send(JobEvent::Done(Err(format!("{e:#}"))));
+}
+
+impl Scheduler<'_> {
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.reading.is_none() && self.next_in_line.is_none()
+    }
+
+    /// Takes jobs in FIFO order while the batch has room, reading their prompts with up to
+    /// `prefill_chunk` tokens of work; a prompt read in full joins the batch. Waits for a job
+    /// only when there is nothing else to do. `false` once the queue is closed and idle.
+    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+        let mut budget = self.prefill_chunk;
+        loop {
+            if self.reading.is_none() {
+                let job = match self.next_in_line.take() {
+                    Some(j) => j,
+                    None if self.idle() => match jobs.recv() {
+                        Ok(j) => j,
+                        Err(_) => return false,
+                    },
+                    None => match jobs.try_recv() {
+                        Ok(j) => j,
+                        Err(_) => return true,
+                    },
+                };
+                if job.events.is_closed() || Instant::now() > job.deadline {
+                    self.gauges.waiting.fetch_sub(1, Ordering::AcqRel);
+                    continue; // the client is gone or out of time: skip the work
+                }
+                if self.dec.rows() > 0 && self.dec.rows() + job.cfg.n > self.max_batch {
+                    self.next_in_line = Some(job);
+                    return true;
+                }
+                self.gauges.waiting.fetch_sub(1, Ordering::AcqRel);
+                match self.dec.begin(&job.ids, job.alpha) {
+                    Ok(p) => self.reading = Some((job, p)),
+                    Err(e) => fail(job, &e),
+                }
+                continue;
+            }
+            if budget == 0 {
+                return true;
+            }
+            let Some((_, p)) = self.reading.as_mut() else {
+                continue;
             };
-            let events = &mut job.events;
-            generate_streaming(
-                dec.as_mut(),
-                &tok,
-                &job.ids,
-                &job.cfg,
-                &mut |index, text| {
-                    events.send(JobEvent::Delta {
-                        index,
-                        text: text.to_string(),
-                    }) && Instant::now() <= deadline
-                },
-            )
-        })();
-        drop(job.cost); // its tokens are free before the client hears it is done
-        let _ = job
-            .events
-            .send(JobEvent::Done(result.map_err(|e| format!("{e:#}"))));
+            match self.dec.prefill_some(p, budget) {
+                Ok(read) => budget -= read.min(budget),
+                Err(e) => {
+                    let (job, _) = self.reading.take().expect("reading");
+                    fail(job, &e);
+                    continue;
+                }
+            }
+            if p.remaining() == 0 {
+                let (job, p) = self.reading.take().expect("reading");
+                self.join(job, p);
+            }
+        }
+    }
+
+    /// Adds a read prompt's rows to the batch and draws their first tokens.
+    fn join(&mut self, mut job: Job, p: Prefill) {
+        let mut samples = Samples::new(self.tok, &job.cfg);
+        if samples.is_done() {
+            // max_tokens 0: nothing to decode
+            return finish(Running {
+                job,
+                samples,
+                next: Vec::new(),
+            });
+        }
+        let n = job.cfg.n;
+        let first = match self.dec.join(p, n) {
+            Ok(l) => l,
+            Err(e) => return fail(job, &e),
+        };
+        let start = self.dec.rows() - n;
+        let deadline = job.deadline;
+        let (keep, next) = samples.draw(
+            self.tok,
+            &vec![first; n],
+            &mut deltas(&mut job.events, deadline),
+        );
+        if keep.len() < n {
+            let rows: Vec<usize> = (0..start).chain(keep.iter().map(|&r| start + r)).collect();
+            if let Err(e) = self.dec.retain_rows(&rows) {
+                return self.abort(&e);
+            }
+        }
+        let r = Running { job, samples, next };
+        if r.samples.is_done() {
+            finish(r);
+        } else {
+            self.running.push(r);
+        }
+    }
+
+    /// One decode step of every running row; finished, cancelled and timed-out rows leave.
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for r in &mut self.running {
+            if r.job.events.is_closed() || now > r.job.deadline {
+                r.samples.cancel();
+            }
+        }
+        let tokens: Vec<TokenId> = self
+            .running
+            .iter()
+            .flat_map(|r| r.next.iter().copied())
+            .collect();
+        let mut logits = match self.dec.step(&tokens) {
+            Ok(l) => l.into_iter(),
+            Err(e) => return self.abort(&e),
+        };
+        let mut keep = Vec::with_capacity(tokens.len());
+        let mut offset = 0;
+        let mut still = Vec::with_capacity(self.running.len());
+        for mut r in std::mem::take(&mut self.running) {
+            let rows = r.next.len();
+            let mine: Vec<Vec<f32>> = logits.by_ref().take(rows).collect();
+            if !r.samples.is_done() {
+                let deadline = r.job.deadline;
+                let (k, next) =
+                    r.samples
+                        .draw(self.tok, &mine, &mut deltas(&mut r.job.events, deadline));
+                keep.extend(k.iter().map(|&i| offset + i));
+                r.next = next;
+            }
+            offset += rows;
+            if r.samples.is_done() {
+                finish(r);
+            } else {
+                still.push(r);
+            }
+        }
+        self.running = still;
+        if keep.len() < tokens.len() {
+            if let Err(e) = self.dec.retain_rows(&keep) {
+                self.abort(&e);
+            }
+        }
+    }
+
+    /// Something went wrong inside the batch: every job in it ends with the error.
+    fn abort(&mut self, e: &Error) {
+        for r in std::mem::take(&mut self.running) {
+            fail(r.job, e);
+        }
+        let _ = self.dec.retain_rows(&[]);
+    }
+}
+
+/// Runs jobs until every sender of the queue is gone and the last job is done.
+fn worker(
+    target: Box<dyn CausalLm>,
+    tok: Tokenizer,
+    fusion: Option<Fusion>,
+    jobs: Receiver<Job>,
+    limits: Limits,
+    gauges: Arc<Gauges>,
+) {
+    let dec = match &fusion {
+        Some(f) => match f.decoder(target.as_ref(), &tok, 0.0) {
+            Ok(d) => d,
+            Err(e) => {
+                // Engine::start checked the pair; answer every job with the reason anyway.
+                while let Ok(job) = jobs.recv() {
+                    fail(job, &e);
+                }
+                return;
+            }
+        },
+        None => FusedDecoder::plain(target.as_ref()),
+    };
+    let mut s = Scheduler {
+        dec,
+        tok: &tok,
+        running: Vec::new(),
+        reading: None,
+        next_in_line: None,
+        max_batch: limits.max_batch,
+        prefill_chunk: limits.prefill_chunk,
+        gauges,
+    };
+    while s.admit(&jobs) {
+        s.step();
+        s.gauges.rows.store(s.dec.rows(), Ordering::Release);
     }
 }
 

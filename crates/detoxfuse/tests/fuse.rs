@@ -55,21 +55,38 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Greedy fused decoding for 10 steps; at every step the decoder's logits must equal
-/// recomputing both models from scratch on the full text.
-fn cached_equals_recompute(target_name: &str) {
+/// A target (f32 weights), the 3-layer calibration model (f32) and their tokenizers.
+struct F32Pair {
+    _dir: tempfile::TempDir,
+    target: Box<dyn CausalLm>,
+    cal: Box<dyn CausalLm>,
+    ttok: Tokenizer,
+    ctok: Tokenizer,
+}
+
+fn f32_pair(target_name: &str) -> F32Pair {
     let dir = tempfile::tempdir().unwrap();
     let cal_dir = calibration_dir(dir.path());
     let tpath = common::model(target_name);
-    let target = lm::load_with(&tpath, LoadOptions { dequantize: true }).unwrap();
-    let cal = lm::load_with(&cal_dir, LoadOptions { dequantize: true }).unwrap();
-    let ttok = Tokenizer::for_model(&tpath).unwrap();
-    let ctok = Tokenizer::for_model(&cal_dir).unwrap();
+    F32Pair {
+        target: lm::load_with(&tpath, LoadOptions { dequantize: true }).unwrap(),
+        cal: lm::load_with(&cal_dir, LoadOptions { dequantize: true }).unwrap(),
+        ttok: Tokenizer::for_model(&tpath).unwrap(),
+        ctok: Tokenizer::for_model(&cal_dir).unwrap(),
+        _dir: dir,
+    }
+}
+
+/// Greedy fused decoding for 10 steps; at every step the decoder's logits must equal
+/// recomputing both models from scratch on the full text.
+fn cached_equals_recompute(target_name: &str) {
+    let pair = f32_pair(target_name);
+    let (target, cal, ttok, ctok) = (&pair.target, &pair.cal, &pair.ttok, &pair.ctok);
     let shared = same_tokenizer(&ttok, &ctok);
     assert_eq!(shared, target_name == "smollm2");
     let a = random_a(cal.info().hidden_size, target.info().hidden_size);
     let alpha = 0.4;
-    let cross = (!shared).then_some((&ttok, &ctok));
+    let cross = (!shared).then_some((ttok, ctok));
     let mut dec = FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, alpha, cross).unwrap();
     let mut ids = ttok
         .encode("Our village café opened in 1987 —  and", false)
@@ -287,4 +304,93 @@ fn common_vocabulary_normalises_both_tokenizer_families() {
         assert_eq!(a.len(), 1, "{text:?}");
         assert!(sg.pairs.iter().any(|p| p.0 == a[0]), "{text:?} not common");
     }
+}
+
+/// Continuous batching: prompts read apart join a running batch at different steps, each
+/// with its own α (0 among them), and one row leaves; every row's logits at every step equal
+/// that prompt decoded alone at its α (f32 weights; greedy tokens from the alone run).
+fn joined_rows_decode_as_each_alone(target_name: &str) {
+    let pair = f32_pair(target_name);
+    let (target, cal, ttok, ctok) = (&pair.target, &pair.cal, &pair.ttok, &pair.ctok);
+    let cross = (!same_tokenizer(&ttok, &ctok)).then_some((ttok, ctok));
+    let a = random_a(cal.info().hidden_size, target.info().hidden_size);
+    // (prompt, α, step at which it joins)
+    let requests = [
+        ("The committee met on Tuesday to", 0.4, 0),
+        ("Über 3 Städte — and then", 0.0, 2),
+        ("Honestly, I think people who", 0.7, 3),
+    ];
+    const STEPS: usize = 8;
+    // Each prompt alone: its greedy tokens and the logits of every step.
+    let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = requests
+        .iter()
+        .map(|&(text, alpha, _)| {
+            let mut dec =
+                FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, alpha, cross).unwrap();
+            let mut logits = vec![dec.prefill(&ttok.encode(text, false).unwrap()).unwrap()];
+            let mut tokens = Vec::new();
+            for _ in 0..STEPS {
+                let t = detoxfuse::sample::argmax(logits.last().unwrap()) as u32;
+                tokens.push(t);
+                logits.push(dec.step(&[t]).unwrap().remove(0));
+            }
+            (tokens, logits)
+        })
+        .collect();
+    let mut batch = FusedDecoder::new(target.as_ref(), cal.as_ref(), &a, 0.0, cross).unwrap();
+    // rows: (request, how many of its steps done)
+    let mut rows: Vec<(usize, usize)> = Vec::new();
+    let mut worst = 0.0f32;
+    for step in 0..STEPS + 3 {
+        for (i, &(text, alpha, at)) in requests.iter().enumerate() {
+            if at == step {
+                let mut p = batch
+                    .begin(&ttok.encode(text, false).unwrap(), alpha)
+                    .unwrap();
+                while p.remaining() > 0 {
+                    batch.prefill_some(&mut p, 3).unwrap(); // chunks of 3 tokens
+                }
+                let first = batch.join(p, 1).unwrap();
+                worst = worst.max(max_diff(&first, &alone[i].1[0]));
+                rows.push((i, 0));
+            }
+        }
+        if step == 5 {
+            // the first request leaves
+            let keep: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].0 != 0).collect();
+            batch.retain_rows(&keep).unwrap();
+            rows = keep.iter().map(|&r| rows[r]).collect();
+        }
+        assert_eq!(batch.rows(), rows.len());
+        if rows.is_empty() {
+            break;
+        }
+        let tokens: Vec<u32> = rows.iter().map(|&(i, d)| alone[i].0[d]).collect();
+        let logits = batch.step(&tokens).unwrap();
+        for ((i, d), l) in rows.iter_mut().zip(&logits) {
+            *d += 1;
+            let diff = max_diff(l, &alone[*i].1[*d]);
+            assert!(
+                diff <= 1e-4,
+                "{target_name}: request {i} step {d} in the batch differs from alone by {diff}"
+            );
+            worst = worst.max(diff);
+        }
+        let finished: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].1 < STEPS).collect();
+        if finished.len() < rows.len() {
+            batch.retain_rows(&finished).unwrap();
+            rows = finished.iter().map(|&r| rows[r]).collect();
+        }
+    }
+    eprintln!("{target_name}: joined rows vs alone, largest difference {worst:e}");
+}
+
+#[test]
+fn joined_rows_with_their_own_alpha_decode_as_each_alone_same_tokenizer() {
+    joined_rows_decode_as_each_alone("smollm2");
+}
+
+#[test]
+fn joined_rows_with_their_own_alpha_decode_as_each_alone_cross_tokenizer() {
+    joined_rows_decode_as_each_alone("gemma3");
 }

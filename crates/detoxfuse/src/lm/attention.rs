@@ -160,8 +160,30 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keeps only the batch rows listed (e.g. samples that have not finished).
+    /// Rolls row `r` back to its first `len` positions (the others keep theirs); the rows then
+    /// differ in length until [`KvCache::settle`] finds them equal again.
+    pub fn truncate_row(&mut self, r: usize, len: usize) -> Result<()> {
+        let b = self.batch();
+        if r >= b {
+            return Err(Error::Input(format!(
+                "row {r} is outside this cache's {b} rows"
+            )));
+        }
+        if self.rows.is_empty() {
+            self.rows = vec![self.len; b];
+        }
+        self.rows[r] = self.rows[r].min(len);
+        self.settle();
+        Ok(())
+    }
+
+    /// Keeps only the batch rows listed (e.g. samples that have not finished); none left is
+    /// an empty cache.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            *self = Self::new(self.layers.len());
+            return Ok(());
+        }
         let idx = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
