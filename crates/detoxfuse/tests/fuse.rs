@@ -82,7 +82,7 @@ fn f32_pair(target_name: &str) -> F32Pair {
 fn cached_equals_recompute(target_name: &str) {
     let pair = f32_pair(target_name);
     let (target, cal, ttok, ctok) = (&pair.target, &pair.cal, &pair.ttok, &pair.ctok);
-    let shared = same_tokenizer(&ttok, &ctok);
+    let shared = same_tokenizer(ttok, ctok);
     assert_eq!(shared, target_name == "smollm2");
     let a = random_a(cal.info().hidden_size, target.info().hidden_size);
     let alpha = 0.4;
@@ -312,7 +312,7 @@ fn common_vocabulary_normalises_both_tokenizer_families() {
 fn joined_rows_decode_as_each_alone(target_name: &str) {
     let pair = f32_pair(target_name);
     let (target, cal, ttok, ctok) = (&pair.target, &pair.cal, &pair.ttok, &pair.ctok);
-    let cross = (!same_tokenizer(&ttok, &ctok)).then_some((ttok, ctok));
+    let cross = (!same_tokenizer(ttok, ctok)).then_some((ttok, ctok));
     let a = random_a(cal.info().hidden_size, target.info().hidden_size);
     // (prompt, α, step at which it joins)
     let requests = [
