@@ -371,6 +371,8 @@ pub struct Outcome {
     pub latency: std::time::Duration,
     /// 429/503 answers received before the final one.
     pub rejections: usize,
+    /// `usage.completion_tokens` of a 200 (0 when the answer has none).
+    pub completion_tokens: usize,
 }
 
 /// A load run: `requests` POSTs of `body` to `http://{host}{path}` from `concurrency`
@@ -386,8 +388,8 @@ pub struct Load<'a> {
     pub retry_busy: Option<std::time::Duration>,
 }
 
-/// One request; the status of the response.
-fn post(l: &Load) -> std::io::Result<u16> {
+/// One request; the status of the response and its `usage.completion_tokens`.
+fn post(l: &Load) -> std::io::Result<(u16, Option<usize>)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(l.host)?;
     let auth = l
@@ -404,18 +406,65 @@ fn post(l: &Load) -> std::io::Result<u16> {
     )?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    String::from_utf8_lossy(&resp)
+    let resp = String::from_utf8_lossy(&resp);
+    let status = resp
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status in the response"))
+        .ok_or_else(|| std::io::Error::other("no HTTP status in the response"))?;
+    let tokens = resp
+        .split_once("\"completion_tokens\":")
+        .and_then(|(_, rest)| {
+            let digits: String = rest
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        });
+    Ok((status, tokens))
 }
 
-/// Runs `l`; the outcomes in no particular order.
-pub fn load(l: &Load) -> Vec<Outcome> {
+/// The body of a `/v1/completions` request of the load runs (a fixed prompt, sampled at
+/// temperature 1, top-p 0.9); `alpha` is sent only when given (other servers lack it).
+pub fn completion_body(model: &str, max_tokens: usize, alpha: Option<f64>) -> String {
+    let mut body = serde_json::json!({
+        "model": model, "prompt": "The most important thing about a good neighbour is",
+        "max_tokens": max_tokens, "temperature": 1.0, "top_p": 0.9,
+    });
+    if let Some(alpha) = alpha {
+        body["alpha"] = alpha.into();
+    }
+    body.to_string()
+}
+
+/// A `kB` field of /proc/self/status (`VmRSS`, `VmHWM`), in MiB (0 where unavailable).
+pub fn proc_status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// What a load run gives back: each request's outcome, in no particular order, and this
+/// process's resident memory (MiB) after every 1,000 answers and at the end (a server started
+/// in the same process included).
+pub struct LoadRun {
+    pub outcomes: Vec<Outcome>,
+    pub rss_mib: Vec<(usize, f64)>,
+}
+
+/// Runs `l`.
+pub fn load(l: &Load) -> LoadRun {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
-    std::thread::scope(|sc| {
+    let answered = AtomicUsize::new(0);
+    let rss = std::sync::Mutex::new(Vec::new());
+    let outcomes = std::thread::scope(|sc| {
         let workers: Vec<_> = (0..l.concurrency.max(1))
             .map(|_| {
                 sc.spawn(|| {
@@ -423,10 +472,10 @@ pub fn load(l: &Load) -> Vec<Outcome> {
                     while next.fetch_add(1, Ordering::Relaxed) < l.requests {
                         let t = Instant::now();
                         let mut rejections = 0;
-                        let status = loop {
+                        let answer = loop {
                             let s = post(l).ok();
                             match (l.retry_busy, s) {
-                                (Some(pause), Some(429) | Some(503)) => {
+                                (Some(pause), Some((429 | 503, _))) => {
                                     rejections += 1;
                                     std::thread::sleep(pause);
                                 }
@@ -434,10 +483,16 @@ pub fn load(l: &Load) -> Vec<Outcome> {
                             }
                         };
                         out.push(Outcome {
-                            status,
+                            status: answer.map(|a| a.0),
                             latency: t.elapsed(),
                             rejections,
+                            completion_tokens: answer.and_then(|a| a.1).unwrap_or(0),
                         });
+                        let done = answered.fetch_add(1, Ordering::AcqRel) + 1;
+                        if done.is_multiple_of(1000) {
+                            let mut rss = rss.lock().unwrap_or_else(|e| e.into_inner());
+                            rss.push((done, proc_status_mib("VmRSS")));
+                        }
                     }
                     out
                 })
@@ -446,8 +501,12 @@ pub fn load(l: &Load) -> Vec<Outcome> {
         workers
             .into_iter()
             .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
-    })
+            .collect::<Vec<_>>()
+    });
+    let mut rss_mib = rss.into_inner().unwrap_or_else(|e| e.into_inner());
+    rss_mib.sort_by_key(|r| r.0);
+    rss_mib.push((outcomes.len(), proc_status_mib("VmRSS")));
+    LoadRun { outcomes, rss_mib }
 }
 
 /// The `p` quantile (0..=1) of sorted durations (zero for none).
@@ -464,7 +523,6 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
 pub struct LoadSummary {
     pub requests: usize,
     pub wall: std::time::Duration,
-    pub tokens_per_request: usize,
     /// Responses per status ("connection error" for none).
     pub counts: std::collections::BTreeMap<String, usize>,
     /// Latencies of the 200s and of the final 429/503s, sorted.
@@ -472,10 +530,17 @@ pub struct LoadSummary {
     pub busy: Vec<std::time::Duration>,
     /// 429/503 answers that were retried (with `retry_busy`).
     pub retried: usize,
+    /// Completion tokens the 200s report (`usage.completion_tokens`).
+    pub completion_tokens: usize,
+    /// Resident memory (MiB) of this process after every 1,000 answers and at the end.
+    pub rss_mib: Vec<(usize, f64)>,
+    /// Peak resident memory (MiB) of this process so far.
+    pub peak_rss_mib: f64,
 }
 
 impl LoadSummary {
-    pub fn new(outcomes: &[Outcome], wall: std::time::Duration, tokens_per_request: usize) -> Self {
+    pub fn new(run: &LoadRun, wall: std::time::Duration) -> Self {
+        let outcomes = &run.outcomes;
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         for o in outcomes {
             let k = o
@@ -495,12 +560,23 @@ impl LoadSummary {
         Self {
             requests: outcomes.len(),
             wall,
-            tokens_per_request,
             counts,
             ok: latencies(|s| s == Some(200)),
             busy: latencies(|s| matches!(s, Some(429) | Some(503))),
             retried: outcomes.iter().map(|o| o.rejections).sum(),
+            completion_tokens: outcomes
+                .iter()
+                .filter(|o| o.status == Some(200))
+                .map(|o| o.completion_tokens)
+                .sum(),
+            rss_mib: run.rss_mib.clone(),
+            peak_rss_mib: proc_status_mib("VmHWM"),
         }
+    }
+
+    /// Completion tokens per second of wall time (what the 200s report generating).
+    pub fn tokens_per_second(&self) -> f64 {
+        self.completion_tokens as f64 / self.wall.as_secs_f64().max(1e-9)
     }
 
     /// Responses that were neither 200 nor a deliberate 429/503 (errors of the server).
@@ -519,10 +595,10 @@ impl std::fmt::Display for LoadSummary {
         let ms = |v: &[std::time::Duration], p| percentile(v, p).as_secs_f64() * 1e3;
         writeln!(
             f,
-            "completed (200): {} = {:.2} req/s, {:.1} generated tok/s; latency p50 {:.0} ms, p99 {:.0} ms",
+            "completed (200): {} = {:.2} req/s, {:.1} completion tok/s (usage.completion_tokens); latency p50 {:.0} ms, p99 {:.0} ms",
             self.ok.len(),
             self.ok.len() as f64 / secs,
-            (self.ok.len() * self.tokens_per_request) as f64 / secs,
+            self.tokens_per_second(),
             ms(&self.ok, 0.5),
             ms(&self.ok, 0.99)
         )?;
@@ -537,6 +613,154 @@ impl std::fmt::Display for LoadSummary {
         if self.retried > 0 {
             write!(f, "\n429/503 answers retried: {}", self.retried)?;
         }
+        let rss: Vec<String> = self
+            .rss_mib
+            .iter()
+            .map(|(n, m)| format!("{n}: {m:.0}"))
+            .collect();
+        write!(
+            f,
+            "\nresident MiB after N answers (this process): {}; peak {:.0}",
+            rss.join(", "),
+            self.peak_rss_mib
+        )
+    }
+}
+
+/// One cell of a load matrix: a server, an α and a concurrency.
+#[derive(Debug, Clone)]
+pub struct LoadCell {
+    pub server: String,
+    pub alpha: Option<f64>,
+    pub concurrency: usize,
+    pub summary: LoadSummary,
+}
+
+impl std::fmt::Display for LoadCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let alpha = self
+            .alpha
+            .map_or("server default".into(), |x| x.to_string());
+        let (n, wall) = (self.summary.requests, self.summary.wall.as_secs_f64());
+        writeln!(
+            f,
+            "{}: {n} requests at concurrency {}, alpha {alpha}, in {wall:.1} s",
+            self.server, self.concurrency
+        )?;
+        write!(f, "{}", self.summary)
+    }
+}
+
+/// Load runs over servers × α × concurrency, measured in one process one after another, so
+/// that ratios between cells are comparable ([`std::fmt::Display`]: a markdown table with
+/// each cell's throughput ÷ the same server and α at the lowest concurrency, ÷ α 0 at the
+/// same concurrency, and ÷ the first server's at the same α and concurrency).
+#[derive(Debug, Clone, Default)]
+pub struct LoadTable(pub Vec<LoadCell>);
+
+impl std::fmt::Display for LoadTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tps = |pred: &dyn Fn(&LoadCell) -> bool| {
+            self.0
+                .iter()
+                .find(|c| pred(c))
+                .map(|c| c.summary.tokens_per_second())
+        };
+        let ratio = |x: f64, base: Option<f64>| {
+            base.filter(|b| *b > 0.0)
+                .map_or("–".to_string(), |b| format!("{:.2}×", x / b))
+        };
+        let lowest = self.0.iter().map(|c| c.concurrency).min().unwrap_or(1);
+        let first = self.0.first().map(|c| c.server.clone()).unwrap_or_default();
+        writeln!(f, "| server | α | concurrency | requests | 200 | completion tok/s | ÷ concurrency {lowest} | ÷ α 0 | ÷ {first} | p50 ms | p99 ms | 429/503 |")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for c in &self.0 {
+            let s = &c.summary;
+            let t = s.tokens_per_second();
+            let same = |o: &LoadCell| {
+                o.server == c.server && o.alpha.unwrap_or(0.0) == c.alpha.unwrap_or(0.0)
+            };
+            let ms = |v: &[std::time::Duration], p| percentile(v, p).as_secs_f64() * 1e3;
+            writeln!(
+                f,
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {:.0} | {} |",
+                c.server,
+                c.alpha.map_or("default".into(), |a| a.to_string()),
+                c.concurrency,
+                s.requests,
+                s.ok.len(),
+                t,
+                ratio(t, tps(&|o| same(o) && o.concurrency == lowest)),
+                ratio(
+                    t,
+                    tps(&|o| o.server == c.server
+                        && o.concurrency == c.concurrency
+                        && o.alpha.unwrap_or(0.0) == 0.0)
+                ),
+                ratio(
+                    t,
+                    tps(&|o| o.server == first
+                        && o.concurrency == c.concurrency
+                        && o.alpha.unwrap_or(0.0) == c.alpha.unwrap_or(0.0))
+                ),
+                ms(&s.ok, 0.5),
+                ms(&s.ok, 0.99),
+                s.busy.len() + s.retried,
+            )?;
+        }
         Ok(())
     }
+}
+
+/// A server of a load matrix: its name, `host:port`, and the α of each of its cells (`None`:
+/// the request carries no alpha).
+pub struct LoadServer {
+    pub name: String,
+    pub host: String,
+    pub alphas: Vec<Option<f64>>,
+}
+
+/// What every cell of a load matrix sends ([`completion_body`]) and how.
+pub struct LoadPlan<'a> {
+    pub model: &'a str,
+    pub max_tokens: usize,
+    pub requests: usize,
+    pub concurrency: &'a [usize],
+    pub api_key: Option<&'a str>,
+    pub retry_busy: Option<std::time::Duration>,
+}
+
+/// Runs every server × α × concurrency cell one after another; `on_cell` sees each as it ends.
+pub fn load_matrix(
+    servers: &[LoadServer],
+    plan: &LoadPlan,
+    on_cell: &mut dyn FnMut(&LoadCell),
+) -> LoadTable {
+    let mut table = LoadTable::default();
+    for s in servers {
+        for &alpha in &s.alphas {
+            for &concurrency in plan.concurrency {
+                let body = completion_body(plan.model, plan.max_tokens, alpha);
+                let t0 = Instant::now();
+                let run = load(&Load {
+                    host: &s.host,
+                    path: "/v1/completions",
+                    body: &body,
+                    api_key: plan.api_key,
+                    requests: plan.requests,
+                    concurrency,
+                    retry_busy: plan.retry_busy,
+                });
+                let cell = LoadCell {
+                    server: s.name.clone(),
+                    alpha,
+                    concurrency,
+                    summary: LoadSummary::new(&run, t0.elapsed()),
+                };
+                on_cell(&cell);
+                table.0.push(cell);
+            }
+        }
+    }
+    table
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::fuse::{FusedDecoder, Prefill};
 use crate::generate::{Decoder, Generation, GenerationConfig, Samples};
 use crate::lm::{CausalLm, TokenId};
-use crate::sample::SamplingParams;
+use crate::sample::{sample_rows, SamplingParams};
 use crate::text::Tokenizer;
 
 /// What a job reports, in order: deltas, then one `Done`.
@@ -638,21 +638,38 @@ impl Scheduler<'_> {
             .iter()
             .flat_map(|r| r.next.iter().copied())
             .collect();
-        let mut logits = match self.dec.step(&tokens) {
-            Ok(l) => l.into_iter(),
+        let logits = match self.dec.step(&tokens) {
+            Ok(l) => l,
             Err(e) => return self.abort(&e),
         };
+        // Every live row's token is drawn in one parallel pass (most jobs have one row).
+        let drawn = {
+            let mut live = Vec::with_capacity(logits.len());
+            let mut samplers = Vec::with_capacity(logits.len());
+            let mut rows = logits.into_iter();
+            for r in &mut self.running {
+                let mine = rows.by_ref().take(r.next.len());
+                if r.samples.is_done() {
+                    mine.for_each(drop);
+                } else {
+                    live.extend(mine);
+                    samplers.extend(r.samples.samplers());
+                }
+            }
+            sample_rows(&mut samplers, &live)
+        };
+        let mut drawn = drawn.into_iter();
         let mut keep = Vec::with_capacity(tokens.len());
         let mut offset = 0;
         let mut still = Vec::with_capacity(self.running.len());
         for mut r in std::mem::take(&mut self.running) {
             let rows = r.next.len();
-            let mine: Vec<Vec<f32>> = logits.by_ref().take(rows).collect();
             if !r.samples.is_done() {
+                let mine: Vec<TokenId> = drawn.by_ref().take(rows).collect();
                 let deadline = r.job.deadline;
                 let (k, next) =
                     r.samples
-                        .draw(self.tok, &mine, &mut deltas(&mut r.job.events, deadline));
+                        .take(self.tok, &mine, &mut deltas(&mut r.job.events, deadline));
                 keep.extend(k.iter().map(|&i| offset + i));
                 r.next = next;
             }

@@ -68,14 +68,7 @@ pub fn measure(
 
 /// VmHWM from /proc/self/status (0 where unavailable).
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::bench::proc_status_mib("VmHWM")
 }
 
 /// What `detoxfuse bench train` reports: our training speed and PyTorch's on the same

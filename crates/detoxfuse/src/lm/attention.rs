@@ -7,10 +7,11 @@ use crate::error::{Error, Result};
 
 /// Keys and values of every layer for a batch of sequences.
 ///
-/// Each layer's K and V live in a buffer `(batch, kv_heads, capacity, head_dim)` that grows by
-/// doubling; a step writes its positions in place and attention reads a view of the first
-/// `len` positions. (Concatenating per step instead copies the whole cache every token, which
-/// measured as most of the time of batched decoding.)
+/// Each layer's K and V live in a buffer `(row capacity, kv_heads, capacity, head_dim)` that
+/// grows by doubling in both; a step writes its positions in place and attention reads a view
+/// of the first `batch` rows and `len` positions. (Concatenating per step instead copies the
+/// whole cache every token, which measured as most of the time of batched decoding; and
+/// reallocating when a sequence joins or leaves a running batch copied every row each time.)
 ///
 /// Rows usually advance in lockstep. After [`KvCache::append_rows`] (sequences prefilled
 /// apart, then decoded together) each row has a length of its own: decode steps (one new
@@ -18,6 +19,8 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Rows in use (the first `batch` of each buffer).
+    batch: usize,
     /// Positions filled in the buffers: every row's length in lockstep, the longest row's
     /// otherwise.
     len: usize,
@@ -37,16 +40,37 @@ impl Clone for KvCache {
                 .iter()
                 .map(|l| l.as_ref().map(|(k, v)| (copy(k), copy(v))))
                 .collect(),
+            batch: self.batch,
             len: self.len,
             rows: self.rows.clone(),
         }
     }
 }
 
+/// A new buffer of `rows × positions` holding `parts` (each `(its rows, first positions)` of a
+/// buffer) one after another.
+fn gather(parts: &[(&Tensor, usize, usize)], rows: usize, positions: usize) -> Result<Tensor> {
+    let (_, h, _, d) = parts[0].0.dims4()?;
+    let out = Tensor::zeros((rows, h, positions, d), parts[0].0.dtype(), &Device::Cpu)?;
+    let mut at = 0;
+    for &(t, r, len) in parts {
+        if r > 0 && len > 0 {
+            out.narrow(0, at, r)?.slice_set(
+                &t.narrow(0, 0, r)?.narrow(2, 0, len)?.contiguous()?,
+                2,
+                0,
+            )?;
+        }
+        at += r;
+    }
+    Ok(out)
+}
+
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            batch: 0,
             len: 0,
             rows: Vec::new(),
         }
@@ -57,8 +81,13 @@ impl KvCache {
         (!self.rows.is_empty()).then_some(self.rows.as_slice())
     }
 
+    fn is_unfilled(&self) -> bool {
+        self.layers.iter().all(Option::is_none)
+    }
+
     /// Adds `other`'s rows after this cache's (e.g. a request prefilled on its own joining
-    /// a running batch); the rows keep their own lengths.
+    /// a running batch); the rows keep their own lengths. Only `other`'s rows are copied
+    /// while the buffers have room for them.
     pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
         if other.layers.len() != self.layers.len() {
             return Err(Error::Input(format!(
@@ -67,33 +96,39 @@ impl KvCache {
                 self.layers.len()
             )));
         }
-        if self.layers.iter().all(Option::is_none) {
+        if self.is_unfilled() {
             *self = other;
             return Ok(());
         }
-        if other.layers.iter().all(Option::is_none) {
+        if other.is_unfilled() {
             return Ok(());
         }
         let mut rows = self.row_lens_or_lockstep();
         rows.extend(other.row_lens_or_lockstep());
         let len = self.len.max(other.len);
+        let (b1, b2) = (self.batch, other.batch);
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            let (Some((ak, av)), Some((bk, bv))) = (mine.as_ref(), theirs) else {
+            let (Some((ak, av)), Some((bk, bv))) = (mine.as_mut(), theirs) else {
                 return Err(Error::Input(
                     "cannot merge caches whose layers are not all filled".into(),
                 ));
             };
-            let (b1, h, c1, d) = ak.dims4()?;
-            let (b2, _, c2, _) = bk.dims4()?;
-            let cap = c1.max(c2);
-            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-                let out = Tensor::zeros((b1 + b2, h, cap, d), a.dtype(), &Device::Cpu)?;
-                out.narrow(0, 0, b1)?.slice_set(&a.contiguous()?, 2, 0)?;
-                out.narrow(0, b1, b2)?.slice_set(&b.contiguous()?, 2, 0)?;
-                Ok(out)
-            };
-            *mine = Some((join(ak, &bk)?, join(av, &bv)?));
+            let (row_cap, _, cap, _) = ak.dims4()?;
+            if b1 + b2 <= row_cap && len <= cap {
+                for (dst, src) in [(&*ak, &bk), (&*av, &bv)] {
+                    let src = src
+                        .narrow(0, 0, b2)?
+                        .narrow(2, 0, other.len)?
+                        .contiguous()?;
+                    dst.narrow(0, b1, b2)?.slice_set(&src, 2, 0)?;
+                }
+            } else {
+                let (row_cap, cap) = ((b1 + b2).next_power_of_two(), cap.max(bk.dim(2)?));
+                *ak = gather(&[(ak, b1, self.len), (&bk, b2, other.len)], row_cap, cap)?;
+                *av = gather(&[(av, b1, self.len), (&bv, b2, other.len)], row_cap, cap)?;
+            }
         }
+        self.batch = b1 + b2;
         self.len = len;
         self.rows = rows;
         self.settle();
@@ -128,11 +163,11 @@ impl KvCache {
 
     /// Sequences in the batch (1 for an empty cache).
     pub fn batch(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .next()
-            .map_or(1, |(k, _)| k.dim(0).unwrap_or(1))
+        if self.is_unfilled() {
+            1
+        } else {
+            self.batch
+        }
     }
 
     /// Forgets every position from `len` on (roll back), keeping the first `len`.
@@ -140,22 +175,6 @@ impl KvCache {
         self.len = self.len.min(len);
         for r in &mut self.rows {
             *r = (*r).min(len);
-        }
-        Ok(())
-    }
-
-    /// Turns a batch-1 cache (a processed prompt) into `n` identical rows, so that `n`
-    /// samples continue the same prefix without recomputing it.
-    pub fn repeat_batch(&mut self, n: usize) -> Result<()> {
-        if self.batch() != 1 {
-            return Err(Error::Input(format!(
-                "repeat_batch needs a batch-1 cache, this one holds {}",
-                self.batch()
-            )));
-        }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.repeat((n, 1, 1, 1))?;
-            *v = v.repeat((n, 1, 1, 1))?;
         }
         Ok(())
     }
@@ -177,22 +196,72 @@ impl KvCache {
         Ok(())
     }
 
+    /// Turns a batch-1 cache (a processed prompt) into `n` identical rows, so that `n`
+    /// samples continue the same prefix without recomputing it.
+    pub fn repeat_batch(&mut self, n: usize) -> Result<()> {
+        if self.batch() != 1 {
+            return Err(Error::Input(format!(
+                "repeat_batch needs a batch-1 cache, this one holds {}",
+                self.batch()
+            )));
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(0, 0, 1)?.repeat((n, 1, 1, 1))?;
+            *v = v.narrow(0, 0, 1)?.repeat((n, 1, 1, 1))?;
+        }
+        if !self.is_unfilled() {
+            self.batch = n;
+        }
+        Ok(())
+    }
+
     /// Keeps only the batch rows listed (e.g. samples that have not finished); none left is
-    /// an empty cache.
+    /// an empty cache. Rows listed in order move down in place, in runs, over their filled
+    /// positions only; any other list is gathered into new buffers.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {
             *self = Self::new(self.layers.len());
             return Ok(());
         }
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            &Device::Cpu,
-        )?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        let b = self.batch();
+        if let Some(&r) = rows.iter().find(|&&r| r >= b) {
+            return Err(Error::Input(format!(
+                "row {r} is outside this cache's {b} rows"
+            )));
         }
+        let in_order = rows.windows(2).all(|w| w[0] < w[1]);
+        let len = self.len;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            for t in [k, v] {
+                if in_order {
+                    // Runs of rows that move by the same amount, copied once each (through a
+                    // temporary: a buffer cannot be read and written in one call).
+                    let mut j = 0;
+                    while j < rows.len() {
+                        let mut end = j + 1;
+                        while end < rows.len() && rows[end] == rows[j] + (end - j) {
+                            end += 1;
+                        }
+                        if rows[j] != j && len > 0 {
+                            let run = t
+                                .narrow(0, rows[j], end - j)?
+                                .narrow(2, 0, len)?
+                                .force_contiguous()?;
+                            t.narrow(0, j, end - j)?.slice_set(&run, 2, 0)?;
+                        }
+                        j = end;
+                    }
+                } else {
+                    let idx = Tensor::from_vec(
+                        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                        rows.len(),
+                        &Device::Cpu,
+                    )?;
+                    *t = t.index_select(&idx, 0)?;
+                }
+            }
+        }
+        self.batch = rows.len();
         if !self.rows.is_empty() {
             self.rows = rows.iter().map(|&r| self.rows[r]).collect();
             // the longest row that is left
@@ -216,11 +285,19 @@ impl KvCache {
                 "rows of different lengths append one position a step, not {t}"
             )));
         }
+        if self.is_unfilled() {
+            self.batch = b;
+        } else if b != self.batch {
+            return Err(Error::Input(format!(
+                "a step of {b} rows on a cache of {} rows",
+                self.batch
+            )));
+        }
         let need = self.len + t;
         let slot = &mut self.layers[layer];
         let grow = match slot {
             None => true,
-            Some((bk, _)) => bk.dim(2)? < need || bk.dim(0)? != b,
+            Some((bk, _)) => bk.dim(2)? < need || bk.dim(0)? < b,
         };
         if grow {
             let cap = need.next_power_of_two().max(INITIAL_CAPACITY);
@@ -228,13 +305,15 @@ impl KvCache {
             let nv = Tensor::zeros((b, h, cap, d), v.dtype(), &Device::Cpu)?;
             if let Some((ok, ov)) = slot.as_ref() {
                 if self.len > 0 {
-                    nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    let old = |t: &Tensor| t.narrow(0, 0, b)?.narrow(2, 0, self.len)?.contiguous();
+                    nk.slice_set(&old(ok)?, 2, 0)?;
+                    nv.slice_set(&old(ov)?, 2, 0)?;
                 }
             }
             *slot = Some((nk, nv));
         }
         let (bk, bv) = slot.as_ref().expect("allocated above");
+        let (bk, bv) = (bk.narrow(0, 0, b)?, bv.narrow(0, 0, b)?);
         if self.rows.is_empty() {
             bk.slice_set(&k.contiguous()?, 2, self.len)?;
             bv.slice_set(&v.contiguous()?, 2, self.len)?;
@@ -503,4 +582,63 @@ pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
 /// Root-mean-square normalisation over the last dimension (inference only: fused op).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    /// A one-layer cache of `b` rows holding `t` positions of distinct values.
+    fn filled(b: usize, t: usize, base: f32) -> KvCache {
+        let mut c = KvCache::new(1);
+        let n = b * 2 * t * 3;
+        let v: Vec<f32> = (0..n).map(|i| base + i as f32).collect();
+        let k = Tensor::from_vec(v, (b, 2, t, 3), &Device::Cpu).unwrap();
+        c.append(0, k.clone(), (k * 2.0).unwrap()).unwrap();
+        c.advance(t);
+        c
+    }
+
+    fn rows_of(c: &KvCache) -> Vec<Vec<f32>> {
+        let (k, _) = c.layers[0].as_ref().unwrap();
+        (0..c.batch())
+            .map(|r| {
+                k.narrow(0, r, 1)
+                    .unwrap()
+                    .narrow(2, 0, c.len())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Rows that leave are closed up in place (in order) or gathered (any other order), and
+    /// rows that join use the buffers' spare rows: each row keeps exactly its own values.
+    #[test]
+    fn rows_leave_and_join_keeping_their_own_values() {
+        let mut c = filled(5, 4, 0.0);
+        let before = rows_of(&c);
+        c.select_rows(&[0, 2, 3]).unwrap();
+        assert_eq!(
+            rows_of(&c),
+            vec![before[0].clone(), before[2].clone(), before[3].clone()]
+        );
+        // 3 of the buffer's 5 rows in use: a 2-row cache joins without a new buffer
+        let joining = filled(2, 4, 1000.0);
+        let new_rows = rows_of(&joining);
+        let buffer = c.layers[0].as_ref().unwrap().0.dims4().unwrap().0;
+        c.append_rows(joining).unwrap();
+        assert_eq!(c.layers[0].as_ref().unwrap().0.dims4().unwrap().0, buffer);
+        let mut want = vec![before[0].clone(), before[2].clone(), before[3].clone()];
+        want.extend(new_rows);
+        assert_eq!(rows_of(&c), want);
+        c.select_rows(&[4, 1]).unwrap();
+        assert_eq!(rows_of(&c), vec![want[4].clone(), want[1].clone()]);
+        assert!(c.select_rows(&[2]).is_err(), "row 2 of 2 rows");
+        c.select_rows(&[]).unwrap();
+        assert_eq!((c.batch(), c.len()), (1, 0));
+    }
 }
