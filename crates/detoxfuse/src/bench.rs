@@ -451,11 +451,20 @@ pub fn proc_status_mib(field: &str) -> f64 {
 }
 
 /// What a load run gives back: each request's outcome, in no particular order, and this
-/// process's resident memory (MiB) after every 1,000 answers and at the end (a server started
-/// in the same process included).
+/// process's peak resident memory (MiB) in each window of 1,000 answers (a server started in
+/// the same process included; the last window may be shorter).
+///
+/// Peaks per window, not samples: what a sample shows depends on what the server's batch
+/// holds at that instant (a full batch's KV buffers are hundreds of MiB, freed when it
+/// empties), while every window sees the batch full; a leak makes the peaks climb.
 pub struct LoadRun {
     pub outcomes: Vec<Outcome>,
     pub rss_mib: Vec<(usize, f64)>,
+}
+
+/// Starts a new peak-RSS window for this process (Linux: `/proc/self/clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Runs `l`.
@@ -491,7 +500,8 @@ pub fn load(l: &Load) -> LoadRun {
                         let done = answered.fetch_add(1, Ordering::AcqRel) + 1;
                         if done.is_multiple_of(1000) {
                             let mut rss = rss.lock().unwrap_or_else(|e| e.into_inner());
-                            rss.push((done, proc_status_mib("VmRSS")));
+                            rss.push((done, proc_status_mib("VmHWM")));
+                            reset_peak_rss();
                         }
                     }
                     out
@@ -505,7 +515,9 @@ pub fn load(l: &Load) -> LoadRun {
     });
     let mut rss_mib = rss.into_inner().unwrap_or_else(|e| e.into_inner());
     rss_mib.sort_by_key(|r| r.0);
-    rss_mib.push((outcomes.len(), proc_status_mib("VmRSS")));
+    if !outcomes.len().is_multiple_of(1000) {
+        rss_mib.push((outcomes.len(), proc_status_mib("VmHWM")));
+    }
     LoadRun { outcomes, rss_mib }
 }
 
@@ -532,9 +544,10 @@ pub struct LoadSummary {
     pub retried: usize,
     /// Completion tokens the 200s report (`usage.completion_tokens`).
     pub completion_tokens: usize,
-    /// Resident memory (MiB) of this process after every 1,000 answers and at the end.
+    /// Peak resident memory (MiB) of this process in each window of 1,000 answers
+    /// ([`LoadRun`]), keyed by the answers so far.
     pub rss_mib: Vec<(usize, f64)>,
-    /// Peak resident memory (MiB) of this process so far.
+    /// The highest of those peaks.
     pub peak_rss_mib: f64,
 }
 
@@ -570,7 +583,7 @@ impl LoadSummary {
                 .map(|o| o.completion_tokens)
                 .sum(),
             rss_mib: run.rss_mib.clone(),
-            peak_rss_mib: proc_status_mib("VmHWM"),
+            peak_rss_mib: run.rss_mib.iter().map(|r| r.1).fold(0.0, f64::max),
         }
     }
 
@@ -620,7 +633,7 @@ impl std::fmt::Display for LoadSummary {
             .collect();
         write!(
             f,
-            "\nresident MiB after N answers (this process): {}; peak {:.0}",
+            "\npeak resident MiB of this process in each window up to N answers: {}; highest {:.0}",
             rss.join(", "),
             self.peak_rss_mib
         )
