@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::calibration::Fusion;
 use crate::error::{Error, Result};
 use crate::fuse::{FusedDecoder, Prefill};
-use crate::generate::{Decoder, Generation, GenerationConfig, Samples};
+use crate::generate::{prompt_ids, Decoder, Generation, GenerationConfig, Samples};
 use crate::lm::{CausalLm, TokenId};
 use crate::sample::{sample_rows, SamplingParams};
 use crate::text::Tokenizer;
@@ -558,7 +558,13 @@ impl Scheduler<'_> {
                     return true;
                 }
                 self.gauges.waiting.fetch_sub(1, Ordering::AcqRel);
-                match self.dec.begin(&job.ids, job.alpha) {
+                let ids = prompt_ids(
+                    self.tok,
+                    &job.ids,
+                    job.cfg.max_tokens,
+                    self.dec.context_length(),
+                );
+                match ids.and_then(|ids| self.dec.begin(&ids, job.alpha)) {
                     Ok(p) => self.reading = Some((job, p)),
                     Err(e) => fail(job, &e),
                 }

@@ -88,6 +88,28 @@ fn a_request_streams_its_deltas_then_the_same_text_as_generate() {
         g.iter().map(|x| x.text.clone()).collect::<Vec<_>>()
     };
     assert_eq!(texts(&gens), texts(&direct));
+    // An empty prompt starts from the BOS token, as `generate` does.
+    let empty = engine
+        .prepare(
+            &Params {
+                max_tokens: Some(3),
+                ..Params::default()
+            },
+            "",
+            false,
+        )
+        .unwrap();
+    let (tx, rx) = channel();
+    engine.submit(&empty, Box::new(tx)).unwrap();
+    let (_, gens) = drain(&rx);
+    let direct = generate(
+        &mut PlainDecoder::new(model.as_ref()),
+        &tok,
+        &[],
+        &empty.cfg,
+    )
+    .unwrap();
+    assert_eq!(texts(&gens), texts(&direct));
     drop(engine);
     worker.join().unwrap();
 }
