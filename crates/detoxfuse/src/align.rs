@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, IoContext, Result};
 use crate::gguf::GgufFile;
-use crate::lm::{self, CausalLm, TokenId};
+use crate::lm::{self, take_rows, CausalLm, TokenId};
 use crate::text::vocab::CommonVocab;
 use crate::text::Tokenizer;
 
@@ -335,11 +335,6 @@ pub fn hidden_pairs(
     })
 }
 
-fn rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
-    let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    Ok(t.index_select(&Tensor::from_vec(i, idx.len(), t.device())?, 0)?)
-}
-
 /// Accuracy@1 of retrieving each `y` row from its mapped `x` row among all `y` rows (cosine).
 pub fn retrieval_at_1(a: &Tensor, x: &Tensor, y: &Tensor) -> Result<f64> {
     let n = x.dim(0)?;
@@ -424,8 +419,14 @@ pub fn train(
             cfg.negatives
         )));
     }
-    let (x, y) = (rows(&pairs.x, &train_idx)?, rows(&pairs.y, &train_idx)?);
-    let (hx, hy) = (rows(&pairs.x, &held_idx)?, rows(&pairs.y, &held_idx)?);
+    let (x, y) = (
+        take_rows(&pairs.x, &train_idx)?,
+        take_rows(&pairs.y, &train_idx)?,
+    );
+    let (hx, hy) = (
+        take_rows(&pairs.x, &held_idx)?,
+        take_rows(&pairs.y, &held_idx)?,
+    );
     let (dc, dt) = (x.dim(1)?, y.dim(1)?);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let a = Var::from_tensor(&initial_a(dc, dt, &mut rng)?)?;
@@ -462,9 +463,9 @@ pub fn train(
                     v
                 })
                 .collect();
-            let mapped = rows(&x, chunk)?.matmul(a.as_tensor())?; // (b, dt)
-            let pos = (&mapped * rows(&y, chunk)?)?.sum_keepdim(1)?; // (b, 1)
-            let negs = rows(&y, &neg)?.reshape((b, cfg.negatives, dt))?;
+            let mapped = take_rows(&x, chunk)?.matmul(a.as_tensor())?; // (b, dt)
+            let pos = (&mapped * take_rows(&y, chunk)?)?.sum_keepdim(1)?; // (b, 1)
+            let negs = take_rows(&y, &neg)?.reshape((b, cfg.negatives, dt))?;
             let sneg = negs.matmul(&mapped.unsqueeze(2)?)?.squeeze(2)?; // (b, K)
             let scores = Tensor::cat(&[&pos, &sneg], 1)?;
             let target = Tensor::zeros(b, DType::U32, &Device::Cpu)?;

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::generate::{rows_of, Decoder};
-use crate::lm::{ids_tensor, CausalLm, KvCache, TokenId};
+use crate::lm::{ids_tensor, take_rows, CausalLm, KvCache, TokenId};
 use crate::text::Tokenizer;
 
 /// The calibration tokenizer's reading of a byte stream that grows by the target's tokens
@@ -110,7 +110,7 @@ impl CalRows {
             self.texts = keep.iter().map(|&r| self.texts[r].clone()).collect();
         }
         self.hidden = match (&self.hidden, keep.is_empty()) {
-            (Some(h), false) => Some(h.index_select(&row_index(keep)?, 0)?),
+            (Some(h), false) => Some(take_rows(h, keep)?),
             _ => None,
         };
         Ok(())
@@ -136,11 +136,6 @@ impl CalRows {
         }
         Ok(())
     }
-}
-
-fn row_index(rows: &[usize]) -> Result<Tensor> {
-    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    Ok(Tensor::from_vec(idx, rows.len(), &Device::Cpu)?)
 }
 
 /// A prompt read on its own before its rows join a running batch ([`FusedDecoder::begin`],
@@ -595,10 +590,7 @@ impl<'m> FusedDecoder<'m> {
                 .iter()
                 .map(|f| vec![f.get(round).copied().unwrap_or(0)])
                 .collect();
-            let before: Vec<usize> = match crows.cache.row_lens() {
-                Some(l) => l.to_vec(),
-                None => vec![crows.cache.len(); rows],
-            };
+            let before = crows.cache.row_lengths();
             let h = last(
                 &cal.model
                     .forward_hidden(&ids_tensor(&ids)?, &mut crows.cache)?,
@@ -606,14 +598,13 @@ impl<'m> FusedDecoder<'m> {
             let mut pick = Vec::with_capacity(rows);
             for (r, f) in fresh.iter().enumerate() {
                 if round < f.len() {
-                    pick.push((rows + r) as u32);
+                    pick.push(rows + r);
                 } else {
                     crows.cache.truncate_row(r, before[r])?;
-                    pick.push(r as u32);
+                    pick.push(r);
                 }
             }
-            let pick = Tensor::from_vec(pick, rows, &Device::Cpu)?;
-            hidden = Tensor::cat(&[hidden, h], 0)?.index_select(&pick, 0)?;
+            hidden = take_rows(&Tensor::cat(&[hidden, h], 0)?, &pick)?;
         }
         crows.hidden = Some(hidden.clone());
         Ok(hidden)
@@ -709,14 +700,14 @@ impl Decoder for FusedDecoder<'_> {
             cal.map.fuse_per_row(&ht, &hc, &alphas)?
         } else {
             // Plain rows keep the target's state exactly; fused rows take theirs.
-            let hf =
-                cal.map
-                    .fuse_per_row(&ht.index_select(&row_index(&fused)?, 0)?, &hc, &alphas)?;
+            let hf = cal
+                .map
+                .fuse_per_row(&take_rows(&ht, &fused)?, &hc, &alphas)?;
             let mut pick: Vec<usize> = (0..tokens.len()).collect();
             for (j, &r) in fused.iter().enumerate() {
                 pick[r] = tokens.len() + j;
             }
-            Tensor::cat(&[ht, hf], 0)?.index_select(&row_index(&pick)?, 0)?
+            take_rows(&Tensor::cat(&[ht, hf], 0)?, &pick)?
         };
         rows_of(&self.target.lm_head(&h)?)
     }

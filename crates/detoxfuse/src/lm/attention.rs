@@ -66,6 +66,12 @@ fn gather(parts: &[(&Tensor, usize, usize)], rows: usize, positions: usize) -> R
     Ok(out)
 }
 
+/// Rows `rows` of `t` (along its first dimension), in that order.
+pub fn take_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(t.index_select(&Tensor::from_vec(idx, rows.len(), t.device())?, 0)?)
+}
+
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
@@ -103,8 +109,8 @@ impl KvCache {
         if other.is_unfilled() {
             return Ok(());
         }
-        let mut rows = self.row_lens_or_lockstep();
-        rows.extend(other.row_lens_or_lockstep());
+        let mut rows = self.row_lengths();
+        rows.extend(other.row_lengths());
         let len = self.len.max(other.len);
         let (b1, b2) = (self.batch, other.batch);
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
@@ -145,7 +151,8 @@ impl KvCache {
         }
     }
 
-    fn row_lens_or_lockstep(&self) -> Vec<usize> {
+    /// Each row's length, whether the rows differ or not.
+    pub fn row_lengths(&self) -> Vec<usize> {
         match self.row_lens() {
             Some(r) => r.to_vec(),
             None => vec![self.len; self.batch()],
@@ -252,12 +259,7 @@ impl KvCache {
                         j = end;
                     }
                 } else {
-                    let idx = Tensor::from_vec(
-                        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                        rows.len(),
-                        &Device::Cpu,
-                    )?;
-                    *t = t.index_select(&idx, 0)?;
+                    *t = take_rows(t, rows)?;
                 }
             }
         }
@@ -407,11 +409,9 @@ impl Rope {
     /// Rotates `x` of shape `(b, heads, 1, head_dim)` whose row `r` is at `positions[r]`.
     pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let idx = Tensor::from_vec(idx, b, &Device::Cpu)?;
         let half = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&idx, 0)?.reshape((b, 1, half))?;
-        let sin = self.sin.index_select(&idx, 0)?.reshape((b, 1, half))?;
+        let cos = take_rows(&self.cos, positions)?.reshape((b, 1, half))?;
+        let sin = take_rows(&self.sin, positions)?.reshape((b, 1, half))?;
         self.rotate(x, &cos, &sin)
     }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use attention::{KvCache, Positions};
+pub use attention::{take_rows, KvCache, Positions};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
