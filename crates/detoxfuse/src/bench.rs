@@ -673,11 +673,13 @@ pub struct LoadTable(pub Vec<LoadCell>);
 
 impl std::fmt::Display for LoadTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tps = |pred: &dyn Fn(&LoadCell) -> bool| {
+        // A cell without alpha (another server) counts as α 0.
+        let alpha = |c: &LoadCell| c.alpha.unwrap_or(0.0);
+        let tps = |server: &str, a: f64, concurrency: usize| {
             self.0
                 .iter()
-                .find(|c| pred(c))
-                .map(|c| c.summary.tokens_per_second())
+                .find(|o| o.server == server && alpha(o) == a && o.concurrency == concurrency)
+                .map(|o| o.summary.tokens_per_second())
         };
         let ratio = |x: f64, base: Option<f64>| {
             base.filter(|b| *b > 0.0)
@@ -687,13 +689,10 @@ impl std::fmt::Display for LoadTable {
         let first = self.0.first().map(|c| c.server.clone()).unwrap_or_default();
         writeln!(f, "| server | α | concurrency | requests | 200 | completion tok/s | ÷ concurrency {lowest} | ÷ α 0 | ÷ {first} | p50 ms | p99 ms | 429/503 |")?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        let ms = |v: &[std::time::Duration], p| percentile(v, p).as_secs_f64() * 1e3;
         for c in &self.0 {
             let s = &c.summary;
             let t = s.tokens_per_second();
-            let same = |o: &LoadCell| {
-                o.server == c.server && o.alpha.unwrap_or(0.0) == c.alpha.unwrap_or(0.0)
-            };
-            let ms = |v: &[std::time::Duration], p| percentile(v, p).as_secs_f64() * 1e3;
             writeln!(
                 f,
                 "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {:.0} | {} |",
@@ -703,19 +702,9 @@ impl std::fmt::Display for LoadTable {
                 s.requests,
                 s.ok.len(),
                 t,
-                ratio(t, tps(&|o| same(o) && o.concurrency == lowest)),
-                ratio(
-                    t,
-                    tps(&|o| o.server == c.server
-                        && o.concurrency == c.concurrency
-                        && o.alpha.unwrap_or(0.0) == 0.0)
-                ),
-                ratio(
-                    t,
-                    tps(&|o| o.server == first
-                        && o.concurrency == c.concurrency
-                        && o.alpha.unwrap_or(0.0) == c.alpha.unwrap_or(0.0))
-                ),
+                ratio(t, tps(&c.server, alpha(c), lowest)),
+                ratio(t, tps(&c.server, 0.0, c.concurrency)),
+                ratio(t, tps(&first, alpha(c), c.concurrency)),
                 ms(&s.ok, 0.5),
                 ms(&s.ok, 0.99),
                 s.busy.len() + s.retried,
