@@ -203,6 +203,66 @@ fn eval_reports_every_method_and_resumes_without_redoing_work() {
     assert_clean_failure(&o, "another seed");
 }
 
+/// Rows already written were made with one calibration: resuming the directory with another
+/// (a retrained or upgraded default) is refused instead of mixing two models under one
+/// `fused-aX` name, and a rerun that does not load the calibration keeps its record.
+#[test]
+fn eval_refuses_to_resume_fused_rows_with_another_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = dir.path().join("cal");
+    detoxfuse::hub::install_shipped(&cal).unwrap();
+    let (p, cal_s) = (prompts(dir.path()), cal.to_string_lossy().into_owned());
+    let out_s = dir.path().join("run").to_string_lossy().into_owned();
+    let args = |methods: &str| -> Vec<String> {
+        [
+            "eval",
+            "--prompts",
+            &p,
+            "--methods",
+            methods,
+            "--alphas",
+            "0.3",
+            "--calibration",
+            &cal_s,
+            "-k",
+            "2",
+            "--max-tokens",
+            "5",
+            "--no-perplexity",
+            "--out",
+            &out_s,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let o = run_s(&args("fused"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_s(&args("base"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_s(&args("fused"));
+    assert!(
+        o.status.success(),
+        "the same calibration resumes: {}",
+        stderr(&o)
+    );
+
+    // Another calibration that loads: the last value of SmolLM2's map moved in its last bit
+    // (f16, little-endian: the low byte of the mantissa), its manifest updated to match.
+    let key = "SmolLM2-135M-Instruct.Q4_1";
+    let map = cal.join(format!("targets/{key}.safetensors"));
+    let mut bytes = std::fs::read(&map).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 1;
+    std::fs::write(&map, bytes).unwrap();
+    let manifest = cal.join(format!("targets/{key}.json"));
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["map_sha256"] = detoxfuse::fetch::sha256_path(&map).unwrap().into();
+    std::fs::write(&manifest, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let o = run_s(&args("fused"));
+    assert_clean_failure(&o, "holds rows made with another calibration");
+}
+
 #[test]
 fn eval_refuses_bad_prompt_files_and_the_target_as_its_own_evaluator() {
     let dir = tempfile::tempdir().unwrap();

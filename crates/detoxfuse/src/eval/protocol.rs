@@ -321,10 +321,10 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         "temperature": (a.temperature as f64 * 1e6).round() / 1e6, "seed": a.seed,
         "target": target_id, "evaluator": evaluator_id,
         "perplexity_samples_per_prompt": per_prompt_ppl,
-        "calibration": fusion.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
-        "paper_calibration": paper.as_ref().map(|f| serde_json::json!({"dir": f.calibration, "alignment": f.alignment})),
-        "anti_expert": anti.as_ref().map(|(d, ..)| d),
-        "expert": anti.as_ref().map(|(_, _, e, _)| e),
+        "calibration": fusion.as_ref().map(fusion_id).transpose()?,
+        "paper_calibration": paper.as_ref().map(fusion_id).transpose()?,
+        "anti_expert": anti.as_ref().map(|(d, ..)| model_id(d)).transpose()?,
+        "expert": anti.as_ref().map(|(_, _, e, _)| model_id(e)).transpose()?,
         "word_list": banned.as_ref().map(|b| serde_json::json!({
             "package": format!("npm {}@{}", baselines::BAD_WORDS.package, baselines::BAD_WORDS.version),
             "sha256": baselines::BAD_WORDS.sha256, "licence": baselines::BAD_WORDS.licence,
@@ -332,6 +332,7 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         "scorer": crate::calibrate::prepare::SCORER,
     });
     // a rerun must continue the same experiment: refuse changed settings
+    let mut config = config;
     let run_path = out.join("run.json");
     if run_path.exists() {
         let text =
@@ -360,6 +361,7 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
                 )));
             }
         }
+        keep_model_records(&out, &old, &mut config)?;
     }
     crate::atomic::write(&run_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
 
@@ -494,6 +496,47 @@ fn gens_of(
     let mut g = harness::read_samples(&gen_path(out, m))?;
     g.retain(|l, _| lines.contains(l));
     Ok(g)
+}
+
+/// The models behind the fused, paper and DExperts rows, as `run.json` records them.
+const MODEL_RECORDS: [&str; 4] = ["calibration", "paper_calibration", "anti_expert", "expert"];
+
+/// Rows already written were made with the models `old` records: a rerun that loads another
+/// model under the same record (other bytes: a retrained or upgraded default, say) would
+/// mix two models under one method name, so it is refused; a model this rerun does not load
+/// keeps its record, so a later rerun is still checked against it. Records written before
+/// the hashes existed are not checked.
+fn keep_model_records(
+    out: &Path,
+    old: &serde_json::Value,
+    new: &mut serde_json::Value,
+) -> Result<()> {
+    for key in MODEL_RECORDS {
+        let (was, now) = (&old[key], &new[key]);
+        if now.is_null() {
+            new[key] = was.clone();
+        } else if was.get("sha256").is_some()
+            && (was["sha256"] != now["sha256"]
+                || was["alignment_sha256"] != now["alignment_sha256"])
+        {
+            return Err(Error::Input(format!(
+                "{} holds rows made with another {key} ({was} vs now {now}): use another --out, or \
+                 delete the generations/ and fluency/ files of the rows that use it to redo them",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A fusion's record: its calibration directory and alignment (or map) file, with their hashes.
+fn fusion_id(f: &calibration::Fusion) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "dir": f.calibration,
+        "alignment": f.alignment,
+        "sha256": crate::fetch::sha256_path(&f.calibration)?,
+        "alignment_sha256": crate::fetch::sha256_path(&f.alignment)?,
+    }))
 }
 
 fn model_id(path: &Path) -> Result<serde_json::Value> {
