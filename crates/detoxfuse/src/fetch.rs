@@ -138,6 +138,39 @@ pub fn sha256_path(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The sha256 of a trained model's weights: every `.safetensors` file under `dir` (sub-
+/// directories too), each file's path relative to `dir` and its bytes, in path order. Two runs
+/// that trained the same bytes have the same digest although their manifests (paths, timings)
+/// differ, which [`sha256_path`] would count.
+pub fn sha256_weights(dir: &Path) -> Result<String> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+        for e in std::fs::read_dir(dir).ctx(|| format!("listing {}", dir.display()))? {
+            let p = e.ctx(|| format!("listing {}", dir.display()))?.path();
+            if p.is_dir() {
+                walk(&p, files)?;
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                files.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(
+            f.strip_prefix(dir)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        let mut file = File::open(&f).ctx(|| format!("opening {}", f.display()))?;
+        std::io::copy(&mut file, &mut h).ctx(|| format!("reading {}", f.display()))?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Ensures `spec` is in the cache with the right sha256 and returns its path. Does nothing
 /// when the file is already there and verified, unless `force`.
 pub fn fetch(
@@ -274,4 +307,26 @@ fn extract_member(
         progress.bytes(done, total);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model's weights identify it: its manifests (paths, timings) do not move the digest,
+    /// a weight byte anywhere below the directory does.
+    #[test]
+    fn weights_digest_follows_the_safetensors_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("targets")).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(d.join("targets/map.safetensors"), b"map").unwrap();
+        std::fs::write(d.join("calibration.json"), b"{\"seconds\": 1}").unwrap();
+        let first = sha256_weights(d).unwrap();
+        std::fs::write(d.join("calibration.json"), b"{\"seconds\": 2}").unwrap();
+        assert_eq!(sha256_weights(d).unwrap(), first);
+        std::fs::write(d.join("targets/map.safetensors"), b"maq").unwrap();
+        assert_ne!(sha256_weights(d).unwrap(), first);
+    }
 }

@@ -308,7 +308,7 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         .ctx(|| format!("creating {}", out.display()))?;
 
     let per_prompt_ppl = a.perplexity_samples.unwrap_or(k).min(k);
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "prompts": {
             "path": prompts_path, "sha256": crate::fetch::sha256_file(&prompts_path, &mut crate::fetch::Silent)?,
             "count": prompts.len(), "of": all.len(),
@@ -323,8 +323,8 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         "perplexity_samples_per_prompt": per_prompt_ppl,
         "calibration": fusion.as_ref().map(fusion_id).transpose()?,
         "paper_calibration": paper.as_ref().map(fusion_id).transpose()?,
-        "anti_expert": anti.as_ref().map(|(d, ..)| model_id(d)).transpose()?,
-        "expert": anti.as_ref().map(|(_, _, e, _)| model_id(e)).transpose()?,
+        "anti_expert": anti.as_ref().map(|(d, ..)| trained_id(d)).transpose()?,
+        "expert": anti.as_ref().map(|(_, _, e, _)| trained_id(e)).transpose()?,
         "word_list": banned.as_ref().map(|b| serde_json::json!({
             "package": format!("npm {}@{}", baselines::BAD_WORDS.package, baselines::BAD_WORDS.version),
             "sha256": baselines::BAD_WORDS.sha256, "licence": baselines::BAD_WORDS.licence,
@@ -332,7 +332,6 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
         "scorer": crate::calibrate::prepare::SCORER,
     });
     // a rerun must continue the same experiment: refuse changed settings
-    let mut config = config;
     let run_path = out.join("run.json");
     if run_path.exists() {
         let text =
@@ -498,9 +497,6 @@ fn gens_of(
     Ok(g)
 }
 
-/// The models behind the fused, paper and DExperts rows, as `run.json` records them.
-const MODEL_RECORDS: [&str; 4] = ["calibration", "paper_calibration", "anti_expert", "expert"];
-
 /// Rows already written were made with the models `old` records: a rerun that loads another
 /// model under the same record (other bytes: a retrained or upgraded default, say) would
 /// mix two models under one method name, so it is refused; a model this rerun does not load
@@ -511,7 +507,7 @@ fn keep_model_records(
     old: &serde_json::Value,
     new: &mut serde_json::Value,
 ) -> Result<()> {
-    for key in MODEL_RECORDS {
+    for key in ["calibration", "paper_calibration", "anti_expert", "expert"] {
         let (was, now) = (&old[key], &new[key]);
         if now.is_null() {
             new[key] = was.clone();
@@ -529,14 +525,20 @@ fn keep_model_records(
     Ok(())
 }
 
-/// A fusion's record: its calibration directory and alignment (or map) file, with their hashes.
+/// A fusion's record: its calibration directory and alignment (or map) file, with the
+/// hashes of their weights (a retrained model with the same bytes is the same model).
 fn fusion_id(f: &calibration::Fusion) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "dir": f.calibration,
         "alignment": f.alignment,
-        "sha256": crate::fetch::sha256_path(&f.calibration)?,
+        "sha256": crate::fetch::sha256_weights(&f.calibration)?,
         "alignment_sha256": crate::fetch::sha256_path(&f.alignment)?,
     }))
+}
+
+/// A trained model directory's record (the DExperts expert and anti-expert).
+fn trained_id(dir: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({"path": dir, "sha256": crate::fetch::sha256_weights(dir)?}))
 }
 
 fn model_id(path: &Path) -> Result<serde_json::Value> {
