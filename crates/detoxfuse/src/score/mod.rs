@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
+pub mod toxblock;
+pub use toxblock::ToxBlock;
+
 /// Scores texts: probability in [0, 1] that each is toxic.
 pub trait ToxicityScorer: Send + Sync {
     fn name(&self) -> &str;
@@ -38,7 +41,7 @@ pub struct ProfanityCheck {
     folds: Vec<Fold>,
 }
 
-const MODEL_JSON: &str = include_str!("../../../assets/profanity_check_1.9.1.json");
+const MODEL_JSON: &str = include_str!("../../../../assets/profanity_check_1.9.1.json");
 
 impl ProfanityCheck {
     /// The shipped model (parsed once per process).
