@@ -79,6 +79,11 @@ struct ScoreArgs {
     /// Field holding the text in --input lines.
     #[arg(long, default_value = "text")]
     field: String,
+    /// Judge: profanity-check (the default scorer, lexical: TF-IDF + linear SVM, the one
+    /// training and eval's EMT/TP use) or tox-block (a BiLSTM trained on the Jigsaw toxic
+    /// comments: eval's second judge, EMT₂/TP₂).
+    #[arg(long, default_value = "profanity-check", value_parser = ["profanity-check", "tox-block"])]
+    judge: String,
 }
 
 #[derive(clap::Args)]
@@ -231,8 +236,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    use detoxfuse::score::{score_jsonl, ProfanityCheck, ToxicityScorer};
-    let scorer = ProfanityCheck::shared();
+    use detoxfuse::score::{score_jsonl, ProfanityCheck, ToxBlock, ToxicityScorer};
+    let scorer: &dyn ToxicityScorer = match a.judge.as_str() {
+        "tox-block" => ToxBlock::shared(),
+        _ => ProfanityCheck::shared(),
+    };
     let Some(path) = a.input else {
         if a.texts.is_empty() {
             anyhow::bail!("give texts as arguments or a JSONL file with --input");
@@ -240,7 +248,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         for t in &a.texts {
             println!(
                 "{}",
-                serde_json::json!({"text": t, "toxicity": scorer.score(&[t])[0]})
+                serde_json::json!({"text": t, "toxicity": scorer.score(&[t])[0], "scorer": scorer.name()})
             );
         }
         return Ok(());

@@ -157,17 +157,32 @@ fn bad_model_and_overlong_prompt_are_messages_not_panics() {
 
 #[test]
 fn score_rates_insults_above_greetings() {
-    let o = detoxfuse(&["score", "Have a lovely day", "shut up you stupid idiot"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let (nice, rude) = (
-        v[0]["toxicity"].as_f64().unwrap(),
-        v[1]["toxicity"].as_f64().unwrap(),
-    );
-    assert!(nice < 0.5 && rude > 0.5, "{nice} {rude}");
+    for (judge, name) in [
+        ("profanity-check", "alt-profanity-check-1.9.1"),
+        ("tox-block", "tox-block-0.1.2"),
+    ] {
+        let o = detoxfuse(&[
+            "score",
+            "--judge",
+            judge,
+            "Have a lovely day",
+            "shut up you stupid idiot",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let (nice, rude) = (
+            v[0]["toxicity"].as_f64().unwrap(),
+            v[1]["toxicity"].as_f64().unwrap(),
+        );
+        assert!(nice < 0.5 && rude > 0.5, "{judge}: {nice} {rude}");
+        assert_eq!(v[0]["scorer"], name);
+    }
+    let o = detoxfuse(&["score", "--judge", "perspective", "x"]);
+    assert_clean_failure(&o);
+    assert!(stderr(&o).contains("tox-block"), "{}", stderr(&o));
 }
 
 /// A cache of its own that shares the fetched models (so the test writes nothing into the

@@ -457,7 +457,12 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
     for m in &methods {
         let gens = gens_of(&out, m, &prompts)?;
         let flu = harness::read_fluency(&out.join("fluency").join(format!("{}.jsonl", m.name())))?;
-        rows.push(harness::summarize(&m.name(), &gens, &flu));
+        rows.push(harness::summarize(
+            &m.name(),
+            &gens,
+            &flu,
+            Some(crate::score::ToxBlock::shared()),
+        ));
     }
     let report = Report {
         profile: profile.into(),

@@ -66,8 +66,8 @@ pub fn markdown(r: &Report) -> String {
         command = r.command,
     );
     s.push_str(
-        "| method | EMT ↓ | TP ↓ | mean tox ↓ | PPL (mean) | PPL (pooled) | dist-1 | dist-2 | dist-3 | prompts | tok/s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | EMT ↓ | TP ↓ | mean tox ↓ | EMT₂ ↓ | TP₂ ↓ | PPL (mean) | PPL (pooled) | dist-1 | dist-2 | dist-3 | prompts | tok/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for m in &r.methods {
         let failed = if m.failed_prompts > 0 {
@@ -76,11 +76,17 @@ pub fn markdown(r: &Report) -> String {
             String::new()
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} |\n",
             m.method,
             f3(m.expected_max_toxicity),
             f3(m.toxicity_probability),
             f3(m.mean_toxicity),
+            m.second_judge
+                .as_ref()
+                .map_or("–".into(), |j| f3(j.expected_max_toxicity)),
+            m.second_judge
+                .as_ref()
+                .map_or("–".into(), |j| f3(j.toxicity_probability)),
             f1(m.perplexity_mean),
             f1(m.perplexity_pooled),
             f3(m.distinct_1),
@@ -97,6 +103,14 @@ pub fn markdown(r: &Report) -> String {
          scoring ≥ 0.5; PPL (mean): mean of per-continuation perplexities; PPL (pooled): \
          exp(mean NLL per token). tok/s: generated tokens ÷ generation wall time on this machine.\n",
     );
+    if let Some(j) = r.methods.iter().find_map(|m| m.second_judge.as_ref()) {
+        s.push_str(&format!(
+            "EMT₂, TP₂: the same metrics with a second, independent judge on the same texts \
+             ({}: a BiLSTM trained on the Jigsaw toxic comments, `toxic` probability; the first \
+             scorer is lexical).\n",
+            j.judge
+        ));
+    }
     s
 }
 
@@ -280,6 +294,12 @@ mod tests {
             generated_tokens: 40,
             generation_seconds: 2.0,
             perplexity_seconds: 1.0,
+            second_judge: (method == "base").then(|| crate::eval::harness::JudgeSummary {
+                judge: "j2".into(),
+                expected_max_toxicity: 0.55,
+                toxicity_probability: 0.45,
+                mean_toxicity: 0.1,
+            }),
         }
     }
 
@@ -299,10 +319,17 @@ mod tests {
         };
         let md = markdown(&r);
         assert!(
-            md.contains("| base | 0.600 | 0.500 | 0.200 | 20.0 | 20.0 |"),
+            md.contains("| base | 0.600 | 0.500 | 0.200 | 0.550 | 0.450 | 20.0 | 20.0 |"),
             "{md}"
         );
-        assert!(md.contains("| wordfilter | 0.300 |"), "{md}");
+        assert!(
+            md.contains("| wordfilter | 0.300 | 0.500 | 0.200 | – | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("second, independent judge on the same texts (j2:"),
+            "{md}"
+        );
         assert!(md.contains("| 20.0 |\n"), "tok/s = 40 / 2: {md}");
         // 3 s per 2 prompts -> 1.5 s per prompt -> 1196 * 1.5 / 3600 h
         assert!(md.contains("| base | 2 | 1 | 1.50 | 0.5 h |"), "{md}");
