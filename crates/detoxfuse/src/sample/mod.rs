@@ -6,6 +6,8 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::lm::TokenId;
 
+mod exp;
+
 /// How to pick tokens. `temperature == 0` means greedy (argmax).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
@@ -61,6 +63,14 @@ pub struct Sampler {
     rng: StdRng,
     scratch: Vec<(f32, u32)>,
     bins: Vec<f32>,
+    exps: Exps,
+}
+
+/// Scratch of [`weights`]: scaled logits and their exponentials.
+#[derive(Default)]
+struct Exps {
+    z: Vec<f32>,
+    w: Vec<f32>,
 }
 
 impl Sampler {
@@ -71,6 +81,7 @@ impl Sampler {
             rng: StdRng::seed_from_u64(seed),
             scratch: Vec::new(),
             bins: Vec::new(),
+            exps: Exps::default(),
         }
     }
 
@@ -79,7 +90,7 @@ impl Sampler {
             return argmax(logits);
         }
         let cands = &mut self.scratch;
-        weights(logits, 1.0 / self.params.temperature, cands);
+        weights(logits, 1.0 / self.params.temperature, cands, &mut self.exps);
         let by_prob = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if self.params.top_k > 0 && self.params.top_k < cands.len() {
             let keep = self.params.top_k;
@@ -107,7 +118,7 @@ impl Sampler {
 /// draws from, in O(vocabulary).
 pub fn nucleus_ids(logits: &[f32], p: f32) -> Vec<TokenId> {
     let mut cands = Vec::new();
-    weights(logits, 1.0, &mut cands);
+    weights(logits, 1.0, &mut cands, &mut Exps::default());
     let total: f32 = cands.iter().map(|c| c.0).sum();
     nucleus(&mut cands, p * total, &mut Vec::new());
     cands.into_iter().map(|c| c.1).collect()
@@ -117,14 +128,24 @@ pub fn nucleus_ids(logits: &[f32], p: f32) -> Vec<TokenId> {
 /// 30 nats below the best have weight < e^-30 each: over even a 262k vocabulary that is < 3e-8
 /// of the total, below f32 resolution of the sums here. Leaving them out spares their exp and
 /// shrinks the nucleus search to a few thousand entries.
-fn weights(logits: &[f32], inv_t: f32, out: &mut Vec<(f32, u32)>) {
+///
+/// The exponentials are computed for every token in one vectorized pass ([`exp::expf_into`],
+/// glibc's `expf` bit for bit) and those of the negligible tokens are discarded.
+fn weights(logits: &[f32], inv_t: f32, out: &mut Vec<(f32, u32)>, e: &mut Exps) {
     const NEGLIGIBLE: f32 = -30.0;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    e.z.clear();
+    e.z.extend(logits.iter().map(|&l| (l - max) * inv_t));
+    e.w.resize(e.z.len(), 0.0);
+    exp::expf_into(&e.z, &mut e.w);
     out.clear();
-    out.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
-        let z = (l - max) * inv_t;
-        (z > NEGLIGIBLE).then(|| (z.exp(), i as u32))
-    }));
+    out.extend(
+        e.z.iter()
+            .zip(&e.w)
+            .enumerate()
+            .filter(|(_, (&z, _))| z > NEGLIGIBLE)
+            .map(|(i, (_, &w))| (w, i as u32)),
+    );
 }
 
 /// Number of probability bins for the nucleus search (see [`nucleus`]).
@@ -174,31 +195,28 @@ fn nucleus(cands: &mut Vec<(f32, u32)>, target: f32, mass: &mut Vec<f32>) {
     }
 }
 
-/// Samples one token per row, `samplers[i]` drawing from `logits[i]`. Rows are split over the
-/// cores: with k samples over a 49k–262k vocabulary the softmax and nucleus selection cost as
-/// much as a quarter of a batched decoding step, and the matmul thread pool is idle meanwhile.
+/// Samples one token per row, `samplers[i]` drawing from `logits[i]`. Rows are spread over
+/// candle's worker pool: with k samples over a 49k–262k vocabulary the softmax and nucleus
+/// selection cost as much as a sixth of a batched decoding step, and threads of our own would
+/// compete for the cores with the pool's workers, which spin a while after each matmul.
 pub fn sample_rows(samplers: &mut [&mut Sampler], logits: &[Vec<f32>]) -> Vec<TokenId> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if samplers.len() < 4 || threads == 1 {
-        return samplers
-            .iter_mut()
-            .zip(logits)
-            .map(|(s, l)| s.sample(l))
-            .collect();
-    }
-    let chunk = samplers.len().div_ceil(threads);
+    assert_eq!(samplers.len(), logits.len(), "one sampler per row");
     let mut out = vec![0; samplers.len()];
-    std::thread::scope(|scope| {
-        for ((ss, ls), os) in samplers
-            .chunks_mut(chunk)
-            .zip(logits.chunks(chunk))
-            .zip(out.chunks_mut(chunk))
-        {
-            scope.spawn(move || {
-                for ((s, l), o) in ss.iter_mut().zip(ls).zip(os.iter_mut()) {
-                    *o = s.sample(l);
-                }
-            });
+    if samplers.len() < 4 {
+        for ((s, l), o) in samplers.iter_mut().zip(logits).zip(out.iter_mut()) {
+            *o = s.sample(l);
+        }
+        return out;
+    }
+    let (s_addr, o_addr) = (samplers.as_mut_ptr() as usize, out.as_mut_ptr() as usize);
+    candle_core::utils::barrier_pool().execute_chunked(samplers.len(), |rows| {
+        for i in rows {
+            // SAFETY: each row index is handed to exactly one worker, which alone touches
+            // `samplers[i]` and `out[i]`; both slices outlive this call.
+            unsafe {
+                let s = &mut *(*(s_addr as *mut &mut Sampler).add(i));
+                *(o_addr as *mut TokenId).add(i) = s.sample(&logits[i]);
+            }
         }
     });
     out
