@@ -13,6 +13,7 @@ pub mod calibrate;
 pub mod calibration;
 pub mod error;
 pub mod eval;
+pub mod expf;
 pub mod fetch;
 pub mod fuse;
 pub mod generate;

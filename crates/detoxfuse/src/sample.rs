@@ -6,8 +6,6 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::lm::TokenId;
 
-mod exp;
-
 /// How to pick tokens. `temperature == 0` means greedy (argmax).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
@@ -129,7 +127,7 @@ pub fn nucleus_ids(logits: &[f32], p: f32) -> Vec<TokenId> {
 /// of the total, below f32 resolution of the sums here. Leaving them out spares their exp and
 /// shrinks the nucleus search to a few thousand entries.
 ///
-/// The exponentials are computed for every token in one vectorized pass ([`exp::expf_into`],
+/// The exponentials are computed for every token in one vectorized pass ([`crate::expf::expf_into`],
 /// glibc's `expf` bit for bit) and those of the negligible tokens are discarded.
 fn weights(logits: &[f32], inv_t: f32, out: &mut Vec<(f32, u32)>, e: &mut Exps) {
     const NEGLIGIBLE: f32 = -30.0;
@@ -137,7 +135,7 @@ fn weights(logits: &[f32], inv_t: f32, out: &mut Vec<(f32, u32)>, e: &mut Exps) 
     e.z.clear();
     e.z.extend(logits.iter().map(|&l| (l - max) * inv_t));
     e.w.resize(e.z.len(), 0.0);
-    exp::expf_into(&e.z, &mut e.w);
+    crate::expf::expf_into(&e.z, &mut e.w);
     out.clear();
     out.extend(
         e.z.iter()
