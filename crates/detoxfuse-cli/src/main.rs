@@ -72,8 +72,8 @@ struct ScoreArgs {
     /// Texts to score (or use --input).
     #[arg(conflicts_with = "input")]
     texts: Vec<String>,
-    /// JSONL file: scores the string at --field of each line; `detoxfuse generate` output is
-    /// recognised and each of its generations is scored.
+    /// JSONL file: scores the string at --field of each line; `detoxfuse generate` output and
+    /// `detoxfuse eval`'s generations files are recognised and each generation is scored.
     #[arg(long, short)]
     input: Option<PathBuf>,
     /// Field holding the text in --input lines.

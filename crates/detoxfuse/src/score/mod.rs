@@ -157,12 +157,13 @@ fn tokens(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The texts of one line of a JSONL file to score: each generation's `text` of a
-/// `detoxfuse generate` record (`{"generations": [{"text": ...}, ...]}`), else the string at
-/// `field`. An error says what the line lacks.
+/// `detoxfuse generate` record (`{"generations": [{"text": ...}, ...]}`) or each sample's of a
+/// `detoxfuse eval` generations record (`{"samples": [{"text": ...}, ...]}`), else the string
+/// at `field`. An error says what the line lacks.
 pub fn line_texts(line: &str, field: &str) -> std::result::Result<Vec<String>, String> {
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    if let Some(gens) = v["generations"].as_array() {
+    if let Some(gens) = v["generations"].as_array().or(v["samples"].as_array()) {
         return Ok(gens
             .iter()
             .filter_map(|g| g["text"].as_str().map(String::from))
@@ -212,6 +213,8 @@ mod tests {
     fn jsonl_lines_give_their_texts_or_say_what_they_lack() {
         let gen = r#"{"line": 1, "generations": [{"text": "a"}, {"text": "b"}]}"#;
         assert_eq!(line_texts(gen, "text").unwrap(), ["a", "b"]);
+        let eval = r#"{"line": 4, "prompt": "p", "samples": [{"text": "c", "tokens": 1, "toxicity": 0.1}]}"#;
+        assert_eq!(line_texts(eval, "text").unwrap(), ["c"]);
         assert_eq!(line_texts(r#"{"body": "x"}"#, "body").unwrap(), ["x"]);
         assert!(line_texts(r#"{"text": 3}"#, "text")
             .unwrap_err()
