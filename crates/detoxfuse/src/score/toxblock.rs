@@ -14,8 +14,8 @@
 //!    `hard_sigmoid` = clip(0.2·x + 0.5, 0, 1)) → max over time → Dense(50, relu) →
 //!    Dense(6, sigmoid).
 //!
-//! The toxicity is the `toxic` probability (the Jigsaw label that Perspective's TOXICITY
-//! descends from). The package refuses an empty text; here it is scored like any text
+//! The toxicity is the `toxic` probability (the data set's label for rude, disrespectful or
+//! unreasonable comments; Jigsaw, who released it, also runs Perspective). The package refuses an empty text; here it is scored like any text
 //! without known words, as all padding, which is what the model computes for it.
 //!
 //! Weights and vocabulary ship in `assets/tox_block_0.1.2.*`, exported from the package by
