@@ -279,4 +279,29 @@ mod tests {
             "keeps the last 100"
         );
     }
+
+    /// Any text, however odd, gets six probabilities in [0, 1] (no panic): control
+    /// characters, combining marks, letters that grow when lowercased ("İ"), long texts.
+    #[test]
+    fn any_text_scores_within_bounds() {
+        let m = ToxBlock::shared();
+        let alphabet: Vec<char> = "aZ İıßΣς\u{301}\u{0}\t\n!?🙂 你好 idiot fuck"
+            .chars()
+            .collect();
+        let mut x: u64 = 7;
+        for len in [0usize, 1, 2, 5, 30, 400, 5000] {
+            for _ in 0..20 {
+                let text: String = (0..len)
+                    .map(|_| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        alphabet[(x >> 33) as usize % alphabet.len()]
+                    })
+                    .collect();
+                let p = m.probabilities(&text);
+                assert!(p.iter().all(|v| (0.0..=1.0).contains(v)), "{text:?}: {p:?}");
+            }
+        }
+    }
 }
