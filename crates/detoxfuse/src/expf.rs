@@ -100,10 +100,7 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         gate.len() == up.len() && up.len() == out.len(),
         "silu_mul: lengths differ"
     );
-    for (o, &g) in out.iter_mut().zip(gate) {
-        *o = -g;
-    }
-    let neg = out.to_vec();
+    let neg: Vec<f32> = gate.iter().map(|g| -g).collect();
     expf_into(&neg, out);
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + *o) * u;
