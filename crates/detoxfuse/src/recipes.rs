@@ -6,8 +6,10 @@
 //! - [`Recipe::Paper`]: the paper's calibration model, a language model on the clean corpus
 //!   (tuned-lens head, an unlikelihood term on ToxiGen hate lists); the DExperts expert and
 //!   the model that `align` maps into a target.
-//! - [`Recipe::AntiExpert`]: the DExperts anti-expert, the same trainer on the toxic corpus
-//!   (the base's tied head and no unlikelihood term: one on toxic text would defeat it).
+//! - [`Recipe::AntiExpert`]: the DExperts anti-expert, the paper recipe's trainer settings
+//!   (tuned-lens head, [`PAPER_STEPS`]) on the toxic corpus, without the unlikelihood term
+//!   (one on toxic text would defeat it). Expert and anti-expert share one recipe, so their
+//!   difference carries the data's difference, not a difference of heads or budgets.
 //! - [`Recipe::Fused`]: the fusion-aware recipe (adapters and the map into SmolLM2 trained
 //!   through its frozen head); the shipped default is this recipe's result
 //!   ([`Hub::fused_default`]).
@@ -34,8 +36,6 @@ use crate::score::ProfanityCheck;
 pub const PAPER_STEPS: usize = 300;
 /// The paper recipe's unlikelihood weight (docs/CALIBRATION.md has the choice).
 pub const PAPER_UNLIKELIHOOD: f64 = 10.0;
-/// The anti-expert's step count (the budget the evaluation in docs/EVAL.md measured).
-pub const ANTI_EXPERT_STEPS: usize = 360;
 /// The base model every recipe starts from, and the fused recipe's target.
 pub const BASE_MODEL: &str = "smollm2";
 
@@ -61,7 +61,9 @@ impl Recipe {
     pub fn run_dir(self, hub: &Hub) -> PathBuf {
         hub.cache().join("calibration").join(match self {
             Recipe::Paper => "smollm2-L3-lens-ul",
-            Recipe::AntiExpert => "smollm2-L3-antiexpert",
+            // Until 2026-12-05 the anti-expert had the tied head and 360 steps in
+            // `smollm2-L3-antiexpert`; the new name keeps such a run from being resumed.
+            Recipe::AntiExpert => "smollm2-L3-lens-antiexpert",
             Recipe::Fused => "fused-smollm2-L3",
         })
     }
@@ -88,7 +90,7 @@ impl Recipe {
     pub fn minutes(self) -> u32 {
         match self {
             Recipe::Paper => 50,
-            Recipe::AntiExpert => 40,
+            Recipe::AntiExpert => 35,
             Recipe::Fused => 30,
         }
     }
@@ -111,17 +113,19 @@ pub fn paper_config(hub: &Hub) -> TrainConfig {
     }
 }
 
-/// The anti-expert's trainer options.
+/// The anti-expert's trainer options: the paper recipe's, without the unlikelihood term.
 pub fn anti_expert_config() -> TrainConfig {
     TrainConfig {
-        head_init: HeadInit::Tied,
+        head_init: HeadInit::Lens,
+        lens_texts: 200,
+        lens_ridge: 1e-3,
         unlikelihood: 0.0,
         unlikely_corpus: None,
         optim: AdamWConfig {
-            total_steps: ANTI_EXPERT_STEPS,
+            total_steps: PAPER_STEPS,
             ..AdamWConfig::default()
         },
-        steps: ANTI_EXPERT_STEPS,
+        steps: PAPER_STEPS,
         ..TrainConfig::default()
     }
 }
@@ -418,7 +422,7 @@ mod tests {
             dirs,
             [
                 PathBuf::from("/c/calibration/smollm2-L3-lens-ul/model"),
-                PathBuf::from("/c/calibration/smollm2-L3-antiexpert/model"),
+                PathBuf::from("/c/calibration/smollm2-L3-lens-antiexpert/model"),
                 PathBuf::from("/c/calibration/fused-smollm2-L3/artifact"),
             ]
         );
@@ -485,12 +489,20 @@ mod tests {
             (paper.steps, paper.optim.total_steps),
             (PAPER_STEPS, PAPER_STEPS)
         );
-        assert_eq!(anti.head_init, HeadInit::Tied);
+        // One recipe: the anti-expert differs from the expert only in the unlikelihood term
+        // (and, where it is trained, its corpus).
         assert_eq!(
             (anti.unlikelihood, anti.unlikely_corpus.clone()),
             (0.0, None)
         );
-        assert_eq!(anti.steps, ANTI_EXPERT_STEPS);
+        assert_eq!(
+            TrainConfig {
+                unlikelihood: paper.unlikelihood,
+                unlikely_corpus: paper.unlikely_corpus.clone(),
+                ..anti.clone()
+            },
+            paper
+        );
         // Everything else is the trainer's default in both.
         let strip = |c: &TrainConfig| TrainConfig {
             head_init: HeadInit::Tied,
