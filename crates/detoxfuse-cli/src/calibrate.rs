@@ -360,6 +360,16 @@ pub fn calibrate(cache: &Path, a: CalibrateArgs) -> Result<()> {
         if a.shared.is_some() && !a.target_adapters {
             cfg.layer_training = LayerTraining::Frozen;
         }
+        if a.train.fused.teacher {
+            let f = &a.train.fused;
+            let model = |given: &Option<PathBuf>, recipe| match given {
+                Some(d) => Ok(d.clone()),
+                None => with_printer(0, a.quiet, "teacher", |p| hub.calibration(recipe, p)),
+            };
+            let expert = model(&f.teacher_expert, Recipe::Paper)?;
+            let anti = model(&f.teacher_anti_expert, Recipe::AntiExpert)?;
+            cfg.teacher = a.train.teacher(expert, anti);
+        }
         let target = crate::resolve(cache, &a.target)?;
         let shared = a.shared.as_ref().map(|s| match s.as_str() {
             "fused" => Recipe::Fused.result_dir(&hub),
@@ -459,22 +469,43 @@ mod tests {
             recipes::paper_config(&hub)
         );
         assert_eq!(
-            parse(&[
-                "calibrate",
-                "--head-init",
-                "tied",
-                "--unlikelihood",
-                "0",
-                "--steps",
-                "360"
-            ])
-            .train
-            .paper(&hub),
+            parse(&["calibrate", "--unlikelihood", "0"])
+                .train
+                .paper(&hub),
             recipes::anti_expert_config()
         );
         assert_eq!(
             parse(&["calibrate", "--recipe", "fused"]).train.fused(),
             detoxfuse::calibrate::fused::FusedConfig::default()
+        );
+    }
+
+    /// `--teacher` adds the teacher with its β and weight; its other flags need it.
+    #[test]
+    fn the_teacher_flags_make_a_teacher() {
+        let (e, a) = (PathBuf::from("/e"), PathBuf::from("/a"));
+        let t = parse(&[
+            "calibrate",
+            "--recipe",
+            "fused",
+            "--teacher",
+            "--teacher-beta",
+            "1",
+        ])
+        .train
+        .teacher(e.clone(), a.clone())
+        .unwrap();
+        assert_eq!(
+            (t.expert, t.anti_expert, t.beta, t.weight),
+            (e.clone(), a.clone(), 1.0, 1.0)
+        );
+        assert!(parse(&["calibrate", "--recipe", "fused"])
+            .train
+            .teacher(e, a)
+            .is_none());
+        assert!(
+            <Calibrate as clap::Parser>::try_parse_from(["calibrate", "--teacher-beta", "1"])
+                .is_err()
         );
     }
 }

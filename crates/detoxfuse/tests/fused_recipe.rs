@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use detoxfuse::calibrate::fused::{
     self, batch_objective, head_terms, make_batch, Divergence, FusedExample, FusionMap, FusionNorm,
-    Term,
+    TeacherLogits, Term, Weights,
 };
 use detoxfuse::calibrate::guard::LeakageGuard;
 use detoxfuse::calibrate::model::{LayerTraining, Trainable};
@@ -36,6 +36,7 @@ fn tiny_rows() -> Vec<FusedExample> {
             ids: vec![1, 5, 9, 2, 22, 7],
             keep: vec![1, 2, 4],
             detox: vec![],
+            teach: vec![],
             group: 0,
             cal_ids: vec![],
             cal_of: vec![],
@@ -44,6 +45,7 @@ fn tiny_rows() -> Vec<FusedExample> {
             ids: vec![3, 4, 11, 0],
             keep: vec![],
             detox: vec![1, 2],
+            teach: vec![0, 2],
             group: 1,
             cal_ids: vec![],
             cal_of: vec![],
@@ -52,6 +54,7 @@ fn tiny_rows() -> Vec<FusedExample> {
             ids: vec![8, 13, 6, 19, 20],
             keep: vec![0, 1],
             detox: vec![3],
+            teach: vec![3],
             group: 2,
             cal_ids: vec![],
             cal_of: vec![],
@@ -59,8 +62,9 @@ fn tiny_rows() -> Vec<FusedExample> {
     ]
 }
 
-/// Central differences of the fused objective on every trainable tensor: LoRA factors on the
-/// calibration layers, A, γ and β (f64; the target states and head are random fixed tensors).
+/// Central differences of the fused objective (keep, unlikelihood and teacher terms) on every
+/// trainable tensor: LoRA factors on the calibration layers, A, γ and β (f64; the target
+/// states, the head and the teacher's logits are random fixed tensors).
 #[test]
 fn fused_loss_gradients_match_finite_differences() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -88,10 +92,18 @@ fn fused_loss_gradients_match_finite_differences() {
     let head = rand_tensor(&mut rng, &[vocab, dt], 0.0);
     let rows = tiny_rows();
     let refs: Vec<&FusedExample> = rows.iter().collect();
-    let batch = make_batch(&refs, &[0.2, 0.5, 0.35], (0, 0), DType::F64).unwrap();
+    let mut batch = make_batch(&refs, &[0.2, 0.5, 0.35], (0, 0), DType::F64).unwrap();
+    batch.teacher = Some(TeacherLogits {
+        delta: (rand_tensor(&mut rng, &[3, vocab], 0.0) * 4.0).unwrap(),
+        beta: 1.5,
+    });
     let n = batch.positions.len();
     let h_t = rand_tensor(&mut rng, &[n, dt], 0.0);
-    let weights = (1.0, 0.7);
+    let weights = Weights {
+        keep: 1.0,
+        detox: 0.7,
+        teach: 0.5,
+    };
     let map_of = |norm| FusionMap {
         a: a.as_tensor().clone(),
         gamma: g.as_tensor().clone(),
@@ -115,13 +127,14 @@ fn fused_loss_gradients_match_finite_differences() {
     for (div, norm) in cases {
         let (sums, grads) =
             batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, Some(weights), div).unwrap();
-        assert_eq!((sums.keep, sums.detox), (5, 3));
+        assert_eq!((sums.keep, sums.detox, sums.teach), (5, 3, 3));
         assert!(sums.kl > 0.0 && sums.reverse_kl > 0.0 && sums.unlikelihood > 0.0);
+        assert!(sums.teach_kl > 0.0);
         let grads = grads.unwrap();
         let objective = || {
             let (s, _) =
                 batch_objective(&cal, &map_of(norm), &h_t, &head, &batch, None, div).unwrap();
-            weights.0 * s.mean_keep(div) + weights.1 * s.mean_unlikelihood()
+            s.objective(weights, div)
         };
         let checked = common::check_finite_differences(
             &vars,
@@ -137,19 +150,34 @@ fn fused_loss_gradients_match_finite_differences() {
 #[test]
 fn head_terms_equal_direct_kl_and_unlikelihood() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let (n, d, vocab) = (4, 3, 7);
+    let (n, d, vocab) = (6, 3, 7);
     let h = rand_tensor(&mut rng, &[n, d], 0.0);
     let ht = rand_tensor(&mut rng, &[n, d], 0.0);
     let w = rand_tensor(&mut rng, &[vocab, d], 0.0);
     let terms = [
         (Term::Keep, 0),
         (Term::Detox, 3),
+        (Term::Teach, 0),
         (Term::Keep, 6),
         (Term::Detox, 1),
+        (Term::Teach, 0),
     ];
-    let (s, _) = head_terms(&h, &ht, &w, &terms, None, Divergence::Forward).unwrap();
-    let softmax = |x: &Tensor| -> Vec<Vec<f64>> {
-        let l: Vec<Vec<f64>> = x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
+    let delta = rand_tensor(&mut rng, &[2, vocab], 0.0);
+    let teacher = TeacherLogits {
+        delta: delta.clone(),
+        beta: 2.0,
+    };
+    let (s, _) = head_terms(
+        &h,
+        &ht,
+        &w,
+        &terms,
+        Some(&teacher),
+        None,
+        Divergence::Forward,
+    )
+    .unwrap();
+    let normalise = |l: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
         l.iter()
             .map(|r| {
                 let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -158,26 +186,56 @@ fn head_terms_equal_direct_kl_and_unlikelihood() {
             })
             .collect()
     };
-    let (pf, pt) = (softmax(&h), softmax(&ht));
+    let logits =
+        |x: &Tensor| -> Vec<Vec<f64>> { x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap() };
+    let (pf, pt) = (normalise(logits(&h)), normalise(logits(&ht)));
+    // The teacher of rows 2 and 5: the target's logits plus β·δ (δ rows 0 and 1).
+    let dv: Vec<Vec<f64>> = delta.to_vec2().unwrap();
+    let teacher_p = normalise(
+        [(2, 0), (5, 1)]
+            .iter()
+            .map(|&(i, k)| {
+                logits(&ht)[i]
+                    .iter()
+                    .zip(&dv[k])
+                    .map(|(z, dz)| z + 2.0 * dz)
+                    .collect()
+            })
+            .collect(),
+    );
+    let teach_kl = |i: usize, k: usize| -> f64 {
+        (0..vocab)
+            .map(|j| teacher_p[k][j] * (teacher_p[k][j] / pf[i][j]).ln())
+            .sum()
+    };
+    assert_eq!((s.keep, s.detox, s.teach), (2, 2, 2));
+    assert!(
+        (s.teach_kl - (teach_kl(2, 0) + teach_kl(5, 1))).abs() < 1e-12,
+        "{}",
+        s.teach_kl
+    );
     let kl = |i: usize| -> f64 {
         (0..vocab)
             .map(|j| pt[i][j] * (pt[i][j] / pf[i][j]).ln())
             .sum()
     };
     let ul = |i: usize, t: usize| -(1.0 - pf[i][t]).ln();
-    assert!((s.kl - (kl(0) + kl(2))).abs() < 1e-12, "{}", s.kl);
+    assert!((s.kl - (kl(0) + kl(3))).abs() < 1e-12, "{}", s.kl);
     let rkl = |i: usize| -> f64 {
         (0..vocab)
             .map(|j| pf[i][j] * (pf[i][j] / pt[i][j]).ln())
             .sum()
     };
     assert!(
-        (s.reverse_kl - (rkl(0) + rkl(2))).abs() < 1e-12,
+        (s.reverse_kl - (rkl(0) + rkl(3))).abs() < 1e-12,
         "{}",
         s.reverse_kl
     );
-    assert!((s.unlikelihood - (ul(1, 3) + ul(3, 1))).abs() < 1e-12);
-    assert!((s.toxic_prob - (pf[1][3] + pf[3][1])).abs() < 1e-12);
+    assert!((s.unlikelihood - (ul(1, 3) + ul(4, 1))).abs() < 1e-12);
+    assert!((s.toxic_prob - (pf[1][3] + pf[4][1])).abs() < 1e-12);
+    // Teach positions without teacher logits are refused, not read out of bounds.
+    let err = head_terms(&h, &ht, &w, &terms, None, None, Divergence::Forward).unwrap_err();
+    assert!(err.to_string().contains("teacher logits"), "{err}");
 }
 
 /// At α = 0 a decoder with a trained-looking map gives the plain target's logits exactly, on
@@ -395,4 +453,119 @@ fn cross_tokenizer_rows_pair_each_target_position_with_the_text_read_so_far() {
             }
         }
     }
+}
+
+/// A model whose hidden state at `(row, pos)` is `(id, pos)` and whose head is linear with
+/// slope `k`: test-only, so that which row and position the teacher read is visible in its
+/// logits.
+struct Echo {
+    info: detoxfuse::lm::ModelInfo,
+    k: f64,
+}
+
+impl detoxfuse::lm::CausalLm for Echo {
+    fn info(&self) -> &detoxfuse::lm::ModelInfo {
+        &self.info
+    }
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        _cache: &mut detoxfuse::lm::KvCache,
+    ) -> detoxfuse::Result<Tensor> {
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let t = rows[0].len();
+        let v: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .enumerate()
+                    .flat_map(|(p, &id)| [id as f32, p as f32])
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (rows.len(), t, 2), &Device::Cpu)?)
+    }
+    fn lm_head(&self, hidden: &Tensor) -> detoxfuse::Result<Tensor> {
+        let h: Vec<Vec<f32>> = hidden.to_vec2()?;
+        let vocab = self.info.vocab_size;
+        let v: Vec<f32> = h
+            .iter()
+            .flat_map(|r| {
+                (0..vocab)
+                    .map(move |j| (self.k * (r[0] as f64 * 100.0 + r[1] as f64) * j as f64) as f32)
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (h.len(), vocab), &Device::Cpu)?)
+    }
+}
+
+/// The teacher's logits are read at exactly the teach positions of the rows that have them
+/// (keep rows are left out of the experts' batch, and positions are remapped into it).
+#[test]
+fn teacher_logits_are_read_at_the_teach_positions() {
+    let info = detoxfuse::lm::ModelInfo {
+        arch: "echo".into(),
+        name: "echo".into(),
+        hidden_size: 2,
+        vocab_size: 23,
+        n_layers: 0,
+        context_length: 64,
+    };
+    let (e, a) = (
+        Echo {
+            info: info.clone(),
+            k: 3.0,
+        },
+        Echo { info, k: 1.0 },
+    );
+    let teacher = fused::Teacher {
+        expert: &e,
+        anti_expert: &a,
+        beta: 2.0,
+    };
+    let rows = tiny_rows();
+    let refs: Vec<&FusedExample> = rows.iter().collect();
+    let batch = make_batch(&refs, &[0.1, 0.2, 0.3], (0, 0), DType::F32).unwrap();
+    let t = fused::teacher_logits(&teacher, &batch).unwrap().unwrap();
+    assert_eq!(t.beta, 2.0);
+    let got: Vec<Vec<f32>> = t.delta.to_vec2().unwrap();
+    // Teach positions in batch order: row 1 at 0 and 2, row 2 at 3.
+    let want: Vec<(u32, u32)> = vec![
+        (rows[1].ids[0], 0),
+        (rows[1].ids[2], 2),
+        (rows[2].ids[3], 3),
+    ];
+    assert_eq!(got.len(), want.len());
+    for (g, (id, p)) in got.iter().zip(want) {
+        for (j, x) in g.iter().enumerate() {
+            let expect = (3.0 - 1.0) * (id as f64 * 100.0 + p as f64) * j as f64;
+            assert!(
+                (*x as f64 - expect).abs() < 1e-3 * expect.max(1.0),
+                "{x} vs {expect}"
+            );
+        }
+    }
+    // A batch without teach positions needs no teacher.
+    let plain: Vec<FusedExample> = rows.iter().map(|r| r.keep_only()).collect();
+    let refs: Vec<&FusedExample> = plain.iter().collect();
+    let batch = make_batch(&refs, &[0.1, 0.2, 0.3], (0, 0), DType::F32).unwrap();
+    assert!(fused::teacher_logits(&teacher, &batch).unwrap().is_none());
+}
+
+/// Under a teacher a detox row keeps its toxic tokens and is taught at every scored position.
+#[test]
+fn a_detox_row_under_a_teacher_is_taught_along_its_continuation() {
+    let row = FusedExample {
+        ids: vec![1, 2, 3, 4, 5, 6],
+        keep: vec![1, 2],
+        detox: vec![3, 4],
+        teach: vec![],
+        group: 0,
+        cal_ids: vec![],
+        cal_of: vec![],
+    };
+    let t = row.with_teacher();
+    assert_eq!(
+        (t.keep, t.detox, t.teach),
+        (vec![], vec![3, 4], vec![1, 2, 3, 4])
+    );
 }

@@ -77,6 +77,9 @@ pub struct FusedExample {
     pub keep: Vec<u32>,
     /// Positions whose next token is toxic.
     pub detox: Vec<u32>,
+    /// Positions where the fused distribution should match a teacher's ([`Term::Teach`]);
+    /// filled by [`FusedExample::with_teacher`], empty in the data as read.
+    pub teach: Vec<u32>,
     /// Hash of the prompt, for the train/validation split.
     pub group: u64,
     /// When the calibration model has another tokenizer: its ids for the same text and, for
@@ -91,6 +94,7 @@ impl FusedExample {
     pub fn keep_only(&self) -> Self {
         Self {
             detox: vec![],
+            teach: vec![],
             ..self.clone()
         }
     }
@@ -99,6 +103,21 @@ impl FusedExample {
     pub fn detox_only(&self) -> Self {
         Self {
             keep: vec![],
+            teach: vec![],
+            ..self.clone()
+        }
+    }
+
+    /// A detox row under a teacher: its toxic tokens, and the teacher's distribution at every
+    /// position of its continuation that is scored at all (the clean positions before the first
+    /// toxic token and the toxic tokens), where sampling decides whether the text turns toxic.
+    pub fn with_teacher(&self) -> Self {
+        let mut teach: Vec<u32> = self.keep.iter().chain(&self.detox).copied().collect();
+        teach.sort_unstable();
+        teach.dedup();
+        Self {
+            keep: vec![],
+            teach,
             ..self.clone()
         }
     }
@@ -228,6 +247,7 @@ pub fn examples(
                     ids,
                     keep,
                     detox,
+                    teach: Vec::new(),
                     group,
                     cal_ids: Vec::new(),
                     cal_of: Vec::new(),
@@ -319,8 +339,29 @@ pub fn examples_cross(
 /// What a scored position contributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Term {
+    /// The keep divergence between the target's distribution and the fused one.
     Keep,
+    /// Unlikelihood of the next token, `−log(1 − p_α(token))`.
     Detox,
+    /// `KL(p_teacher ‖ p_α)` against a DExperts-style teacher, `log_softmax(z_t + β·δ)`, `z_t`
+    /// the target's logits and `δ` the expert's minus the anti-expert's ([`TeacherLogits`]).
+    Teach,
+}
+
+/// The weights of the mean of each term in the objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    pub keep: f64,
+    pub detox: f64,
+    pub teach: f64,
+}
+
+/// A teacher's logits at a batch's [`Term::Teach`] positions: row `i` of `delta` (`(n_teach,
+/// vocab)`) is `z_expert − z_anti_expert` at the batch's `i`-th teach position.
+#[derive(Debug, Clone)]
+pub struct TeacherLogits {
+    pub delta: Tensor,
+    pub beta: f64,
 }
 
 /// Which divergence the keep term minimises.
@@ -348,11 +389,23 @@ pub struct TermSums {
     /// Σ p_α(toxic token).
     pub toxic_prob: f64,
     pub detox: usize,
+    /// Σ KL(p_teacher ‖ p_α) over the teach positions.
+    pub teach_kl: f64,
+    pub teach: usize,
 }
 
 impl TermSums {
     pub fn add(&mut self, o: TermSums) {
-        add_fields!(self, o; kl, reverse_kl, keep, unlikelihood, toxic_prob, detox);
+        add_fields!(self, o; kl, reverse_kl, keep, unlikelihood, toxic_prob, detox, teach_kl, teach);
+    }
+    pub fn mean_teach_kl(&self) -> f64 {
+        self.teach_kl / self.teach.max(1) as f64
+    }
+    /// The objective these sums give under `w` (what the gradients are of).
+    pub fn objective(&self, w: Weights, div: Divergence) -> f64 {
+        w.keep * self.mean_keep(div)
+            + w.detox * self.mean_unlikelihood()
+            + w.teach * self.mean_teach_kl()
     }
     pub fn mean_kl(&self) -> f64 {
         self.kl / self.keep.max(1) as f64
@@ -378,17 +431,18 @@ impl TermSums {
 /// Rows of logits computed at once.
 const CHUNK: usize = 256;
 
-/// The two terms for fused states `h` (`(n, d)`) against target states `h_t` under the head
-/// `weight` (`(vocab, d)`): `KL(p_t ‖ p_h)` at `Keep` rows, `−log(1 − p_h(target))` at
-/// `Detox` rows (and the reverse KL too). With `grad = Some((w_keep, w_detox))`, also the
-/// gradient with respect to `h` of `w_keep · mean div + w_detox · mean unlikelihood`, `div`
-/// being the forward or the reverse KL.
+/// The terms for fused states `h` (`(n, d)`) against target states `h_t` under the head
+/// `weight` (`(vocab, d)`): `KL(p_t ‖ p_h)` at `Keep` rows (and the reverse KL too),
+/// `−log(1 − p_h(target))` at `Detox` rows, `KL(p_teacher ‖ p_h)` at `Teach` rows (their
+/// teacher logits from `teacher`, in order). With `grad = Some(w)`, also the gradient with
+/// respect to `h` of [`TermSums::objective`], `div` choosing the forward or the reverse KL.
 pub fn head_terms(
     h: &Tensor,
     h_t: &Tensor,
     weight: &Tensor,
     terms: &[(Term, TokenId)],
-    grad: Option<(f64, f64)>,
+    teacher: Option<&TeacherLogits>,
+    grad: Option<Weights>,
     div: Divergence,
 ) -> Result<(TermSums, Option<Tensor>)> {
     let (n, d) = h.dims2()?;
@@ -400,6 +454,13 @@ pub fn head_terms(
             h_t.dims(),
             weight.dims(),
             terms.len()
+        )));
+    }
+    let n_teach = terms.iter().filter(|(k, _)| *k == Term::Teach).count();
+    let teacher_rows = teacher.map(|t| t.delta.dims().to_vec());
+    if n_teach > 0 && teacher_rows != Some(vec![n_teach, vocab]) {
+        return Err(Error::Input(format!(
+            "head terms: {n_teach} teach positions need teacher logits ({n_teach}, {vocab}), not {teacher_rows:?}"
         )));
     }
     if let Some(&(_, bad)) = terms.iter().find(|(_, t)| *t as usize >= vocab) {
@@ -416,7 +477,7 @@ pub fn head_terms(
             )))
         }
     };
-    typed((h, h_t, weight), (n, d, vocab), terms, grad, div)
+    typed((h, h_t, weight), (n, d, vocab), terms, teacher, grad, div)
 }
 
 #[allow(clippy::assign_op_pattern)] // T has no -= bound
@@ -437,18 +498,35 @@ fn head_terms_typed<T: Float>(
     (h, h_t, weight): (&Tensor, &Tensor, &Tensor),
     (n, d, vocab): (usize, usize, usize),
     terms: &[(Term, TokenId)],
-    grad: Option<(f64, f64)>,
+    teacher: Option<&TeacherLogits>,
+    grad: Option<Weights>,
     div: Divergence,
 ) -> Result<(TermSums, Option<Tensor>)> {
     let hv: Vec<T> = ops::values(h)?;
     let tv: Vec<T> = ops::values(h_t)?;
     let w: Vec<T> = ops::values(weight)?;
-    let n_keep = terms.iter().filter(|(k, _)| *k == Term::Keep).count();
-    let n_detox = n - n_keep;
-    let (s_keep, s_detox) = match grad {
-        Some((wk, wd)) => (wk / n_keep.max(1) as f64, wd / n_detox.max(1) as f64),
-        None => (0.0, 0.0),
+    let count = |t: Term| terms.iter().filter(|(k, _)| *k == t).count().max(1) as f64;
+    let (s_keep, s_detox, s_teach) = match grad {
+        Some(w) => (
+            w.keep / count(Term::Keep),
+            w.detox / count(Term::Detox),
+            w.teach / count(Term::Teach),
+        ),
+        None => (0.0, 0.0, 0.0),
     };
+    // The teacher's δ rows, and for each scored position the index of its row.
+    let (delta, beta): (Vec<T>, f64) = match teacher {
+        Some(t) => (ops::values(&t.delta.to_dtype(h.dtype())?)?, t.beta),
+        None => (Vec::new(), 0.0),
+    };
+    let teach_row: Vec<usize> = terms
+        .iter()
+        .scan(0usize, |i, (k, _)| {
+            let r = *i;
+            *i += usize::from(*k == Term::Teach);
+            Some(r)
+        })
+        .collect();
     let chunk = CHUNK.min(n.max(1));
     let mut lf: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
     let mut lt: Vec<T> = vec![T::from_f64(0.0); chunk * vocab];
@@ -471,11 +549,12 @@ fn head_terms_typed<T: Float>(
         mm(&hv, &mut lf[..rows * vocab]);
         mm(&tv, &mut lt[..rows * vocab]);
         let tc = &terms[start..start + rows];
+        let tr = &teach_row[start..start + rows];
         let parts: Vec<TermSums> = lf[..rows * vocab]
             .par_chunks_mut(vocab)
             .zip(lt[..rows * vocab].par_chunks_mut(vocab))
-            .zip(tc.par_iter())
-            .map(|((f, t), &(term, target))| {
+            .zip(tc.par_iter().zip(tr.par_iter()))
+            .map(|((f, t), (&(term, target), &ti))| {
                 log_softmax_in_place(f);
                 let mut out = TermSums::default();
                 match term {
@@ -514,6 +593,22 @@ fn head_terms_typed<T: Float>(
                             *x = T::from_f64(coef * x.to_f64().exp());
                         }
                         f[target as usize] = f[target as usize] - T::from_f64(coef);
+                    }
+                    Term::Teach => {
+                        for (y, &dv) in t.iter_mut().zip(&delta[ti * vocab..(ti + 1) * vocab]) {
+                            *y = *y + T::from_f64(beta) * dv;
+                        }
+                        log_softmax_in_place(t);
+                        let mut kl = 0.0f64;
+                        for (x, y) in f.iter_mut().zip(t.iter()) {
+                            let (lq, lp) = (x.to_f64(), y.to_f64());
+                            let p = lp.exp();
+                            kl += p * (lp - lq);
+                            // d KL(p_teacher‖p_f) / d logit_f = p_f − p_teacher
+                            *x = T::from_f64(s_teach * (lq.exp() - p));
+                        }
+                        out.teach_kl = kl;
+                        out.teach = 1;
                     }
                 }
                 out
@@ -606,6 +701,8 @@ pub struct FusedBatch {
     pub terms: Vec<(Term, TokenId)>,
     /// α of each scored position's row, `(n, 1)`.
     pub alpha: Tensor,
+    /// The teacher's logits at the [`Term::Teach`] positions ([`teacher_logits`]).
+    pub teacher: Option<TeacherLogits>,
 }
 
 impl FusedBatch {
@@ -619,6 +716,7 @@ impl FusedBatch {
             cal_positions: self.cal_positions.clone(),
             terms: self.terms.clone(),
             alpha: Tensor::full(alpha, (n, 1), &Device::Cpu)?.to_dtype(self.alpha.dtype())?,
+            teacher: self.teacher.clone(),
         })
     }
 }
@@ -651,6 +749,7 @@ pub fn make_batch(
             .iter()
             .map(|&p| (p, Term::Keep))
             .chain(ex.detox.iter().map(|&p| (p, Term::Detox)))
+            .chain(ex.teach.iter().map(|&p| (p, Term::Teach)))
             .collect();
         scored.sort_by_key(|&(p, _)| p);
         for (p, term) in scored {
@@ -668,19 +767,63 @@ pub fn make_batch(
         cal_positions,
         terms,
         alpha: Tensor::from_vec(alpha, (n, 1), &Device::Cpu)?.to_dtype(dtype)?,
+        teacher: None,
     })
 }
 
-/// The fused training objective of one batch: term sums and, when `grad` is `Some((w_keep,
-/// w_detox))`, the gradients of `w_keep · mean KL + w_detox · mean unlikelihood` with respect
-/// to every variable of `cal` and `map`.
+/// A DExperts-style teacher: an expert and an anti-expert with the target's vocabulary.
+pub struct Teacher<'m> {
+    pub expert: &'m dyn CausalLm,
+    pub anti_expert: &'m dyn CausalLm,
+    pub beta: f64,
+}
+
+/// The teacher's logits at `batch`'s [`Term::Teach`] positions (`None` without any): both
+/// experts run over the rows that hold one, in the target's ids.
+pub fn teacher_logits(t: &Teacher, batch: &FusedBatch) -> Result<Option<TeacherLogits>> {
+    let (_, len) = batch.ids.dims2()?;
+    let flat: Vec<u32> = batch
+        .positions
+        .iter()
+        .zip(&batch.terms)
+        .filter(|(_, (k, _))| *k == Term::Teach)
+        .map(|(&p, _)| p)
+        .collect();
+    if flat.is_empty() {
+        return Ok(None);
+    }
+    let mut rows: Vec<u32> = flat.iter().map(|&p| p / len as u32).collect();
+    rows.dedup();
+    let ids = batch
+        .ids
+        .index_select(&Tensor::from_slice(&rows, rows.len(), &Device::Cpu)?, 0)?;
+    let positions: Vec<u32> = flat
+        .iter()
+        .map(|&p| {
+            let r = rows.partition_point(|&x| x < p / len as u32) as u32;
+            r * len as u32 + p % len as u32
+        })
+        .collect();
+    let logits = |m: &dyn CausalLm| -> Result<Tensor> {
+        let mut cache = m.new_cache();
+        let h = m.forward_hidden(&ids, &mut cache)?;
+        Ok(m.lm_head(&gather(&h, &positions)?)?.to_dtype(DType::F32)?)
+    };
+    Ok(Some(TeacherLogits {
+        delta: (logits(t.expert)? - logits(t.anti_expert)?)?,
+        beta: t.beta,
+    }))
+}
+
+/// The fused training objective of one batch: term sums and, when `grad` is `Some(w)`, the
+/// gradients of [`TermSums::objective`] with respect to every variable of `cal` and `map`.
 pub fn batch_objective(
     cal: &CalibrationModel,
     map: &FusionMap,
     h_t: &Tensor,
     head: &Tensor,
     batch: &FusedBatch,
-    grad: Option<(f64, f64)>,
+    grad: Option<Weights>,
     div: Divergence,
 ) -> Result<(TermSums, Option<GradStore>)> {
     if batch.positions.is_empty() {
@@ -692,7 +835,15 @@ pub fn batch_objective(
     let h_t = h_t.to_dtype(cal.dtype())?;
     let h = map.fuse_rows(&h_t, &h_c, &batch.alpha)?;
     let head = head.to_dtype(cal.dtype())?;
-    let (sums, g) = head_terms(&h.detach(), &h_t, &head, &batch.terms, grad, div)?;
+    let (sums, g) = head_terms(
+        &h.detach(),
+        &h_t,
+        &head,
+        &batch.terms,
+        batch.teacher.as_ref(),
+        grad,
+        div,
+    )?;
     let grads = match g {
         Some(g) => Some((&h * &g)?.sum_all()?.backward()?),
         None => None,
@@ -743,6 +894,33 @@ pub struct FusedConfig {
     pub eval_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// A DExperts-style teacher on the detox rows ([`Term::Teach`]); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherConfig>,
+}
+
+/// Where the teacher's models are and how strongly it counts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TeacherConfig {
+    /// The expert and the anti-expert: language-model directories with the target's
+    /// vocabulary (the paper recipe's model and the DExperts anti-expert).
+    pub expert: PathBuf,
+    pub anti_expert: PathBuf,
+    /// β of the teacher's logits `z_t + β·(z_expert − z_anti_expert)`.
+    pub beta: f64,
+    /// Weight of the mean `KL(p_teacher ‖ p_α)`.
+    pub weight: f64,
+}
+
+impl FusedConfig {
+    /// The weights of the objective's terms.
+    pub fn weights(&self) -> Weights {
+        Weights {
+            keep: self.keep_weight,
+            detox: self.detox_weight,
+            teach: self.teacher.as_ref().map_or(0.0, |t| t.weight),
+        }
+    }
 }
 
 impl Default for FusedConfig {
@@ -778,6 +956,7 @@ impl Default for FusedConfig {
             eval_every: 50,
             checkpoint_every: 20,
             seed: 0,
+            teacher: None,
         }
     }
 }
@@ -879,11 +1058,21 @@ impl std::fmt::Display for FusedEvent<'_> {
                 d.prompts, d.samples, d.toxic_samples, d.keep_positions, d.detox_positions,
                 d.detox_from_prompts, *trainable_params as f64 / 1e6
             ),
-            FusedEvent::Step(s) => write!(
-                f,
-                "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5} lr {:.3e} grad_norm {:.3} {:.1} s",
-                s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob, s.lr, s.grad_norm, s.seconds
-            ),
+            FusedEvent::Step(s) => {
+                write!(
+                    f,
+                    "step {} kl {:.5} rkl {:.5} ul {:.5} p_toxic {:.5}",
+                    s.step, s.kl, s.reverse_kl, s.unlikelihood, s.toxic_prob
+                )?;
+                if let Some(t) = s.teach_kl {
+                    write!(f, " teach_kl {t:.5}")?;
+                }
+                write!(
+                    f,
+                    " lr {:.3e} grad_norm {:.3} {:.1} s",
+                    s.lr, s.grad_norm, s.seconds
+                )
+            }
             FusedEvent::Validation(v) => write!(f, "validation {v}"),
             FusedEvent::Checkpoint { step } => write!(f, "checkpoint at step {step}"),
         }
@@ -901,6 +1090,9 @@ pub struct FusedStepLog {
     pub unlikelihood: f64,
     /// Mean p_α of the toxic tokens.
     pub toxic_prob: f64,
+    /// Mean KL(p_teacher ‖ p_α) over the teach positions (with a teacher only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teach_kl: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
     pub positions: usize,
@@ -921,6 +1113,9 @@ struct FusedRecord {
     samples_sha256: String,
     #[serde(default)]
     shared_sha256: Option<String>,
+    /// The teacher's expert and anti-expert directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    teacher_sha256: Option<(String, String)>,
 }
 
 /// Where a fused run's inputs live.
@@ -1024,6 +1219,14 @@ fn check_config(cfg: &FusedConfig) -> Result<()> {
             "--keep-weight and --detox-weight must be >= 0".into(),
         ));
     }
+    if let Some(t) = &cfg.teacher {
+        if !(t.weight >= 0.0 && t.beta.is_finite()) {
+            return Err(Error::Input(format!(
+                "--teacher-weight {} must be >= 0 and --teacher-beta {} finite",
+                t.weight, t.beta
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -1110,6 +1313,42 @@ pub fn train(
         head: crate::lm::head_weight(inputs.target_path)?,
     };
     let pad = (inputs.target_tok.eos.unwrap_or(0), tok.eos.unwrap_or(0));
+    // The teacher's experts read the target's ids, so they need its vocabulary.
+    let experts = match &cfg.teacher {
+        None => None,
+        Some(t) => {
+            let load = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
+                let tk = Tokenizer::for_model(dir)?;
+                if !crate::fuse::same_tokenizer(&tk, inputs.target_tok) {
+                    return Err(Error::Input(format!(
+                        "the teacher's {what} {} has another vocabulary than the target {}; a DExperts teacher needs experts trained from the target's tokenizer",
+                        dir.display(),
+                        inputs.target_path.display()
+                    )));
+                }
+                crate::lm::load(dir)
+            };
+            Some((
+                load(&t.expert, "expert")?,
+                load(&t.anti_expert, "anti-expert")?,
+            ))
+        }
+    };
+    let teacher_sha256 = match &cfg.teacher {
+        None => None,
+        Some(t) => Some((
+            crate::fetch::sha256_weights(&t.expert)?,
+            crate::fetch::sha256_weights(&t.anti_expert)?,
+        )),
+    };
+    let teacher = match (&experts, &cfg.teacher) {
+        (Some((e, a)), Some(t)) => Some(Teacher {
+            expert: e.as_ref(),
+            anti_expert: a.as_ref(),
+            beta: t.beta,
+        }),
+        _ => None,
+    };
     let (cal, shared_sha256) = match inputs.shared {
         None => (
             inputs
@@ -1169,6 +1408,7 @@ pub fn train(
         target_sha256: inputs.target_sha256.clone(),
         samples_sha256,
         shared_sha256,
+        teacher_sha256,
     };
     let log_path = out.join("log.jsonl");
     if resume {
@@ -1188,7 +1428,8 @@ pub fn train(
             && rec.base_sha256 == state.base_sha256
             && rec.target_sha256 == state.target_sha256
             && rec.samples_sha256 == state.samples_sha256
-            && rec.shared_sha256 == state.shared_sha256;
+            && rec.shared_sha256 == state.shared_sha256
+            && rec.teacher_sha256 == state.teacher_sha256;
         if !same {
             return Err(Error::Input(format!(
                 "--resume: the run in {} was made with other options, models or data; pass the same ones or choose another --out",
@@ -1270,17 +1511,24 @@ pub fn train(
             &mut state.detox_epoch,
             &mut state.detox_pos,
         );
-        // Keep rows train only their keep positions, detox rows only their toxic tokens.
+        // Keep rows train only their keep positions, detox rows only their toxic tokens (and,
+        // under a teacher, its distribution along their continuations).
         let rows: Vec<FusedExample> = ki
             .iter()
             .map(|&i| keep[i].keep_only())
-            .chain(di.iter().map(|&i| detox[i].detox_only()))
+            .chain(di.iter().map(|&i| match teacher {
+                Some(_) => detox[i].with_teacher(),
+                None => detox[i].detox_only(),
+            }))
             .collect();
         let alphas: Vec<f64> = (0..rows.len())
             .map(|r| row_alpha(cfg, state.step, r))
             .collect();
         let refs: Vec<&FusedExample> = rows.iter().collect();
-        let batch = make_batch(&refs, &alphas, pad, DType::F32)?;
+        let mut batch = make_batch(&refs, &alphas, pad, DType::F32)?;
+        if let Some(t) = &teacher {
+            batch.teacher = teacher_logits(t, &batch)?;
+        }
         let ht = target.hidden_at(&batch.ids, &batch.positions)?;
         let (sums, grads) = batch_objective(
             &cal,
@@ -1288,11 +1536,14 @@ pub fn train(
             &ht,
             &target.head,
             &batch,
-            Some((cfg.keep_weight, cfg.detox_weight)),
+            Some(cfg.weights()),
             cfg.keep_divergence,
         )?;
         let grads = grads.expect("gradients were asked for");
-        if !(sums.kl.is_finite() && sums.reverse_kl.is_finite() && sums.unlikelihood.is_finite()) {
+        if ![sums.kl, sums.reverse_kl, sums.unlikelihood, sums.teach_kl]
+            .iter()
+            .all(|x| x.is_finite())
+        {
             return Err(Error::Input(format!(
                 "the loss became non-finite at step {}; lower --lr (the last checkpoint is intact)",
                 state.step + 1
@@ -1306,6 +1557,7 @@ pub fn train(
             reverse_kl: sums.mean_reverse_kl(),
             unlikelihood: sums.mean_unlikelihood(),
             toxic_prob: sums.mean_toxic_prob(),
+            teach_kl: (sums.teach > 0).then(|| sums.mean_teach_kl()),
             lr: info.lr,
             grad_norm: info.grad_norm,
             positions: batch.positions.len(),

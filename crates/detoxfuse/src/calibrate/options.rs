@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::fused::{Divergence, FusedConfig};
+use super::fused::{Divergence, FusedConfig, TeacherConfig};
 use super::model::{LayerTraining, Trainable};
 use super::optim::AdamWConfig;
 use super::train::{HeadInit, TrainConfig};
@@ -114,6 +114,29 @@ pub struct FusedOptions {
     /// fused: weight of the unlikelihood term (0: keep only).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = FusedConfig::default().detox_weight))]
     pub detox_weight: f64,
+    /// fused: also match a DExperts-style teacher along the detox rows' continuations,
+    /// `KL(p_teacher ‖ p_α)` with `p_teacher = softmax(z_target + β·(z_expert − z_anti))`
+    /// (the ablation's teacher term; the experts are trained first when missing).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub teacher: bool,
+    /// fused, with --teacher: β of the teacher (the `dexperts-b2` row's is 2).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, default_value_t = 2.0, requires = "teacher")
+    )]
+    pub teacher_beta: f64,
+    /// fused, with --teacher: weight of the mean teacher KL.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, default_value_t = 1.0, requires = "teacher")
+    )]
+    pub teacher_weight: f64,
+    /// fused, with --teacher: the expert (default: the paper recipe's model).
+    #[cfg_attr(feature = "clap", arg(long, requires = "teacher"))]
+    pub teacher_expert: Option<PathBuf>,
+    /// fused, with --teacher: the anti-expert (default: the DExperts anti-expert).
+    #[cfg_attr(feature = "clap", arg(long, requires = "teacher"))]
+    pub teacher_anti_expert: Option<PathBuf>,
 }
 
 /// [`LayerTraining`] without its rank (given on its own, `--lora-rank`).
@@ -179,7 +202,18 @@ impl TrainOptions {
         }
     }
 
-    /// The fusion-aware recipe's trainer configuration.
+    /// The teacher of `--teacher` with its models' directories (`None` without the flag).
+    pub fn teacher(&self, expert: PathBuf, anti_expert: PathBuf) -> Option<TeacherConfig> {
+        self.fused.teacher.then_some(TeacherConfig {
+            expert,
+            anti_expert,
+            beta: self.fused.teacher_beta,
+            weight: self.fused.teacher_weight,
+        })
+    }
+
+    /// The fusion-aware recipe's trainer configuration (without a teacher: its models'
+    /// directories come from [`TrainOptions::teacher`]).
     pub fn fused(&self) -> FusedConfig {
         let d = FusedConfig::default();
         let f = &self.fused;
