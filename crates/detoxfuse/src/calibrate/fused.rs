@@ -1314,41 +1314,38 @@ pub fn train(
     };
     let pad = (inputs.target_tok.eos.unwrap_or(0), tok.eos.unwrap_or(0));
     // The teacher's experts read the target's ids, so they need its vocabulary.
-    let experts = match &cfg.teacher {
-        None => None,
-        Some(t) => {
-            let load = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
-                let tk = Tokenizer::for_model(dir)?;
-                if !crate::fuse::same_tokenizer(&tk, inputs.target_tok) {
-                    return Err(Error::Input(format!(
-                        "the teacher's {what} {} has another vocabulary than the target {}; a DExperts teacher needs experts trained from the target's tokenizer",
-                        dir.display(),
-                        inputs.target_path.display()
-                    )));
-                }
-                crate::lm::load(dir)
-            };
-            Some((
-                load(&t.expert, "expert")?,
-                load(&t.anti_expert, "anti-expert")?,
-            ))
+    let load_expert = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
+        let tk = Tokenizer::for_model(dir)?;
+        if !crate::fuse::same_tokenizer(&tk, inputs.target_tok) {
+            return Err(Error::Input(format!(
+                "the teacher's {what} {} has another vocabulary than the target {}; a DExperts teacher needs experts trained from the target's tokenizer",
+                dir.display(),
+                inputs.target_path.display()
+            )));
         }
+        crate::lm::load(dir)
     };
-    let teacher_sha256 = match &cfg.teacher {
-        None => None,
-        Some(t) => Some((
-            crate::fetch::sha256_weights(&t.expert)?,
-            crate::fetch::sha256_weights(&t.anti_expert)?,
-        )),
+    let (experts, teacher_sha256) = match &cfg.teacher {
+        None => (None, None),
+        Some(t) => (
+            Some((
+                load_expert(&t.expert, "expert")?,
+                load_expert(&t.anti_expert, "anti-expert")?,
+            )),
+            Some((
+                crate::fetch::sha256_weights(&t.expert)?,
+                crate::fetch::sha256_weights(&t.anti_expert)?,
+            )),
+        ),
     };
-    let teacher = match (&experts, &cfg.teacher) {
-        (Some((e, a)), Some(t)) => Some(Teacher {
+    let teacher = experts
+        .as_ref()
+        .zip(cfg.teacher.as_ref())
+        .map(|((e, a), t)| Teacher {
             expert: e.as_ref(),
             anti_expert: a.as_ref(),
             beta: t.beta,
-        }),
-        _ => None,
-    };
+        });
     let (cal, shared_sha256) = match inputs.shared {
         None => (
             inputs
@@ -1516,9 +1513,12 @@ pub fn train(
         let rows: Vec<FusedExample> = ki
             .iter()
             .map(|&i| keep[i].keep_only())
-            .chain(di.iter().map(|&i| match teacher {
-                Some(_) => detox[i].with_teacher(),
-                None => detox[i].detox_only(),
+            .chain(di.iter().map(|&i| {
+                if teacher.is_some() {
+                    detox[i].with_teacher()
+                } else {
+                    detox[i].detox_only()
+                }
             }))
             .collect();
         let alphas: Vec<f64> = (0..rows.len())
