@@ -367,6 +367,29 @@ pub fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> bool {
         && (0..a.vocab_size() as TokenId).all(|i| a.piece(i) == b.piece(i))
 }
 
+/// Loads the model in `dir` for a role that reads the target's token ids (a DExperts expert or
+/// anti-expert, a teacher's), refusing it unless its tokenizer is the target's: `role` names it
+/// in the error ("the DExperts baseline's anti-expert"), `target` is the target's path and
+/// `advice` what the user can do instead.
+pub fn load_with_target_vocab(
+    dir: &Path,
+    target_tok: &Tokenizer,
+    target: &Path,
+    role: &str,
+    advice: &str,
+) -> Result<Box<dyn CausalLm>> {
+    let tok = Tokenizer::for_model(dir)?;
+    if !same_tokenizer(&tok, target_tok) {
+        return Err(Error::Input(format!(
+            "{role} {} has another vocabulary than the target {}: it reads the target's token ids, \
+             so it must be trained from the target's tokenizer. {advice}",
+            dir.display(),
+            target.display()
+        )));
+    }
+    crate::lm::load(dir)
+}
+
 impl<'m> FusedDecoder<'m> {
     /// `cross` holds (target tokenizer, calibration tokenizer) when they differ (see
     /// [`same_tokenizer`]); `None` takes the direct path.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use detoxfuse::align::{Alignment, ModelId};
-use detoxfuse::fuse::{fuse, same_tokenizer, FusedDecoder};
+use detoxfuse::fuse::{fuse, load_with_target_vocab, same_tokenizer, FusedDecoder};
 use detoxfuse::generate::{generate, Decoder, GenerationConfig, PlainDecoder};
 use detoxfuse::lm::export::{hf_llama_from_gguf, write_hf_dir};
 use detoxfuse::lm::{self, ids_tensor, CausalLm, LoadOptions};
@@ -393,4 +393,38 @@ fn joined_rows_with_their_own_alpha_decode_as_each_alone_same_tokenizer() {
 #[test]
 fn joined_rows_with_their_own_alpha_decode_as_each_alone_cross_tokenizer() {
     joined_rows_decode_as_each_alone("gemma3");
+}
+
+/// A model that reads the target's token ids (a DExperts expert or anti-expert, a teacher's)
+/// is refused, with its role, its path and what to do, when its vocabulary is another one;
+/// with the target's own vocabulary it loads.
+#[test]
+fn a_model_on_the_targets_ids_with_another_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let smollm2_layers = calibration_dir(dir.path());
+    let gemma = common::model("gemma3");
+    let gemma_tok = Tokenizer::for_model(&gemma).unwrap();
+    let err = load_with_target_vocab(
+        &smollm2_layers,
+        &gemma_tok,
+        &gemma,
+        "the DExperts baseline's anti-expert",
+        "Leave the baseline out.",
+    )
+    .err()
+    .expect("SmolLM2's vocabulary on Gemma's ids must be refused")
+    .to_string();
+    for part in [
+        "the DExperts baseline's anti-expert",
+        &smollm2_layers.display().to_string(),
+        "another vocabulary",
+        "Leave the baseline out.",
+    ] {
+        assert!(err.contains(part), "the error lacks {part:?}: {err}");
+    }
+    let smollm2 = common::model("smollm2");
+    let smollm2_tok = Tokenizer::for_model(&smollm2).unwrap();
+    let m = load_with_target_vocab(&smollm2_layers, &smollm2_tok, &smollm2, "expert", "")
+        .expect("the target's own vocabulary loads");
+    assert_eq!(m.info().vocab_size, smollm2_tok.vocab_size());
 }

@@ -1314,16 +1314,14 @@ pub fn train(
     };
     let pad = (inputs.target_tok.eos.unwrap_or(0), tok.eos.unwrap_or(0));
     // The teacher's experts read the target's ids, so they need its vocabulary.
-    let load_expert = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
-        let tk = Tokenizer::for_model(dir)?;
-        if !crate::fuse::same_tokenizer(&tk, inputs.target_tok) {
-            return Err(Error::Input(format!(
-                "the teacher's {what} {} has another vocabulary than the target {}; a DExperts teacher needs experts trained from the target's tokenizer",
-                dir.display(),
-                inputs.target_path.display()
-            )));
-        }
-        crate::lm::load(dir)
+    let load_expert = |dir: &Path, what: &str| {
+        crate::fuse::load_with_target_vocab(
+            dir,
+            inputs.target_tok,
+            inputs.target_path,
+            &format!("the teacher's {what}"),
+            "Pass --teacher-expert and --teacher-anti-expert trained from the target (calibrate --recipe paper)",
+        )
     };
     let (experts, teacher_sha256) = match &cfg.teacher {
         None => (None, None),

@@ -16,7 +16,7 @@ use crate::align::Variant;
 use crate::calibrate::corpus::{toxigen_group, HELD_BACK_GROUPS};
 use crate::calibration::{self, CalibrationSpec};
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::{same_tokenizer, FusionNorm};
+use crate::fuse::{load_with_target_vocab, FusionNorm};
 use crate::generate::{Decoder, GenerationConfig, PlainDecoder};
 use crate::hub::Hub;
 use crate::lm;
@@ -258,20 +258,21 @@ pub fn run(hub: &Hub, plan: &EvalPlan, obs: &mut dyn EvalObserver) -> Result<Eva
     )?;
     let anti = if methods.iter().any(|m| matches!(m, Method::Dexperts(_))) {
         let expert_dir = calibration::paper_model_dir(hub, &a.expert, obs)?;
-        let expert = lm::load(&expert_dir)?;
-        let expert_tok = Tokenizer::for_model(&expert_dir)?;
-        if !same_tokenizer(&tok, &expert_tok) {
-            return Err(Error::Input(format!(
-                "the DExperts baseline needs experts with the target's vocabulary; the experts are \
-                 trained from SmolLM2 and {} has another tokenizer. Leave it out with --methods base,fused,wordfilter",
-                target_path.display()
-            )));
-        }
+        let load = |dir: &Path, what: &str| {
+            load_with_target_vocab(
+                dir,
+                &tok,
+                &target_path,
+                &format!("the DExperts baseline's {what}"),
+                "The shipped experts are SmolLM2's; leave the baseline out with --methods base,fused,wordfilter",
+            )
+        };
+        let expert = load(&expert_dir, "expert")?;
         let dir = match &a.anti_expert {
             Some(d) => d.clone(),
             None => hub.calibration(Recipe::AntiExpert, obs)?,
         };
-        let m = lm::load(&dir)?;
+        let m = load(&dir, "anti-expert")?;
         Some((dir, m, expert_dir, expert))
     } else {
         None
