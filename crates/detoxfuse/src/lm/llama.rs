@@ -43,17 +43,15 @@ impl LlamaConfig {
 /// A linear layer that is either quantized or plain.
 ///
 /// Quantized weights are held in a format with a fast CPU kernel: Q4_1/Q5_0/Q5_1 (scalar dot
-/// products in candle 0.11) become Q8_0; Q8_0 matrices whose input width is not a multiple
-/// of 256 (where candle has only its AVX2 path) use our tiled VNNI kernel ([`super::q8`]) when
-/// the CPU has AVX-512 VNNI; everything else goes through candle's `QMatMul`.
+/// products in candle 0.11) become Q8_0; Q8_0 matrices go to our tiled kernel
+/// ([`super::q8`], AVX-512 VNNI or AVX2) wherever candle has no faster kernel of its own
+/// ([`q8::takes`]: widths that are not a multiple of 256, and every width on CPUs without
+/// VNNI); everything else goes through candle's `QMatMul`.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Candle(QMatMul),
     Tiles(std::sync::Arc<Q8Tiles>),
 }
-
-/// Input widths that candle's repacked x86 kernels handle themselves.
-const REPACK_K: usize = 256;
 
 impl Linear {
     pub(crate) fn load(opts: LoadOptions, t: QTensor) -> Result<Self> {
@@ -66,7 +64,7 @@ impl Linear {
     pub(crate) fn quantized(t: QTensor) -> Result<Self> {
         let t = crate::gguf::requantize_for_speed(t)?;
         let (_, k) = t.shape().dims2()?;
-        if t.dtype() == GgmlDType::Q8_0 && k % REPACK_K != 0 && q8::available() {
+        if t.dtype() == GgmlDType::Q8_0 && q8::takes(k) {
             if let Some(tiles) = Q8Tiles::pack(&t)? {
                 return Ok(Self::Tiles(std::sync::Arc::new(tiles)));
             }
@@ -113,7 +111,7 @@ impl Projections {
         let same = parts.iter().all(|p| {
             p.dtype() == GgmlDType::Q8_0 && p.shape().dims2().is_ok_and(|(_, pk)| pk == k)
         });
-        if same && k % REPACK_K != 0 {
+        if same && q8::takes(k) {
             // Q8_0 rows are stored one after another: stacking matrices is concatenating bytes
             let mut bytes = Vec::new();
             let mut sizes = Vec::new();

@@ -1,4 +1,4 @@
-//! Q8_0 × Q8_0 matrix multiply for x86 CPUs with AVX-512 VNNI.
+//! Q8_0 × Q8_0 matrix multiply for x86 CPUs with AVX-512 VNNI or AVX2.
 //!
 //! candle 0.11 multiplies Q8_0 weights with an AVX2 dot product per (row, column) pair, which
 //! gains little from batching (21-27 GMAC/s here at 1 or 25 rows); its repacked VNNI kernel is
@@ -12,6 +12,14 @@
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes: activations are stored as `q + 128` and the
 //! excess `128 · Σw` of each block is precomputed per column and subtracted.
+//!
+//! CPUs without AVX-512 VNNI (AVX2 only: AMD Zen 2/3, most Intel client parts) get the same
+//! tile layout through `vpmaddubsw`: `|w| · sign(q, w)` per byte pair (at most 2 · 128 · 127,
+//! so the 16-bit sums cannot saturate), widened by `vpmaddwd`. Both kernels compute the exact
+//! integer `Σ q·w` of every block and then the same float operations, so their outputs are
+//! equal bit for bit. On such a CPU candle multiplies Q8_0 one (row, column) dot product at a
+//! time and streams the whole weight matrix once per activation row, so batching gains nothing
+//! (measured: k = 25 at 1.06× batch 1); the tiles read each weight block once for all rows.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -38,15 +46,79 @@ pub struct Q8Tiles {
     excess: Vec<i32>,
 }
 
-/// Whether this CPU can run the kernel.
-pub fn available() -> bool {
+/// Which instruction set runs the tiles on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// 512-bit `vpdpbusd`, 16 columns a register.
+    Avx512Vnni,
+    /// 256-bit `vpmaddubsw` + `vpmaddwd`, two registers of 8 columns.
+    Avx2,
+}
+
+/// The kernel this CPU can run, if any (detected once).
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+                return Some(Kernel::Avx512Vnni);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Some(Kernel::Avx2);
+            }
+            None
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// Whether this CPU has the instructions of `k` (an AVX-512 VNNI CPU also runs the AVX2 one).
+pub fn supports(k: Kernel) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+        match k {
+            Kernel::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+            }
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = k;
         false
+    }
+}
+
+/// Whether this CPU can run the tiles at all.
+pub fn available() -> bool {
+    kernel().is_some()
+}
+
+/// Whether a Q8_0 matrix of input width `k` should use the tiles rather than candle. Candle
+/// 0.11 has fast repacked kernels of its own for widths that are a multiple of 256, on CPUs
+/// with AVX-512 VNNI or AVX-VNNI (which round activations per 256 values); without VNNI it
+/// has only its per-dot-product path, slower than the tiles at every batch size.
+pub fn takes(k: usize) -> bool {
+    /// Input widths that candle's repacked x86 kernels handle themselves.
+    const REPACK_K: usize = 256;
+    match kernel() {
+        None => false,
+        Some(Kernel::Avx512Vnni) => !k.is_multiple_of(REPACK_K),
+        Some(Kernel::Avx2) => {
+            #[cfg(target_arch = "x86_64")]
+            {
+                !k.is_multiple_of(REPACK_K) || !is_x86_feature_detected!("avxvnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        }
     }
 }
 
@@ -144,8 +216,19 @@ impl Q8Tiles {
             .collect()
     }
 
-    /// `x`: `m × k` row-major → `m × n` row-major.
+    /// `x`: `m × k` row-major → `m × n` row-major, with this CPU's best kernel.
     pub fn matmul(&self, m: usize, x: &[f32]) -> Vec<f32> {
+        let kernel = kernel().expect("Q8Tiles is only used where a kernel is available");
+        self.matmul_with(kernel, m, x)
+    }
+
+    /// [`Self::matmul`] with a chosen kernel (to compare them); panics when the CPU lacks its
+    /// instructions ([`supports`]).
+    pub fn matmul_with(&self, kernel: Kernel, m: usize, x: &[f32]) -> Vec<f32> {
+        assert!(
+            supports(kernel),
+            "this CPU cannot run the {kernel:?} kernel"
+        );
         let nb = self.k / QK;
         let (aq, ad) = quantize_rows_u8(x);
         let tiles = self.n / TILE;
@@ -164,15 +247,19 @@ impl Q8Tiles {
                     let a = &aq[r0 * self.k..];
                     let d = &ad[r0 * nb..];
                     // SAFETY: tile `t` writes only columns [16t, 16t+16) of each row of `out`,
-                    // disjoint from every other tile; `out` outlives this call. The caller
-                    // chose this kernel only where `available()` is true.
+                    // disjoint from every other tile; `out` outlives this call; the CPU has
+                    // `kernel`'s instructions (asserted above).
                     unsafe {
                         let o = (out_addr as *mut f32).add(r0 * n + t * TILE);
-                        match rows {
-                            4 => tile_rows::<4>(w, s, e, a, d, nb, o, n),
-                            3 => tile_rows::<3>(w, s, e, a, d, nb, o, n),
-                            2 => tile_rows::<2>(w, s, e, a, d, nb, o, n),
-                            _ => tile_rows::<1>(w, s, e, a, d, nb, o, n),
+                        match (kernel, rows) {
+                            (Kernel::Avx512Vnni, 4) => tile_rows::<4>(w, s, e, a, d, nb, o, n),
+                            (Kernel::Avx512Vnni, 3) => tile_rows::<3>(w, s, e, a, d, nb, o, n),
+                            (Kernel::Avx512Vnni, 2) => tile_rows::<2>(w, s, e, a, d, nb, o, n),
+                            (Kernel::Avx512Vnni, _) => tile_rows::<1>(w, s, e, a, d, nb, o, n),
+                            (Kernel::Avx2, 4) => tile_rows_avx2::<4>(w, s, a, d, nb, o, n),
+                            (Kernel::Avx2, 3) => tile_rows_avx2::<3>(w, s, a, d, nb, o, n),
+                            (Kernel::Avx2, 2) => tile_rows_avx2::<2>(w, s, a, d, nb, o, n),
+                            (Kernel::Avx2, _) => tile_rows_avx2::<1>(w, s, a, d, nb, o, n),
                         }
                     }
                 }
@@ -277,7 +364,62 @@ unsafe fn tile_rows<const R: usize>(
     }
 }
 
+/// [`tile_rows`] for AVX2: the same tile, as two halves of 8 columns. Activations are
+/// stored as `q + 128`; flipping the top bit gives `q` back as a signed byte, so no excess
+/// correction is needed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows_avx2<const R: usize>(
+    w: &[i8],
+    s: &[f32],
+    a: &[u8],
+    d: &[f32],
+    nb: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let k = nb * QK;
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let ones = _mm256_set1_epi16(1);
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let mut dlo = [_mm256_setzero_si256(); R];
+        let mut dhi = [_mm256_setzero_si256(); R];
+        let wb = w.as_ptr().add(b * TILE_BLOCK);
+        for g in 0..QK / 4 {
+            let wlo = _mm256_loadu_si256(wb.add(g * TILE * 4) as *const __m256i);
+            let whi = _mm256_loadu_si256(wb.add(g * TILE * 4 + 32) as *const __m256i);
+            // |w| read as unsigned: −128 becomes 128
+            let (ulo, uhi) = (_mm256_abs_epi8(wlo), _mm256_abs_epi8(whi));
+            for r in 0..R {
+                let a4 =
+                    std::ptr::read_unaligned(a.as_ptr().add(r * k + b * QK + g * 4) as *const i32);
+                let q = _mm256_xor_si256(_mm256_set1_epi32(a4), flip);
+                let plo = _mm256_maddubs_epi16(ulo, _mm256_sign_epi8(q, wlo));
+                let phi = _mm256_maddubs_epi16(uhi, _mm256_sign_epi8(q, whi));
+                dlo[r] = _mm256_add_epi32(dlo[r], _mm256_madd_epi16(plo, ones));
+                dhi[r] = _mm256_add_epi32(dhi[r], _mm256_madd_epi16(phi, ones));
+            }
+        }
+        let slo = _mm256_loadu_ps(s.as_ptr().add(b * TILE));
+        let shi = _mm256_loadu_ps(s.as_ptr().add(b * TILE + 8));
+        for r in 0..R {
+            let da = _mm256_set1_ps(*d.get_unchecked(r * nb + b));
+            lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo[r]), _mm256_mul_ps(slo, da), lo[r]);
+            hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi[r]), _mm256_mul_ps(shi, da), hi[r]);
+        }
+    }
+    for r in 0..R {
+        _mm256_storeu_ps(out.add(r * stride), lo[r]);
+        _mm256_storeu_ps(out.add(r * stride + 8), hi[r]);
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows<const R: usize>(
     _: &[i8],
     _: &[f32],
@@ -285,9 +427,24 @@ unsafe fn tile_rows<const R: usize>(
     _: &[u8],
     _: &[f32],
     _: usize,
-    _: &mut [f32],
+    _: *mut f32,
+    _: usize,
 ) {
-    unreachable!("Q8Tiles is only used where available() is true")
+    unreachable!("Q8Tiles is only used where kernel() is Some")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows_avx2<const R: usize>(
+    _: &[i8],
+    _: &[f32],
+    _: &[u8],
+    _: &[f32],
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("Q8Tiles is only used where kernel() is Some")
 }
 
 #[cfg(test)]
@@ -307,45 +464,120 @@ mod tests {
         assert_eq!(d, d1);
     }
 
-    /// Shapes and numerics only (random weights): the kernel equals a scalar evaluation of
-    /// the same quantized weights and activations.
+    /// The kernels this CPU can run.
+    fn runnable() -> Vec<Kernel> {
+        [Kernel::Avx512Vnni, Kernel::Avx2]
+            .into_iter()
+            .filter(|&k| supports(k))
+            .collect()
+    }
+
+    /// Σ over blocks of (Σ q_w · q_a) · d_w · d_a in f64: the exact value both kernels round.
+    fn scalar(q: &QTensor, x: &[f32], m: usize) -> Vec<f64> {
+        let (n, k) = q.shape().dims2().unwrap();
+        let nb = k / QK;
+        let data = q.data().unwrap();
+        let (aq, ad) = quantize_rows_u8(x);
+        let mut out = vec![0f64; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let mut acc = 0f64;
+                for b in 0..nb {
+                    let blk = &data[(c * nb + b) * 34..(c * nb + b + 1) * 34];
+                    let dw = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+                    let dot: i64 = (0..QK)
+                        .map(|i| (blk[2 + i] as i8 as i64) * (aq[r * k + b * QK + i] as i64 - 128))
+                        .sum();
+                    acc += dot as f64 * dw * ad[r * nb + b] as f64;
+                }
+                out[r * n + c] = acc;
+            }
+        }
+        out
+    }
+
+    /// Shapes and numerics only (random weights): every kernel this CPU has equals a scalar
+    /// evaluation of the same quantized weights and activations, and the kernels equal each
+    /// other bit for bit (the integer sums are exact, the float steps the same). A CPU with
+    /// neither kernel must leave every matrix to candle.
     #[test]
-    fn tiled_vnni_kernel_equals_scalar_q8_dot_products() {
-        if !available() {
-            eprintln!("no AVX-512 VNNI on this CPU: kernel not exercised");
+    fn tiled_kernels_equal_scalar_q8_dot_products_and_each_other() {
+        let kernels = runnable();
+        if kernels.is_empty() {
+            assert!(!available() && !takes(576) && !takes(1536));
             return;
         }
         let (n, k) = (48, 96);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let tiles = Q8Tiles::pack(&q).unwrap().unwrap();
-        let wq = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
         for m in [1usize, 3, 4, 7, 90] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1)
                 .collect();
-            let got = tiles.matmul(m, &x);
-            let (aq, ad) = quantize_rows_u8(&x);
-            for r in 0..m {
-                for c in 0..n {
-                    // dequantized weight × dequantized activation, block by block
-                    let want: f32 = (0..k)
-                        .map(|i| {
-                            wq[c][i]
-                                * (aq[r * k + i] as i32 - 128) as f32
-                                * ad[r * (k / QK) + i / QK]
-                        })
-                        .sum();
-                    let g = got[r * n + c];
+            let want = scalar(&q, &x, m);
+            let first = tiles.matmul_with(kernels[0], m, &x);
+            for &kern in &kernels {
+                let got = tiles.matmul_with(kern, m, &x);
+                assert_eq!(
+                    got, first,
+                    "{kern:?} differs from {:?} at m={m}",
+                    kernels[0]
+                );
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     assert!(
-                        (g - want).abs() < 1e-3 * want.abs().max(1.0),
-                        "m={m} r={r} c={c}: {g} vs {want}"
+                        (g as f64 - w).abs() < 1e-4 * w.abs().max(1.0),
+                        "{kern:?} m={m} at {i}: {g} vs {w}"
                     );
                 }
+            }
+            assert_eq!(tiles.matmul(m, &x), first);
+        }
+    }
+
+    /// The extremes of both operands: weights −128 and 127 (a GGUF may hold −128 although
+    /// llama.cpp's quantizer never writes it) against activations ±127 give the largest
+    /// 16-bit pair sums of the AVX2 kernel (2 · 128 · 127); nothing saturates.
+    #[test]
+    fn extreme_bytes_do_not_saturate() {
+        let (n, k) = (16, 64);
+        let nb = k / QK;
+        let mut bytes = Vec::new();
+        for c in 0..n {
+            for b in 0..nb {
+                bytes.extend_from_slice(&half::f16::from_f32(0.5 + c as f32 / 8.0).to_le_bytes());
+                for i in 0..QK {
+                    let v: i8 = if (c + b + i) % 3 == 0 { 127 } else { i8::MIN };
+                    bytes.push(v as u8);
+                }
+            }
+        }
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Owned(bytes),
+            &Device::Cpu,
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let q = QTensor::new(storage, (n, k)).unwrap();
+        let tiles = Q8Tiles::pack(&q).unwrap().unwrap();
+        // ±1 of one block: activations quantize to exactly ±127
+        let m = 2;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| if (i / 7) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let want = scalar(&q, &x, m);
+        let kernels = runnable();
+        if kernels.is_empty() {
+            assert!(!available());
+            return;
+        }
+        for kern in kernels {
+            let got = tiles.matmul_with(kern, m, &x);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() < 1e-4 * w.abs().max(1.0),
+                    "{kern:?} at {i}: {g} vs {w}"
+                );
             }
         }
     }
