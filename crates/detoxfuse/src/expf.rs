@@ -3,7 +3,7 @@
 //!
 //! Sampling k = 25 rows over a 49k vocabulary takes 1.2 million `expf` calls per decoding step,
 //! and SiLU about as many; through libm that was about a tenth of a batched step. The same
-//! algorithm vectorized (AVX-512, 8 doubles a register) is ~6× faster, and since it is the same
+//! algorithm vectorized (AVX-512, 8 doubles a register; 4 with AVX2) is ~6× faster on AVX-512, and since it is the same
 //! algorithm, every weight, activation and sampled token stays what it was: earlier
 //! evaluation runs reproduce digit for digit. glibc's `expf` (from Arm's optimized-routines; `__expf_fma` on this
 //! machine, disassembled to confirm which products are fused):
@@ -115,6 +115,12 @@ fn fast_into(xs: &[f32], out: &mut [f32]) {
         unsafe { expf_avx512(xs, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the caller checked the lengths.
+        unsafe { expf_avx2(xs, out) };
+        return;
+    }
     for (o, &x) in out.iter_mut().zip(xs) {
         *o = expf_fast(x);
     }
@@ -151,6 +157,41 @@ unsafe fn expf_avx512(xs: &[f32], out: &mut [f32]) {
         _mm256_storeu_ps(
             out.as_mut_ptr().add(i),
             _mm512_cvtpd_ps(_mm512_mul_pd(y, s)),
+        );
+    }
+    for i in whole..xs.len() {
+        out[i] = expf_fast(xs[i]);
+    }
+}
+
+/// [`expf_avx512`] for CPUs without AVX-512: 4 doubles a register, the table read by a
+/// gather. The same operations on the same values, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn expf_avx2(xs: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let inv_ln2 = _mm256_set1_pd(INV_LN2_N);
+    let shift = _mm256_set1_pd(SHIFT);
+    let (c0, c1, c2) = (_mm256_set1_pd(C0), _mm256_set1_pd(C1), _mm256_set1_pd(C2));
+    let one = _mm256_set1_pd(1.0);
+    let low5 = _mm256_set1_epi64x(31);
+    let whole = xs.len() / 4 * 4;
+    for i in (0..whole).step_by(4) {
+        let xd = _mm256_cvtps_pd(_mm_loadu_ps(xs.as_ptr().add(i)));
+        let kd = _mm256_fmadd_pd(inv_ln2, xd, shift);
+        let ki = _mm256_castpd_si256(kd);
+        let kd = _mm256_sub_pd(kd, shift);
+        let t = _mm256_i64gather_epi64::<8>(TAB.as_ptr() as *const i64, _mm256_and_si256(ki, low5));
+        let s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64::<47>(ki)));
+        let r = _mm256_fmsub_pd(inv_ln2, xd, kd);
+        let y = _mm256_fmadd_pd(
+            _mm256_fmadd_pd(r, c0, c1),
+            _mm256_mul_pd(r, r),
+            _mm256_fmadd_pd(r, c2, one),
+        );
+        _mm_storeu_ps(
+            out.as_mut_ptr().add(i),
+            _mm256_cvtpd_ps(_mm256_mul_pd(y, s)),
         );
     }
     for i in whole..xs.len() {
