@@ -16,11 +16,14 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
+/// SmolLM2's projection shapes `(out, in)`: MLP up/gate, MLP down, the head.
+const SHAPES: [(usize, usize); 3] = [(1536, 576), (576, 1536), (49152, 576)];
+
 fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--tiles") {
         return tiles_only();
     }
-    for &(n, k) in &[(1536usize, 576usize), (576, 1536), (49152, 576)] {
+    for (n, k) in SHAPES {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let ours = Q8Tiles::pack(&q8)?.expect("tileable shape");
@@ -64,11 +67,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn tiles_only() -> anyhow::Result<()> {
-    use detoxfuse::lm::q8::{supports, Kernel};
-    for &(n, k) in &[(1536usize, 576usize), (576, 1536), (49152, 576)] {
+    use detoxfuse::lm::q8::{supports, KERNELS};
+    for (n, k) in SHAPES {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let ours = Q8Tiles::pack(&QTensor::quantize(&w, GgmlDType::Q8_0)?)?.expect("tileable");
-        for kernel in [Kernel::Avx512Vnni, Kernel::Avx2] {
+        for kernel in KERNELS {
             if !supports(kernel) {
                 continue;
             }

@@ -55,25 +55,13 @@ pub enum Kernel {
     Avx2,
 }
 
-/// The kernel this CPU can run, if any (detected once).
+/// Every kernel, fastest first.
+pub const KERNELS: [Kernel; 2] = [Kernel::Avx512Vnni, Kernel::Avx2];
+
+/// The fastest kernel this CPU can run, if any (detected once).
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
-                return Some(Kernel::Avx512Vnni);
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Some(Kernel::Avx2);
-            }
-            None
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            None
-        }
-    })
+    *KERNEL.get_or_init(|| KERNELS.into_iter().find(|&k| supports(k)))
 }
 
 /// Whether this CPU has the instructions of `k` (an AVX-512 VNNI CPU also runs the AVX2 one).
@@ -466,10 +454,7 @@ mod tests {
 
     /// The kernels this CPU can run.
     fn runnable() -> Vec<Kernel> {
-        [Kernel::Avx512Vnni, Kernel::Avx2]
-            .into_iter()
-            .filter(|&k| supports(k))
-            .collect()
+        KERNELS.into_iter().filter(|&k| supports(k)).collect()
     }
 
     /// Σ over blocks of (Σ q_w · q_a) · d_w · d_a in f64: the exact value both kernels round.
@@ -494,6 +479,17 @@ mod tests {
             }
         }
         out
+    }
+
+    /// `got` is within rounding of the exact `want`.
+    fn assert_close(kern: Kernel, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() < 1e-4 * w.abs().max(1.0),
+                "{kern:?} at {i}: {g} vs {w}"
+            );
+        }
     }
 
     /// Shapes and numerics only (random weights): every kernel this CPU has equals a scalar
@@ -524,12 +520,7 @@ mod tests {
                     "{kern:?} differs from {:?} at m={m}",
                     kernels[0]
                 );
-                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g as f64 - w).abs() < 1e-4 * w.abs().max(1.0),
-                        "{kern:?} m={m} at {i}: {g} vs {w}"
-                    );
-                }
+                assert_close(kern, &got, &want);
             }
             assert_eq!(tiles.matmul(m, &x), first);
         }
@@ -572,13 +563,7 @@ mod tests {
             return;
         }
         for kern in kernels {
-            let got = tiles.matmul_with(kern, m, &x);
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - w).abs() < 1e-4 * w.abs().max(1.0),
-                    "{kern:?} at {i}: {g} vs {w}"
-                );
-            }
+            assert_close(kern, &tiles.matmul_with(kern, m, &x), &want);
         }
     }
 }
